@@ -1,0 +1,89 @@
+"""Server aggregation and what clients take back from the server: pure tree arithmetic.
+
+Send modes (what the server sends, and so what a client receives):
+
+* ``full``: every layer;
+* ``partial``: only the head (the model's last two layers); each client keeps its encoder;
+* ``none``: nothing (purely local training).
+
+A client receiving a layer takes ``beta * server + (1 - beta) * own``; ``beta = 1`` overwrites.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedvp_jax.errors import ConfigError
+from fedvp_jax.types import Params, StackedParams
+
+SEND_MODES = ("full", "partial", "none")
+
+
+def check_send(send: str, beta: float) -> None:
+  """Raises ConfigError unless ``send`` is a send mode and ``0 < beta <= 1``."""
+  if send not in SEND_MODES:
+    raise ConfigError(f"unknown send mode {send!r}; choose one of {', '.join(SEND_MODES)}")
+  if not 0.0 < beta <= 1.0:
+    raise ConfigError(f"--beta {beta}: must be in (0, 1] (1 overwrites, smaller blends)")
+
+
+def weighted_mean(stacked: StackedParams, weights: jax.Array) -> Params:
+  """``sum_k weights[k] * stacked[k] / sum_k weights[k]`` for ``weights: f32[clients]``."""
+  normalized = weights / jnp.sum(weights)
+  return jax.tree.map(lambda leaf: jnp.tensordot(normalized, leaf, axes=1), stacked)
+
+
+def is_finite(stacked: StackedParams) -> jax.Array:
+  """``bool[clients]``: True where every parameter of that client is finite."""
+  per_leaf = [
+      jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+      for leaf in jax.tree.leaves(stacked)
+  ]
+  return jnp.all(jnp.stack(per_leaf), axis=0)
+
+
+def aggregate(server: Params, stacked: StackedParams, weights: jax.Array) -> tuple[Params, jax.Array]:
+  """The server's new model: the weighted mean of the clients whose update is finite.
+
+  Args:
+    server: the current server model, kept when no client is usable.
+    stacked: the participating clients' params, leaves ``f32[clients, ...]``.
+    weights: ``f32[clients]`` aggregation weights (training-sample counts); padding clients
+      carry weight 0.
+
+  Returns:
+    ``(new_server, used)`` with ``used: bool[clients]`` marking the clients averaged in.
+  """
+  used = is_finite(stacked) & (weights > 0)
+  weights = jnp.where(used, weights, 0.0)
+  # Non-finite clients carry weight 0, but 0 * NaN is NaN: zero their params before the mean.
+  cleaned = where_clients(used, stacked, optax.tree.zeros_like(stacked))
+  any_used = jnp.any(used)
+  mean = weighted_mean(cleaned, jnp.where(any_used, weights, 1.0))  # finite even when unused
+  new_server = optax.tree.where(any_used, mean, server)
+  return new_server, used
+
+
+def blend(server: Params, own: StackedParams, beta: float | jax.Array) -> StackedParams:
+  """``beta * server + (1 - beta) * own`` for every client (``server`` broadcast over clients)."""
+  return jax.tree.map(lambda s, o: beta * s[None] + (1.0 - beta) * o, server, own)
+
+
+def receive(server: Params, clients: StackedParams, send: str, beta: float | jax.Array) -> StackedParams:
+  """Every client's params after taking what the server sends (see the module doc)."""
+  if send == "none":
+    return clients
+  if send == "full":
+    return blend(server, clients, beta)
+  return {**clients, "head": blend(server["head"], clients["head"], beta)}
+
+
+def where_clients(mask: jax.Array, if_true: StackedParams, if_false: StackedParams) -> StackedParams:
+  """Per client, ``if_true`` where ``mask: bool[clients]`` holds, else ``if_false``."""
+  return jax.tree.map(
+      lambda t, f: jnp.where(mask.reshape(mask.shape + (1,) * (t.ndim - 1)), t, f),
+      if_true,
+      if_false,
+  )

@@ -1,0 +1,76 @@
+"""Local training: ``local_steps`` optimizer steps of one client inside ``lax.scan``,
+vmapped over clients.
+
+One local "epoch" is one minibatch step, as in FedGen's code. Each client's optimizer state
+lives on the client across rounds (like a PyTorch optimizer created once per user) and is
+never averaged; for plain SGD it is empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedvp_jax.metrics import mse
+from fedvp_jax.models import Model
+from fedvp_jax.types import Batch, OptState, Params, PRNGKey, StackedOptState, StackedParams
+
+LossFn = Callable[[Params, Batch, PRNGKey, Any], jax.Array]
+"""``(params, batch, key, context) -> scalar`` loss of one client's minibatch. ``context`` is
+a round-constant pytree shared by every client (e.g. FedGen's generator), or ``None``."""
+
+
+def prediction_loss(model: Model) -> LossFn:
+  """The plain training loss: MSE of the model's prediction on the batch."""
+
+  def loss(params: Params, batch: Batch, key: PRNGKey, context: Any) -> jax.Array:
+    del key, context
+    history, future = batch
+    return mse(model.apply(params, history), future)
+
+  return loss
+
+
+LocalUpdate = Callable[
+    [StackedParams, StackedOptState, Batch, PRNGKey, Any],
+    tuple[StackedParams, StackedOptState, jax.Array],
+]
+"""Local training of K clients at once: ``(params, opt_state, batches, key, context) ->
+(params, opt_state, losses)``, with leading axis K on ``params``, ``opt_state`` and
+``batches = (f32[K, S, B, M, 3], f32[K, S, B, H, 3])``; ``losses: f32[K, S]`` is every step's
+loss. ``key`` gives every client its own stream; ``context`` is shared by all."""
+
+
+def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> LocalUpdate:
+  """Builds the vmapped, scanned local update for ``loss_fn`` and ``optimizer``."""
+
+  def one_client(
+      params: Params, opt_state: OptState, batches: Batch, key: PRNGKey, context: Any
+  ) -> tuple[Params, OptState, jax.Array]:
+    def step(carry, inputs):
+      params, opt_state = carry
+      batch, step_key = inputs
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch, step_key, context)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    num_steps = batches[0].shape[0]
+    (params, opt_state), losses = jax.lax.scan(
+        step, (params, opt_state), (batches, jax.random.split(key, num_steps))
+    )
+    return params, opt_state, losses
+
+  def apply(params, opt_state, batches, key, context):
+    keys = jax.random.split(key, jax.tree.leaves(params)[0].shape[0])
+    return jax.vmap(one_client, in_axes=(0, 0, 0, 0, None))(params, opt_state, batches, keys, context)
+
+  return apply
+
+
+def stack(tree: Any, num_clients: int) -> Any:
+  """``num_clients`` copies of ``tree`` along a new leading clients axis."""
+  return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (num_clients, *leaf.shape)), tree)

@@ -1,0 +1,213 @@
+"""What every federated algorithm shares: its state, its interface, and the steps of a round
+(receive, evaluate, select, train, aggregate) as pure functions.
+
+An algorithm is a :class:`FederatedAlgorithm` of pure functions, fedjax-style: ``init`` builds
+the state and ``apply`` runs one round; ``apply`` is what gets jitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from fedvp_jax.algorithms.aggregation import check_send, is_finite, receive, where_clients
+from fedvp_jax.algorithms.client import LocalUpdate, stack
+from fedvp_jax.data.federated import ClientData, sample_batches
+from fedvp_jax.errors import ConfigError
+from fedvp_jax.metrics import ErrorSums, error_sums
+from fedvp_jax.models import Model
+from fedvp_jax.types import Params, PRNGKey, StackedOptState, StackedParams
+
+
+@struct.dataclass
+class ClientsState:
+  """The part of the state every algorithm has.
+
+  Attributes:
+    server_params: ``Params``, the server's (aggregated) model.
+    client_params: ``StackedParams``, leaves ``f32[clients, ...]``: each client's own model as
+      it stands after its last local training.
+    client_opt_state: ``StackedOptState``, leaves ``[clients, ...]``.
+    round: ``i32[]`` rounds completed.
+  """
+
+  server_params: Params
+  client_params: StackedParams
+  client_opt_state: StackedOptState
+  round: jax.Array
+
+
+class RoundMetrics(NamedTuple):
+  """What one round reports.
+
+  Attributes:
+    train_loss: ``f32[]`` mean local training loss of the clients that trained, weighted by
+      their sample counts.
+    test: per-client :class:`ErrorSums` of the deployed models on the test windows (zeros when
+      this round did not evaluate).
+    evaluated: ``bool[]`` whether ``test`` was computed this round.
+    selected: ``i32[K]`` the clients that trained.
+    excluded: ``bool[K]`` clients left out of aggregation because their update was
+      non-finite.
+  """
+
+  train_loss: jax.Array
+  test: ErrorSums
+  evaluated: jax.Array
+  selected: jax.Array
+  excluded: jax.Array
+
+
+class FederatedAlgorithm(NamedTuple):
+  """A federated algorithm as pure functions.
+
+  Attributes:
+    init: ``(key, data) -> state``.
+    apply: ``(state, data, key) -> (state, RoundMetrics)``: one round.
+    evaluate: ``(state, data) -> ErrorSums``: the deployed models (each client's model after
+      receiving the server's) on every client's test windows.
+  """
+
+  init: Callable[[PRNGKey, ClientData], Any]
+  apply: Callable[[Any, ClientData, PRNGKey], tuple[Any, RoundMetrics]]
+  evaluate: Callable[[Any, ClientData], ErrorSums]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundConfig:
+  """The settings of a round that every algorithm shares.
+
+  Attributes:
+    send: what the server sends back: ``"full"``, ``"partial"`` (the head) or ``"none"``.
+    beta: a client takes ``beta * server + (1 - beta) * own`` of what it receives.
+    local_steps: minibatch steps per client per round (FedGen's "local epochs").
+    batch_size: windows per minibatch.
+    clients_per_round: clients sampled to train each round; ``None`` for all.
+    eval_every: evaluate the deployed models every this many rounds.
+  """
+
+  send: str = "full"
+  beta: float = 1.0
+  local_steps: int = 10
+  batch_size: int = 64
+  clients_per_round: int | None = None
+  eval_every: int = 1
+
+  def check(self, num_clients: int | None = None) -> None:
+    """Raises ConfigError for impossible settings."""
+    check_send(self.send, self.beta)
+    for name in ("local_steps", "batch_size", "eval_every"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
+    k = self.clients_per_round
+    if k is not None and (k < 1 or (num_clients is not None and k > num_clients)):
+      raise ConfigError(
+          f"--clients-per-round {k}: must be between 1 and the number of clients ({num_clients})"
+      )
+
+
+def init_clients(
+    model: Model, optimizer: optax.GradientTransformation, key: PRNGKey, num_clients: int
+) -> ClientsState:
+  """Server and every client start from the same initial model, like FedGen's deep copies."""
+  params = model.init(key)
+  return ClientsState(
+      server_params=params,
+      client_params=stack(params, num_clients),
+      client_opt_state=stack(optimizer.init(params), num_clients),
+      round=jnp.zeros((), jnp.int32),
+  )
+
+
+def evaluate_clients(model: Model, params: StackedParams, data: ClientData) -> ErrorSums:
+  """Every client's model on its own test windows."""
+  prediction = jax.vmap(model.apply)(params, data.test_x)
+  return error_sums(prediction, data.test_y, data.test_mask)
+
+
+def evaluate_deployed(model: Model, config: RoundConfig, state: ClientsState, data: ClientData) -> ErrorSums:
+  """Test errors of the models clients would use now: theirs after receiving the server's."""
+  deployed = receive(state.server_params, state.client_params, config.send, config.beta)
+  return evaluate_clients(model, deployed, data)
+
+
+def evaluate_on_schedule(
+    model: Model, config: RoundConfig, params: StackedParams, data: ClientData, round: jax.Array
+) -> tuple[ErrorSums, jax.Array]:
+  """Evaluates on rounds ``0, eval_every, 2 * eval_every, ...``; zeros (not computed) otherwise."""
+  due = round % config.eval_every == 0
+  evaluate = lambda: evaluate_clients(model, params, data)  # noqa: E731
+  skip = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(evaluate))  # noqa: E731
+  sums = jax.lax.cond(due, evaluate, skip)
+  return sums, due
+
+
+def select_clients(key: PRNGKey, num_clients: int, clients_per_round: int | None) -> jax.Array:
+  """``i32[K]`` sorted indices of the clients that train this round, sampled without
+  replacement; every client when ``clients_per_round`` is ``None`` or all."""
+  if clients_per_round is None or clients_per_round == num_clients:
+    return jnp.arange(num_clients)
+  return jnp.sort(jax.random.choice(key, num_clients, (clients_per_round,), replace=False))
+
+
+class TrainResult(NamedTuple):
+  """Local training of the selected clients.
+
+  Attributes:
+    client_params: every client's params, ``f32[clients, ...]``, the selected ones trained
+      (a selected client whose update is non-finite keeps the params it started from).
+    client_opt_state: likewise for optimizer states.
+    trained: the selected clients' trained params, ``f32[K, ...]`` (non-finite ones as they
+      came out), for aggregation.
+    selected: ``i32[K]``.
+    batches: the minibatches they trained on, ``(f32[K, S, B, M, 3], f32[K, S, B, H, 3])``.
+    losses: ``f32[K, S]`` every step's loss.
+  """
+
+  client_params: StackedParams
+  client_opt_state: StackedOptState
+  trained: StackedParams
+  selected: jax.Array
+  batches: tuple[jax.Array, jax.Array]
+  losses: jax.Array
+
+
+def train_clients(
+    config: RoundConfig,
+    update: LocalUpdate,
+    params: StackedParams,
+    opt_state: StackedOptState,
+    data: ClientData,
+    key: PRNGKey,
+    context: Any = None,
+) -> TrainResult:
+  """Selects this round's clients, draws their minibatches and trains them all at once."""
+  select_key, batch_key, train_key = jax.random.split(key, 3)
+  selected = select_clients(select_key, data.num_clients, config.clients_per_round)
+  batches = sample_batches(batch_key, data, config.local_steps, config.batch_size, selected)
+  take = lambda tree: jax.tree.map(lambda leaf: leaf[selected], tree)  # noqa: E731
+  start_params, start_opt = take(params), take(opt_state)
+  trained, trained_opt, losses = update(start_params, start_opt, batches, train_key, context)
+  finite = is_finite(trained) & jnp.all(jnp.isfinite(losses), axis=1)
+  put = lambda full, part: jax.tree.map(lambda f, p: f.at[selected].set(p), full, part)  # noqa: E731
+  return TrainResult(
+      client_params=put(params, where_clients(finite, trained, start_params)),
+      client_opt_state=put(opt_state, where_clients(finite, trained_opt, start_opt)),
+      trained=trained,
+      selected=selected,
+      batches=batches,
+      losses=losses,
+  )
+
+
+def mean_train_loss(losses: jax.Array, weights: jax.Array) -> jax.Array:
+  """Sample-weighted mean over clients of each client's mean step loss (finite ones only)."""
+  per_client = jnp.mean(losses, axis=1)
+  weights = jnp.where(jnp.isfinite(per_client), weights, 0.0)
+  return jnp.sum(jnp.where(weights > 0, per_client, 0.0) * weights) / jnp.maximum(jnp.sum(weights), 1e-12)

@@ -1,0 +1,1 @@
+"""Trace files, dataset specs, windows and on-device client data."""

@@ -1,0 +1,164 @@
+"""Clients' windows as stacked, padded device arrays, and a jittable minibatch sampler.
+
+Clients are viewers. Their windows are stacked along a leading clients axis and padded to the
+largest client, with a mask marking real windows, so that every per-client operation is a
+``vmap`` and nothing in the training loop goes back to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from fedvp_jax.data.datasets import DatasetSpec
+from fedvp_jax.data.traces import TraceSet
+from fedvp_jax.data.windows import Windows, viewer_windows
+from fedvp_jax.errors import DataError
+
+
+@struct.dataclass
+class ClientData:
+  """All clients' train and test windows, padded to a common length.
+
+  Attributes:
+    train_x: ``f32[clients, n_train, M, 3]`` past unit vectors.
+    train_y: ``f32[clients, n_train, H, 3]`` future unit vectors.
+    train_mask: ``bool[clients, n_train]``, True for real windows, False for padding.
+    test_x: ``f32[clients, n_test, M, 3]``.
+    test_y: ``f32[clients, n_test, H, 3]``.
+    test_mask: ``bool[clients, n_test]``.
+  """
+
+  train_x: jax.Array
+  train_y: jax.Array
+  train_mask: jax.Array
+  test_x: jax.Array
+  test_y: jax.Array
+  test_mask: jax.Array
+
+  @property
+  def num_clients(self) -> int:
+    return self.train_x.shape[0]
+
+  @property
+  def train_counts(self) -> jax.Array:
+    """``f32[clients]`` number of real train windows: FedAvg's aggregation weights."""
+    return self.train_mask.sum(axis=1).astype(jnp.float32)
+
+  @property
+  def test_counts(self) -> jax.Array:
+    """``f32[clients]`` number of real test windows."""
+    return self.test_mask.sum(axis=1).astype(jnp.float32)
+
+
+def select_users(
+    traces: TraceSet, num_users: int | None = None, users: Sequence[str] | None = None, seed: int = 0
+) -> tuple[str, ...]:
+  """The viewers who become clients: an explicit list, or ``num_users`` drawn with ``seed``.
+
+  Args:
+    traces: the dataset.
+    num_users: how many viewers to draw (all when both this and ``users`` are None).
+    users: explicit viewer names; takes precedence over ``num_users``.
+    seed: the draw's seed. The same seed always picks the same viewers.
+
+  Returns:
+    Viewer names in natural order.
+
+  Raises:
+    DataError: for unknown names or more viewers than the dataset has.
+  """
+  if users is not None:
+    unknown = [u for u in users if u not in traces.users]
+    if unknown:
+      raise DataError(
+          f"dataset {traces.name} has no user(s) {', '.join(map(repr, unknown))}; "
+          f"its users are {', '.join(traces.users)}"
+      )
+    return tuple(u for u in traces.users if u in set(users))
+  if num_users is None:
+    return traces.users
+  if not 1 <= num_users <= len(traces.users):
+    raise DataError(
+        f"--num_users {num_users}: dataset {traces.name} has {len(traces.users)} users; "
+        f"ask for 1 to {len(traces.users)}"
+    )
+  chosen = set(np.random.default_rng(seed).choice(len(traces.users), num_users, replace=False))
+  return tuple(u for i, u in enumerate(traces.users) if i in chosen)
+
+
+def stack_windows(per_client: Sequence[Windows]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads clients' windows to the largest and stacks them: ``(x, y, mask)``."""
+  longest = max(len(w) for w in per_client)
+  first = per_client[0]
+  x = np.zeros((len(per_client), longest, *first.x.shape[1:]), np.float32)
+  y = np.zeros((len(per_client), longest, *first.y.shape[1:]), np.float32)
+  mask = np.zeros((len(per_client), longest), bool)
+  # Padding repeats a real window rather than zeros: zero vectors are off the sphere and
+  # would give NaN gradients through normalisation even though the mask drops them.
+  for i, w in enumerate(per_client):
+    x[i, : len(w)], y[i, : len(w)], mask[i, : len(w)] = w.x, w.y, True
+    x[i, len(w) :], y[i, len(w) :] = w.x[0], w.y[0]
+  return x, y, mask
+
+
+def build_client_data(
+    traces: TraceSet, spec: DatasetSpec, users: Sequence[str], split: str = "video", seed: int = 0
+) -> ClientData:
+  """Windows every viewer in ``users`` and stacks them into device arrays.
+
+  Args:
+    traces: the dataset.
+    spec: gives the window shape (M, H).
+    users: the clients, in order; client i is ``users[i]``.
+    split: ``"video"`` or ``"time"`` (see :mod:`fedvp_jax.data.windows`).
+    seed: seeds the video split of a dataset without split files.
+  """
+  pairs = [viewer_windows(traces, u, spec.history, spec.horizon, split, seed) for u in users]
+  train = stack_windows([p[0] for p in pairs])
+  test = stack_windows([p[1] for p in pairs])
+  return ClientData(*map(jnp.asarray, train), *map(jnp.asarray, test))
+
+
+def sample_batches(
+    key: jax.Array,
+    data: ClientData,
+    num_steps: int,
+    batch_size: int,
+    clients: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Draws every step's minibatch of every client at once, by index, on device.
+
+  Each client walks through a fresh random permutation of its real windows, wrapping around
+  when ``num_steps * batch_size`` exceeds its count, so a batch never holds padding and,
+  within one pass over its data, no window twice (like a shuffled data loader).
+
+  Args:
+    key: PRNG key; the same key gives the same batches.
+    data: the clients' windows.
+    num_steps: local steps S.
+    batch_size: windows per step B.
+    clients: ``i32[K]`` indices of the clients to draw for; all clients when ``None``.
+
+  Returns:
+    ``x: f32[K, S, B, M, 3]`` and ``y: f32[K, S, B, H, 3]``.
+  """
+  if clients is None:
+    clients = jnp.arange(data.num_clients)
+  mask = data.train_mask[clients]
+  keys = jax.random.split(key, clients.shape[0])
+  flat = jnp.arange(num_steps * batch_size)
+
+  def client_indices(key: jax.Array, mask: jax.Array) -> jax.Array:
+    # Padding sorts after every real window, so the first `count` entries are a permutation.
+    order = jnp.argsort(jnp.where(mask, jax.random.uniform(key, mask.shape), 2.0))
+    count = jnp.maximum(mask.sum(), 1)
+    return order[flat % count].reshape(num_steps, batch_size)
+
+  idx = jax.vmap(client_indices)(keys, mask)
+  rows = clients[:, None, None]
+  return data.train_x[rows, idx], data.train_y[rows, idx]

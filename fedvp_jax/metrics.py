@@ -1,0 +1,63 @@
+"""Losses and error metrics of viewport predictions, masked and summed per client."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedvp_jax.geometry import orthodromic_distance
+
+
+def mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean squared error over every coordinate of ``f32[..., H, 3]`` (the training loss)."""
+  return jnp.mean(jnp.square(prediction - target))
+
+
+class ErrorSums(NamedTuple):
+  """Per-client error sums over real windows; divide by ``count`` for means.
+
+  Attributes:
+    squared_error: ``f32[clients]`` sum over windows of each window's MSE (mean over H and
+      the 3 coordinates).
+    orthodromic: ``f32[clients, H]`` sum over windows of great-circle error in radians, per
+      horizon step.
+    count: ``f32[clients]`` number of real windows.
+  """
+
+  squared_error: jax.Array
+  orthodromic: jax.Array
+  count: jax.Array
+
+
+def error_sums(prediction: jax.Array, target: jax.Array, mask: jax.Array) -> ErrorSums:
+  """Sums errors of ``prediction, target: f32[clients, n, H, 3]`` over ``mask: bool[clients, n]``."""
+  weight = mask.astype(prediction.dtype)
+  window_mse = jnp.mean(jnp.square(prediction - target), axis=(-2, -1))
+  distance = orthodromic_distance(prediction, target)
+  return ErrorSums(
+      squared_error=jnp.sum(window_mse * weight, axis=1),
+      orthodromic=jnp.sum(distance * weight[..., None], axis=1),
+      count=jnp.sum(weight, axis=1),
+  )
+
+
+class Summary(NamedTuple):
+  """Errors over all clients, every window counting once.
+
+  Attributes:
+    loss: the Average Global Loss: test MSE averaged over clients weighted by their number
+      of test windows (equal to the MSE over all test windows).
+    orthodromic_deg: ``f32[H]`` mean great-circle error in degrees per horizon step.
+  """
+
+  loss: jax.Array
+  orthodromic_deg: jax.Array
+
+
+def summarize(sums: ErrorSums) -> Summary:
+  """The sample-weighted means over clients of :class:`ErrorSums`."""
+  total = jnp.maximum(jnp.sum(sums.count), 1.0)
+  return Summary(
+      loss=jnp.sum(sums.squared_error) / total,
+      orthodromic_deg=jnp.degrees(jnp.sum(sums.orthodromic, axis=0) / total),
+  )

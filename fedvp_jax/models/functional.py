@@ -1,0 +1,96 @@
+"""NNX modules turned into pure functions over plain parameter pytrees.
+
+Everything outside ``models/`` sees a :class:`Model`: ``init(key) -> params`` and functions of
+``(params, inputs)``. ``params`` is a nested dict with an ``"encoder"`` and a ``"head"``
+subtree, so aggregation can treat the head (the model's last two layers) on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+from flax import nnx
+
+from fedvp_jax.errors import ConfigError
+from fedvp_jax.models.head import MOTION_DIM, Head, ViewportModel
+from fedvp_jax.models.lstm import LSTMEncoder
+from fedvp_jax.models.transformer import TransformerEncoder
+from fedvp_jax.types import Params
+
+MODELS = ("lstm", "transformer")
+
+
+class Model(NamedTuple):
+  """A viewport model as pure functions.
+
+  Attributes:
+    init: ``key -> Params``.
+    apply: ``(params, history: f32[batch, M, 3]) -> f32[batch, H, 3]`` unit vectors.
+    encode: ``(params, history: f32[batch, M, 3]) -> z: f32[batch, latent_dim]``.
+    head: ``(params, z: f32[batch, latent_dim]) -> f32[batch, H, 3]``; reads only
+      ``params["head"]``.
+    latent_dim: the size of z.
+    horizon: H.
+  """
+
+  init: Callable[[jax.Array], Params]
+  apply: Callable[[Params, jax.Array], jax.Array]
+  encode: Callable[[Params, jax.Array], jax.Array]
+  head: Callable[[Params, jax.Array], jax.Array]
+  latent_dim: int
+  horizon: int
+
+
+def functional(make: Callable[[nnx.Rngs], ViewportModel], latent_dim: int, horizon: int) -> Model:
+  """Splits the module that ``make(rngs)`` builds once and returns its pure functions."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+
+  def init(key: jax.Array) -> Params:
+    return nnx.to_pure_dict(nnx.state(make(nnx.Rngs(params=key))))
+
+  def apply(params: Params, history: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params)(history)
+
+  def encode(params: Params, history: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params).encode(history)
+
+  def head(params: Params, z: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params).head(z)
+
+  return Model(init, apply, encode, head, latent_dim, horizon)
+
+
+def build_model(
+    name: str, history: int, horizon: int, *, latent_dim: int = 32, head_hidden: int = 64
+) -> Model:
+  """The named viewport model for windows of M = ``history`` and H = ``horizon`` samples.
+
+  Args:
+    name: ``"lstm"`` (one LSTM layer of 64 units) or ``"transformer"`` (2 pre-norm blocks,
+      width 64, 4 heads, MLP 128).
+    history: M.
+    horizon: H.
+    latent_dim: size of z, the encoder's output and the head's input (> 6: its first six
+      coordinates are the motion state, see :mod:`fedvp_jax.models.head`).
+    head_hidden: width of the head's hidden layer.
+
+  Raises:
+    ConfigError: for an unknown name or a latent_dim of 6 or less.
+  """
+  if latent_dim <= MOTION_DIM:
+    raise ConfigError(
+        f"--latent-dim {latent_dim}: must exceed {MOTION_DIM} (z starts with the motion state)"
+    )
+  encoders = {
+      "lstm": lambda rngs: LSTMEncoder(latent_dim, rngs=rngs),
+      "transformer": lambda rngs: TransformerEncoder(latent_dim, history, rngs=rngs),
+  }
+  if name not in encoders:
+    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+  def make(rngs: nnx.Rngs) -> ViewportModel:
+    return ViewportModel(encoders[name](rngs), Head(latent_dim, head_hidden, horizon, rngs=rngs))
+
+  return functional(make, latent_dim, horizon)

@@ -1,0 +1,387 @@
+"""The run loop: data, model and algorithm from a :class:`RunConfig`, rounds, evaluation,
+progress, and a run directory holding the config, per-round metrics and a summary.
+
+A run directory ``<out>/<name>/`` holds::
+
+    config.json      the resolved configuration, the clients, library versions, the device
+    baselines.json   no-motion and constant-velocity errors on the same test windows
+    seed<k>/metrics.jsonl   one JSON line per round, for every seed k of --times
+    seed<k>/summary.json    final and best Average Global Loss, orthodromic error, timings
+    summary.json     the seeds' final metrics, mean and std
+
+An existing run directory is never written into unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from fedvp_jax.algorithms import ALGORITHMS, build_algorithm
+from fedvp_jax.algorithms.core import FederatedAlgorithm, RoundConfig
+from fedvp_jax.baselines import BASELINES
+from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
+from fedvp_jax.data.federated import ClientData, build_client_data, select_users
+from fedvp_jax.data.windows import SPLITS
+from fedvp_jax.errors import ConfigError
+from fedvp_jax.metrics import ErrorSums, Summary, error_sums, summarize
+from fedvp_jax.models import MODELS, build_model
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything that defines a run. Field names match the command-line flags.
+
+  Attributes:
+    algo: one of :data:`fedvp_jax.algorithms.ALGORITHMS`.
+    dataset: ``<Name>-m<M>-h<H>``.
+    data_dir: the data root (``$FEDVP_DATA`` when ``None``).
+    model: ``"lstm"`` or ``"transformer"``.
+    rounds: federated rounds.
+    local_epochs: minibatch steps per client per round.
+    batch_size: windows per minibatch.
+    learning_rate: the clients' optimizer learning rate.
+    optimizer: ``"sgd"`` or ``"adam"``.
+    num_users: clients drawn from the dataset's viewers (``users`` takes precedence).
+    users: explicit viewer names, or ``None``.
+    clients_per_round: clients that train each round; ``None`` for all.
+    beta: blending of what clients receive (1 overwrites).
+    split: ``"video"`` or ``"time"``.
+    latent_dim: size of the encoder's output z.
+    eval_every: evaluate every this many rounds (the last round always).
+    times: number of repeated runs with seeds ``seed, seed + 1, ...``.
+    seed: seed of the first run; also draws the users.
+    fedgen: FedGen's settings (used by the FedGen family only).
+  """
+
+  algo: str = "fedavg"
+  dataset: str = "Synthetic-m10-h1"
+  data_dir: str | None = None
+  model: str = "transformer"
+  rounds: int = 100
+  local_epochs: int = 10
+  batch_size: int = 64
+  learning_rate: float = 0.01
+  optimizer: str = "sgd"
+  num_users: int | None = 10
+  users: tuple[str, ...] | None = None
+  clients_per_round: int | None = None
+  beta: float = 1.0
+  split: str = "video"
+  latent_dim: int = 32
+  eval_every: int = 1
+  times: int = 1
+  seed: int = 0
+  fedgen: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def check(self) -> None:
+    """Raises ConfigError for settings that cannot work, before any data is read."""
+    parse_spec(self.dataset)
+    choices = {"algo": ALGORITHMS, "model": MODELS, "optimizer": OPTIMIZERS, "split": SPLITS}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f"--{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+    for name in ("rounds", "times", "local_epochs", "batch_size", "eval_every"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
+    if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+      raise ConfigError(f"--learning_rate {self.learning_rate}: must be a positive number")
+    if self.num_users is not None and self.clients_per_round is not None:
+      if self.users is None and self.clients_per_round > self.num_users:
+        raise ConfigError(
+            f"--clients-per-round {self.clients_per_round} exceeds --num_users {self.num_users}"
+        )
+    self.round_config().check()
+
+  def round_config(self) -> RoundConfig:
+    return RoundConfig(
+        send=ALGORITHMS[self.algo].send if self.algo in ALGORITHMS else "full",
+        beta=self.beta,
+        local_steps=self.local_epochs,
+        batch_size=self.batch_size,
+        clients_per_round=self.clients_per_round,
+        eval_every=self.eval_every,
+    )
+
+  def make_optimizer(self) -> optax.GradientTransformation:
+    return {"sgd": optax.sgd, "adam": optax.adam}[self.optimizer](self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A configuration's data, model and algorithm, ready to run.
+
+  Attributes:
+    config: the configuration.
+    spec: the parsed dataset spec.
+    users: the viewers who are clients, client i being ``users[i]``.
+    data: their windows on device.
+    algorithm: the federated algorithm.
+  """
+
+  config: RunConfig
+  spec: DatasetSpec
+  users: tuple[str, ...]
+  data: ClientData
+  algorithm: FederatedAlgorithm
+
+
+def prepare(config: RunConfig) -> Experiment:
+  """Loads the data and builds the model and algorithm that ``config`` describes."""
+  config.check()
+  spec = parse_spec(config.dataset)
+  traces = load_traces(spec, config.data_dir, seed=config.seed)
+  users = select_users(traces, config.num_users, config.users, seed=config.seed)
+  data = build_client_data(traces, spec, users, config.split, seed=config.seed)
+  if config.clients_per_round is not None and config.clients_per_round > len(users):
+    raise ConfigError(
+        f"--clients-per-round {config.clients_per_round} exceeds the {len(users)} clients"
+    )
+  model = build_model(config.model, spec.history, spec.horizon, latent_dim=config.latent_dim)
+  algorithm = build_algorithm(
+      config.algo, model, config.make_optimizer(), config.round_config(), config.fedgen
+  )
+  return Experiment(config, spec, users, data, algorithm)
+
+
+def baseline_summaries(data: ClientData, horizon: int) -> dict[str, Summary]:
+  """No-motion and constant-velocity errors on every client's test windows."""
+  return {
+      name: summarize(error_sums(predict(data.test_x, horizon), data.test_y, data.test_mask))
+      for name, predict in BASELINES.items()
+  }
+
+
+def summary_dict(summary: Summary) -> dict[str, Any]:
+  """A :class:`Summary` as plain JSON-ready numbers."""
+  return {
+      "loss": float(summary.loss),
+      "orthodromic_deg": [float(d) for d in np.asarray(summary.orthodromic_deg)],
+  }
+
+
+ProgressFn = Callable[[int, int, dict[str, Any]], None]
+"""``(rounds_done, rounds_total, last_round_record) -> None``."""
+
+
+def train(
+    experiment: Experiment,
+    seed: int,
+    *,
+    rounds: int | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[Any, dict[str, Any]]:
+  """Runs one seed's rounds with the experiment's jitted round function.
+
+  Args:
+    experiment: what to run.
+    seed: the PRNG seed; the same seed gives the same run.
+    rounds: how many rounds (the config's by default).
+    on_round: called with every round's metrics record.
+    progress: called after every round.
+
+  Returns:
+    ``(final_state, summary)``: the summary has the final evaluation of the deployed models
+    and the best evaluated round.
+  """
+  rounds = experiment.config.rounds if rounds is None else rounds
+  data, algorithm = experiment.data, experiment.algorithm
+  init_key, rounds_key = jax.random.split(jax.random.key(seed))
+  started = time.perf_counter()
+  state = jax.jit(algorithm.init)(init_key, data)
+  apply = jax.jit(algorithm.apply, donate_argnums=0)
+  best: dict[str, Any] = {"loss": math.inf, "round": None}
+  round_times = []
+  for r in range(rounds):
+    t0 = time.perf_counter()
+    state, metrics = apply(state, data, jax.random.fold_in(rounds_key, r))
+    record = round_record(r, metrics)
+    round_times.append(time.perf_counter() - t0)
+    record["seconds"] = round_times[-1]
+    if record.get("test_loss", math.inf) < best["loss"]:
+      best = {"loss": record["test_loss"], "round": r}
+    if on_round:
+      on_round(record)
+    if progress:
+      progress(r + 1, rounds, record)
+  final = summarize(jax.jit(algorithm.evaluate)(state, data))
+  if float(final.loss) < best["loss"]:
+    best = {"loss": float(final.loss), "round": rounds}
+  summary = {
+      "seed": seed,
+      "rounds": rounds,
+      "final": summary_dict(final),
+      "best_loss": best["loss"],
+      "best_round": best["round"],
+      "first_round_seconds": round_times[0] if round_times else None,
+      "median_round_seconds": float(np.median(round_times[1:])) if rounds > 1 else None,
+      "wall_seconds": time.perf_counter() - started,
+  }
+  return state, summary
+
+
+def round_record(r: int, metrics) -> dict[str, Any]:
+  """One round's metrics as a JSON-ready record (``round`` counts from 0)."""
+  record: dict[str, Any] = {
+      "round": r,
+      "train_loss": float(metrics.train_loss),
+      "excluded_clients": [int(i) for i in np.asarray(metrics.selected)[np.asarray(metrics.excluded)]],
+  }
+  if bool(metrics.evaluated):
+    record.update({f"test_{k}": v for k, v in summary_dict(summarize(metrics.test)).items()})
+  for name, value in getattr(metrics, "extra", {}).items():
+    record[name] = float(value)
+  return record
+
+
+def run(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+  """Runs ``config`` (``config.times`` seeds) and writes everything into ``run_dir``.
+
+  Args:
+    config: the run.
+    run_dir: the run directory; must not exist unless ``overwrite``.
+    overwrite: replace an existing run directory.
+    progress: show a progress line on stderr.
+    log: where human-readable lines go.
+
+  Returns:
+    The run summary that is also written to ``summary.json``.
+
+  Raises:
+    ConfigError: for impossible settings, or an existing ``run_dir`` without ``overwrite``.
+  """
+  config.check()
+  run_dir = Path(run_dir)
+  if run_dir.exists():
+    if not overwrite:
+      raise ConfigError(
+          f"run directory {run_dir} already exists; choose another --out/--name or pass "
+          "--overwrite to replace it"
+      )
+    shutil.rmtree(run_dir)
+  experiment = prepare(config)
+  run_dir.mkdir(parents=True)
+  _write_json(run_dir / "config.json", _config_record(experiment))
+  baselines = {k: summary_dict(v) for k, v in baseline_summaries(experiment.data, experiment.spec.horizon).items()}
+  _write_json(run_dir / "baselines.json", baselines)
+  log(f"{experiment.spec}: {len(experiment.users)} clients, "
+      f"{int(experiment.data.train_counts.sum())} train / {int(experiment.data.test_counts.sum())} "
+      f"test windows; {config.algo}, {config.model}, {config.rounds} rounds")
+  for name, b in baselines.items():
+    log(f"  baseline {name:18s} loss {b['loss']:.5f}  orthodromic {_degrees(b['orthodromic_deg'])}")
+
+  seeds = []
+  for k in range(config.times):
+    seed_dir = run_dir / f"seed{config.seed + k}"
+    seed_dir.mkdir()
+    with (seed_dir / "metrics.jsonl").open("w") as metrics_file:
+      def write(record: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+      bar = ProgressBar(f"seed {config.seed + k}") if progress else None
+      _, summary = train(experiment, config.seed + k, on_round=write, progress=bar)
+    _write_json(seed_dir / "summary.json", summary)
+    seeds.append(summary)
+    final = summary["final"]
+    log(f"  seed {config.seed + k}: Average Global Loss {final['loss']:.5f}  orthodromic "
+        f"{_degrees(final['orthodromic_deg'])}  ({summary['median_round_seconds'] or 0:.3f} s/round)")
+
+  losses = np.array([s["final"]["loss"] for s in seeds])
+  degrees = np.array([s["final"]["orthodromic_deg"] for s in seeds])
+  result = {
+      "config": dataclasses.asdict(config),
+      "baselines": baselines,
+      "seeds": seeds,
+      "final_loss_mean": float(losses.mean()),
+      "final_loss_std": float(losses.std()),
+      "orthodromic_deg_mean": degrees.mean(axis=0).tolist(),
+      "orthodromic_deg_std": degrees.std(axis=0).tolist(),
+  }
+  _write_json(run_dir / "summary.json", result)
+  log(f"Average Global Loss {result['final_loss_mean']:.5f} ± {result['final_loss_std']:.5f} "
+      f"over {config.times} seed(s); orthodromic {_degrees(result['orthodromic_deg_mean'])}")
+  log(f"run directory: {run_dir}")
+  return result
+
+
+class ProgressBar:
+  """A one-line progress display on stderr; on a non-terminal, a line every 10%."""
+
+  def __init__(self, label: str, stream=None):
+    self.label = label
+    self.stream = stream or sys.stderr
+    self.tty = self.stream.isatty()
+    self.started = time.perf_counter()
+
+  def __call__(self, done: int, total: int, record: dict[str, Any]) -> None:
+    rate = done / max(time.perf_counter() - self.started, 1e-9)
+    loss = record.get("test_loss")
+    loss_text = f"test loss {loss:.5f}" if loss is not None else f"train loss {record['train_loss']:.5f}"
+    width = 24
+    filled = width * done // total
+    line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {loss_text} {rate:.1f} rounds/s"
+    if self.tty:
+      self.stream.write("\r" + line + ("\n" if done == total else ""))
+      self.stream.flush()
+    elif done == total or done % max(1, total // 10) == 0:
+      self.stream.write(line + "\n")
+      self.stream.flush()
+
+
+def resolve_device(name: str) -> jax.Device:
+  """The JAX device for ``--device``: ``cpu``, or ``cuda``/``gpu`` (CPU with a warning if none)."""
+  if name in ("cuda", "gpu"):
+    try:
+      return jax.devices("gpu")[0]
+    except RuntimeError:
+      warnings.warn(f"--device {name}: no GPU is visible to JAX; running on the CPU")
+      return jax.devices("cpu")[0]
+  if name == "cpu":
+    return jax.devices("cpu")[0]
+  raise ConfigError(f"--device {name!r}: choose cpu, cuda or gpu")
+
+
+def _config_record(experiment: Experiment) -> dict[str, Any]:
+  import flax  # noqa: PLC0415  (only its version is needed)
+
+  return {
+      "config": dataclasses.asdict(experiment.config),
+      "dataset": str(experiment.spec),
+      "users": list(experiment.users),
+      "train_windows": [int(c) for c in np.asarray(experiment.data.train_counts)],
+      "test_windows": [int(c) for c in np.asarray(experiment.data.test_counts)],
+      "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
+      "device": str(jax.devices()[0]),
+  }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _degrees(values: list[float]) -> str:
+  shown = values if len(values) <= 6 else [values[i] for i in (0, len(values) // 4, len(values) // 2, -1)]
+  return "[" + ", ".join(f"{v:.2f}" for v in shown) + "] deg"

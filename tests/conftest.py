@@ -1,0 +1,79 @@
+"""Shared fixtures: where the real traces are, a private trace cache, tiny trace folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_data_root() -> Path | None:
+  """``$FEDVP_DATA`` if set, else ``../shared/data`` beside the repo, if it holds David."""
+  candidates = [os.environ.get("FEDVP_DATA"), REPO.parent / "shared" / "data"]
+  for c in candidates:
+    if c and (Path(c) / "David_MMSys_18" / "sampled_dataset").is_dir():
+      return Path(c)
+  return None
+
+
+@pytest.fixture(scope="session")
+def david_root() -> Path:
+  """The data root holding David_MMSys_18; skips the test when it is absent."""
+  root = real_data_root()
+  if root is None:
+    pytest.skip(
+        "real traces not found: set FEDVP_DATA to a folder holding David_MMSys_18/ "
+        "(CI points it at ../shared/data)"
+    )
+  return root
+
+
+@pytest.fixture(autouse=True)
+def private_trace_cache(tmp_path_factory, monkeypatch):
+  """Every test session gets its own trace cache, so tests never see a user's cache."""
+  monkeypatch.setenv("FEDVP_CACHE", str(tmp_path_factory.getbasetemp() / "trace-cache"))
+
+
+def smooth_trace(rng: np.random.Generator, length: int) -> np.ndarray:
+  """A random, smooth head trace ``f32[length, 3]`` of unit vectors (a few degrees a step)."""
+  lon = np.cumsum(rng.normal(0, 0.05, length)) + rng.uniform(-np.pi, np.pi)
+  lat = np.clip(np.cumsum(rng.normal(0, 0.02, length)), -1.2, 1.2)
+  return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], -1)
+
+
+def write_dataset(
+    root: Path,
+    name: str = "Tiny",
+    videos: int = 3,
+    users: int = 4,
+    length: int = 40,
+    seed: int = 0,
+    split: tuple[list[str], list[str]] | None = None,
+) -> Path:
+  """Writes a dataset folder in the trace layout; ``split`` = (train videos, test videos)."""
+  rng = np.random.default_rng(seed)
+  folder = root / name
+  for v in range(videos):
+    video_dir = folder / "sampled_dataset" / f"{v + 1}_video"
+    video_dir.mkdir(parents=True)
+    for u in range(users):
+      trace = smooth_trace(rng, length)
+      rows = [f"{0.2 * i},{x},{y},{z}" for i, (x, y, z) in enumerate(trace)]
+      (video_dir / str(u)).write_text("\n".join(rows) + "\n")
+  if split is not None:
+    for file, vids in zip(("train_set", "test_set"), split, strict=True):
+      lines = ["user,video"] + [f"{u},{v}" for v in vids for u in range(users)]
+      (folder / file).write_text("\n".join(lines) + "\n")
+  return folder
+
+
+@pytest.fixture
+def tiny_root(tmp_path) -> Path:
+  """A data root with dataset ``Tiny``: 3 videos x 4 users x 40 samples, split files naming
+  videos 1-2 for training and 3 for testing."""
+  write_dataset(tmp_path, split=(["1_video", "2_video"], ["3_video"]))
+  return tmp_path
