@@ -4,7 +4,8 @@ A client's heatmap is the distribution of its viewpoints blurred by a Gaussian i
 great-circle distance, ``exp(-d^2 / (2 sigma^2))``, given as probability mass per cell of the
 grid of ``grid.py``. The exact heatmap evaluates that Gaussian from every viewpoint to every
 cell centre and weighs it by the cell's area, which costs ``n G^2`` distances per client.
-``heatmaps`` approximates it in ``O(n + G^2 (G + log G))`` per client:
+``heatmaps`` approximates it in ``O(n + G^3)`` per client, a ``[G/2, G/2]`` matrix product
+on each of the ``G/2 + 1`` longitude frequencies, with no ``[n, G/2, G]`` intermediate:
 
 1. Every viewpoint is splatted bilinearly onto the four nearest cell centres (wrapping in
    longitude). Unlike rounding to the nearest cell, this keeps each point's mean position.
@@ -20,7 +21,7 @@ cell centre and weighs it by the cell's area, which costs ``n G^2`` distances pe
    true longitude variance between a source row r and a target row i is about
    ``sigma^2 / (cos lat_r cos lat_i)``; splitting the blur between the two rows gives
    ``sigma^2 (1 / cos^2 lat_r + 1 / cos^2 lat_i) / 2``, wrong only at second order in the
-   latitude difference, where one pass with either row's width is wrong at first order.
+   latitude difference, whereas one pass with either row's width is wrong at first order.
    The matrix sends to row i the share ``area_i exp(-dlat^2 / (2 sigma^2))
    i0e(cos lat_r cos lat_i / sigma^2)`` of row r's mass; the Bessel factor is the kernel's
    integral over longitude between the two rows (exact for the chord-distance form
@@ -31,14 +32,26 @@ cell centre and weighs it by the cell's area, which costs ``n G^2`` distances pe
 
 All three passes act on one real FFT along longitude, since the row mixing commutes with it.
 
-Tolerance, measured against the exact heatmap by ``tests/test_heatmap.py`` on random clients
-(clustered, on the dateline, above 80 degrees of latitude, uniform) of 40 points each:
-total-variation distance per client at most 0.02 for grain 32 and sigma 15 degrees, 0.03 for
-grain 64 and sigma 5 or 15 degrees; the largest cell error is within 10 % of the largest
-cell. The error grows for isolated points above about 70 degrees of latitude, where
-the two-row longitude split is least exact (about 0.07 for a single point at 80-85 degrees
-and sigma 15 degrees), and whenever sigma is below about one cell, where the position of a
-point inside its cell matters and no blur of cell centres can reproduce it.
+Tolerance, measured against the exact heatmap (the reference in ``tests/test_heatmap.py``) on
+random clients of 40 points each (clustered, on the dateline, above 80 degrees of latitude,
+uniform; 5 seeds), as the total-variation distance per client and the largest cell error
+relative to the largest cell:
+
+  ====== ===== ======== =============
+  grain  sigma TV       max err / max
+  ====== ===== ======== =============
+  32     15    <= 0.020 <= 0.07
+  64     15    <= 0.020 <= 0.07
+  128    15    <= 0.022 <= 0.07
+  128    5     <= 0.015 <= 0.05
+  64     5     <= 0.037 <= 0.23
+  ====== ===== ======== =============
+
+The polar clients are the worst. An isolated point is worst at 80-85 degrees of latitude
+(TV about 0.07 with sigma 15 degrees), where the two-row split of the longitude blur is least
+exact; at low latitudes it stays below 0.02 once sigma spans a cell or more. With sigma below
+one cell (``360 / G`` degrees, as for grain 64 and sigma 5) the position of a point inside
+its cell matters and no blur of cell centres reproduces it, hence the last row.
 """
 
 import math

@@ -71,8 +71,9 @@ def cell_index(points: jnp.ndarray, grain: int) -> tuple[jnp.ndarray, jnp.ndarra
     grain: the grid's grain G.
 
   Returns:
-    ``(row, col)``, both ``i32[...]``. A point on the boundary ``lon = +pi`` lands in column
-    0 (longitude wraps around); the poles land in the first and last rows.
+    ``(row, col)``, both ``i32[...]``. A point on the boundary between two cells belongs to
+    the cell east or south of it; ``lon = +pi`` wraps around to column 0, and the poles
+    land in the first and last rows.
   """
   size = cell_size(grain)
   lon, lat = geometry.vec_to_lonlat(points)
