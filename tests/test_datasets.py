@@ -140,7 +140,8 @@ def test_synthetic_needs_no_root():
   for trace in ts.traces.values():
     np.testing.assert_allclose(np.linalg.norm(trace, axis=-1), 1.0, atol=1e-5)
   again = load_traces(parse_spec("Synthetic-m10-h1"), "/definitely/not/a/folder", seed=3)
-  np.testing.assert_array_equal(again.traces[ts.videos[0], ts.users[0]], ts.traces[ts.videos[0], ts.users[0]])
+  key = (ts.videos[0], ts.users[0])
+  np.testing.assert_array_equal(again.traces[key], ts.traces[key])
 
 
 def assert_is_tiny(ts, folder):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +121,8 @@ def test_line_numbers_count_blank_lines(tmp_path):
 def test_irregular_timestamp_points_at_later_row(tmp_path):
   rows = good_rows(8)
   # Rows 1-4 at 0.0 .. 0.6, then a gap: row 5 at 1.0 instead of 0.8.
-  rows = rows[:4] + [f"{0.2 * i + 0.2:.1f}," + r.split(",", 1)[1] for i, r in enumerate(rows[4:], 4)]
+  late = [f"{0.2 * i + 0.2:.1f}," + r.split(",", 1)[1] for i, r in enumerate(rows[4:], 4)]
+  rows = rows[:4] + late
   path = write_rows(tmp_path / "t", rows)
   assert_data_error(path, 5, r"irregular timestamp.*0\.4", lambda: read_trace_file(path))
 
@@ -187,12 +187,6 @@ def test_bad_split_file(split_folder, file, content, line, what):
   assert_data_error(path, line, what, lambda: load_trace_dir(split_folder))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="read_split_file checks the user and the video separately, not that the pair has a "
-    "trace, although its docstring says it checks 'that every pair names a known trace'",
-)
 def test_split_pair_without_trace_is_rejected(tmp_path):
   folder = write_dataset(tmp_path, videos=2, users=2, length=10, split=(["1_video"], ["2_video"]))
   (folder / "sampled_dataset" / "2_video" / "1").unlink()  # user 1 exists, video 2 exists
@@ -297,7 +291,8 @@ def test_changed_size_invalidates_cache(tmp_path, monkeypatch):
   np.testing.assert_array_equal(second.traces["1_video", "0"], first.traces["1_video", "0"])
   # The rebuilt cache holds the new content.
   forbid_parsing(monkeypatch)
-  np.testing.assert_array_equal(load_trace_dir(folder).traces["2_video", "1"], second.traces["2_video", "1"])
+  third = load_trace_dir(folder)
+  np.testing.assert_array_equal(third.traces["2_video", "1"], second.traces["2_video", "1"])
 
 
 def test_changed_mtime_same_size_invalidates_cache(tmp_path):
@@ -361,21 +356,13 @@ def corrupt_flipped_byte(data: bytes) -> bytes:
   return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
 
 
-_CACHE_BUG = dict(
-    strict=True,
-    raises=(zipfile.BadZipFile, EOFError),
-    reason="_read_cache catches only OSError/ValueError/KeyError; a truncated, empty or bit-flipped "
-    "npz raises zipfile.BadZipFile or EOFError, which escape load_trace_dir",
-)
-
-
 @pytest.mark.parametrize(
     "corrupt",
     [
         corrupt_garbage,
-        pytest.param(corrupt_truncated, marks=pytest.mark.xfail(**_CACHE_BUG)),
-        pytest.param(corrupt_empty, marks=pytest.mark.xfail(**_CACHE_BUG)),
-        pytest.param(corrupt_flipped_byte, marks=pytest.mark.xfail(**_CACHE_BUG)),
+        corrupt_truncated,
+        corrupt_empty,
+        corrupt_flipped_byte,
     ],
 )
 def test_corrupt_cache_warns_and_reloads(tmp_path, monkeypatch, corrupt):

@@ -125,11 +125,15 @@ def test_concatenate_empty():
 
 @pytest.mark.parametrize("length, m, h", [(50, 3, 2), (100, 10, 1), (37, 2, 3), (60, 5, 5)])
 def test_time_split_never_crosses_the_cut(length, m, h):
-  ts = coded_set({("1_a", "0"): length, ("2_b", "0"): length, ("3_c", "0"): length, ("2_b", "1"): 9})
+  ts = coded_set(
+      {("1_a", "0"): length, ("2_b", "0"): length, ("3_c", "0"): length, ("2_b", "1"): 9}
+  )
   train, test = viewer_windows(ts, "0", m, h, "time")
   cut = length * 4 // 5
   span = m + h
-  expected_train = {(j, tuple(range(s, s + span))) for j in range(3) for s in range(0, cut - span + 1)}
+  expected_train = {
+      (j, tuple(range(s, s + span))) for j in range(3) for s in range(0, cut - span + 1)
+  }
   expected_test = {
       (j, tuple(range(s, s + span))) for j in range(3) for s in range(cut, length - span + 1)
   }

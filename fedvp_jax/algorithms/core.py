@@ -18,7 +18,7 @@ from flax import struct
 
 from fedvp_jax.algorithms.aggregation import check_send, is_finite, receive, where_clients
 from fedvp_jax.algorithms.client import LocalUpdate, stack
-from fedvp_jax.data.federated import ClientData, sample_batches
+from fedvp_jax.data.federated import ClientData, sample_batches, sample_final_targets
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.metrics import ErrorSums, error_sums
 from fedvp_jax.models import Model
@@ -55,6 +55,7 @@ class RoundMetrics(NamedTuple):
     selected: ``i32[K]`` the clients that trained.
     excluded: ``bool[K]`` clients left out of aggregation because their update was
       non-finite.
+    extra: algorithm-specific ``f32[]`` scalars by name (e.g. FedGen's teacher loss).
   """
 
   train_loss: jax.Array
@@ -62,6 +63,7 @@ class RoundMetrics(NamedTuple):
   evaluated: jax.Array
   selected: jax.Array
   excluded: jax.Array
+  extra: dict[str, jax.Array] = {}
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -166,7 +168,8 @@ class TrainResult(NamedTuple):
     trained: the selected clients' trained params, ``f32[K, ...]`` (non-finite ones as they
       came out), for aggregation.
     selected: ``i32[K]``.
-    batches: the minibatches they trained on, ``(f32[K, S, B, M, 3], f32[K, S, B, H, 3])``.
+    batches: the minibatches they trained on, ``(f32[K, S, B, M, 3], f32[K, S, B, H, 3])``
+      (and the label batches, see :func:`train_clients`).
     losses: ``f32[K, S]`` every step's loss.
   """
 
@@ -174,7 +177,7 @@ class TrainResult(NamedTuple):
   client_opt_state: StackedOptState
   trained: StackedParams
   selected: jax.Array
-  batches: tuple[jax.Array, jax.Array]
+  batches: tuple[jax.Array, ...]
   losses: jax.Array
 
 
@@ -186,11 +189,21 @@ def train_clients(
     data: ClientData,
     key: PRNGKey,
     context: Any = None,
+    label_batch_size: int = 0,
 ) -> TrainResult:
-  """Selects this round's clients, draws their minibatches and trains them all at once."""
+  """Selects this round's clients, draws their minibatches and trains them all at once.
+
+  With ``label_batch_size > 0`` every step's batch also carries that many of the client's own
+  final targets, ``f32[K, S, label_batch_size, 3]``, as a third element (FedGen's labels);
+  the first two elements are the same as without.
+  """
   select_key, batch_key, train_key = jax.random.split(key, 3)
   selected = select_clients(select_key, data.num_clients, config.clients_per_round)
   batches = sample_batches(batch_key, data, config.local_steps, config.batch_size, selected)
+  if label_batch_size:
+    label_key = jax.random.fold_in(batch_key, 1)
+    labels = sample_final_targets(label_key, data, config.local_steps, label_batch_size, selected)
+    batches = (*batches, labels)
   take = lambda tree: jax.tree.map(lambda leaf: leaf[selected], tree)  # noqa: E731
   start_params, start_opt = take(params), take(opt_state)
   trained, trained_opt, losses = update(start_params, start_opt, batches, train_key, context)

@@ -124,6 +124,28 @@ def build_client_data(
   return ClientData(*map(jnp.asarray, train), *map(jnp.asarray, test))
 
 
+def sample_indices(
+    key: jax.Array, mask: jax.Array, num_steps: int, batch_size: int
+) -> jax.Array:
+  """``i32[K, S, B]`` window indices of every step's minibatch for clients with ``mask:
+  bool[K, n]``.
+
+  Each client walks through a fresh random permutation of its real windows, wrapping around
+  when ``num_steps * batch_size`` exceeds its count, so a batch never holds padding and,
+  within one pass over its data, no window twice (like a shuffled data loader).
+  """
+  keys = jax.random.split(key, mask.shape[0])
+  flat = jnp.arange(num_steps * batch_size)
+
+  def client_indices(key: jax.Array, mask: jax.Array) -> jax.Array:
+    # Padding sorts after every real window, so the first `count` entries are a permutation.
+    order = jnp.argsort(jnp.where(mask, jax.random.uniform(key, mask.shape), 2.0))
+    count = jnp.maximum(mask.sum(), 1)
+    return order[flat % count].reshape(num_steps, batch_size)
+
+  return jax.vmap(client_indices)(keys, mask)
+
+
 def sample_batches(
     key: jax.Array,
     data: ClientData,
@@ -133,9 +155,7 @@ def sample_batches(
 ) -> tuple[jax.Array, jax.Array]:
   """Draws every step's minibatch of every client at once, by index, on device.
 
-  Each client walks through a fresh random permutation of its real windows, wrapping around
-  when ``num_steps * batch_size`` exceeds its count, so a batch never holds padding and,
-  within one pass over its data, no window twice (like a shuffled data loader).
+  See :func:`sample_indices` for how windows are drawn.
 
   Args:
     key: PRNG key; the same key gives the same batches.
@@ -149,16 +169,15 @@ def sample_batches(
   """
   if clients is None:
     clients = jnp.arange(data.num_clients)
-  mask = data.train_mask[clients]
-  keys = jax.random.split(key, clients.shape[0])
-  flat = jnp.arange(num_steps * batch_size)
-
-  def client_indices(key: jax.Array, mask: jax.Array) -> jax.Array:
-    # Padding sorts after every real window, so the first `count` entries are a permutation.
-    order = jnp.argsort(jnp.where(mask, jax.random.uniform(key, mask.shape), 2.0))
-    count = jnp.maximum(mask.sum(), 1)
-    return order[flat % count].reshape(num_steps, batch_size)
-
-  idx = jax.vmap(client_indices)(keys, mask)
+  idx = sample_indices(key, data.train_mask[clients], num_steps, batch_size)
   rows = clients[:, None, None]
   return data.train_x[rows, idx], data.train_y[rows, idx]
+
+
+def sample_final_targets(
+    key: jax.Array, data: ClientData, num_steps: int, batch_size: int, clients: jax.Array
+) -> jax.Array:
+  """``f32[K, S, B, 3]``: every step's batch of the clients' own final targets (position H),
+  drawn like :func:`sample_batches` (FedGen's clients sample labels they have)."""
+  idx = sample_indices(key, data.train_mask[clients], num_steps, batch_size)
+  return data.train_y[clients[:, None, None], idx, -1]

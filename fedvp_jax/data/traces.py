@@ -23,6 +23,7 @@ import math
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -132,10 +133,10 @@ def read_trace_file(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def read_split_file(
-    path: Path, videos: tuple[str, ...], users: tuple[str, ...]
+    path: Path, traces: Mapping[tuple[str, str], np.ndarray]
 ) -> tuple[tuple[str, str], ...]:
   """Reads a ``user,video`` split file, checking that every pair names a known trace."""
-  known_videos, known_users = set(videos), set(users)
+  known_videos, known_users = {v for v, _ in traces}, {u for _, u in traces}
   pairs = []
   with path.open(newline="") as f:
     reader = csv.reader(f)
@@ -152,6 +153,11 @@ def read_split_file(
         raise DataError(f"{path}:{lineno}: video {video!r} has no folder in sampled_dataset")
       if user not in known_users:
         raise DataError(f"{path}:{lineno}: user {user!r} has no trace in sampled_dataset")
+      if (video, user) not in traces:
+        raise DataError(
+            f"{path}:{lineno}: user {user!r} has no trace of video {video!r} "
+            f"(no file sampled_dataset/{video}/{user})"
+        )
       pairs.append((user, video))
   return tuple(pairs)
 
@@ -192,7 +198,7 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
   split = None
   if len(split_files) == 2:
     split = {
-        name: read_split_file(dataset_dir / f"{name}_set", videos, users)
+        name: read_split_file(dataset_dir / f"{name}_set", traces)
         for name in ("train", "test")
     }
   return TraceSet(dataset_dir.name, videos, users, traces, split)
@@ -224,7 +230,7 @@ def _read_cache(path: Path, fingerprint: str) -> dict[tuple[str, str], np.ndarra
       return {
           (str(v), str(u)): positions[offsets[i] : offsets[i + 1]] for i, (v, u) in enumerate(keys)
       }
-  except (OSError, ValueError, KeyError) as err:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
     warnings.warn(f"ignoring unreadable trace cache {path} ({err}); re-reading the traces")
     return None
 
