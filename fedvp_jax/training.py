@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import optax
 
-from fedvp_jax.algorithms import ALGORITHMS, build_algorithm
+from fedvp_jax.algorithms import ALGORITHMS, FedGenConfig, build_algorithm
 from fedvp_jax.algorithms.core import FederatedAlgorithm, RoundConfig
 from fedvp_jax.baselines import BASELINES
 from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
@@ -51,7 +51,7 @@ class RunConfig:
     dataset: ``<Name>-m<M>-h<H>``.
     data_dir: the data root (``$FEDVP_DATA`` when ``None``).
     model: ``"lstm"`` or ``"transformer"``.
-    rounds: federated rounds.
+    rounds: federated rounds (after FedGen's ``pretrain_epochs`` rounds of stage one, if any).
     local_epochs: minibatch steps per client per round.
     batch_size: windows per minibatch.
     learning_rate: the clients' optimizer learning rate.
@@ -65,7 +65,7 @@ class RunConfig:
     eval_every: evaluate every this many rounds (the last round always).
     times: number of repeated runs with seeds ``seed, seed + 1, ...``.
     seed: seed of the first run; also draws the users.
-    fedgen: FedGen's settings (used by the FedGen family only).
+    fedgen: FedGen's settings (used by the FedGen family only; every algorithm accepts them).
   """
 
   algo: str = "fedavg"
@@ -86,7 +86,13 @@ class RunConfig:
   eval_every: int = 1
   times: int = 1
   seed: int = 0
-  fedgen: dict[str, Any] = dataclasses.field(default_factory=dict)
+  fedgen: FedGenConfig = FedGenConfig()
+
+  @property
+  def total_rounds(self) -> int:
+    """Rounds the run does: FedGen's stage-one rounds, then ``rounds``."""
+    uses_generator = self.algo in ALGORITHMS and ALGORITHMS[self.algo].generator
+    return self.rounds + (self.fedgen.pretrain_epochs if uses_generator else 0)
 
   def check(self) -> None:
     """Raises ConfigError for settings that cannot work, before any data is read."""
@@ -106,6 +112,7 @@ class RunConfig:
             f"--clients-per-round {self.clients_per_round} exceeds --num_users {self.num_users}"
         )
     self.round_config().check()
+    self.fedgen.check()
 
   def round_config(self) -> RoundConfig:
     return RoundConfig(
@@ -199,7 +206,7 @@ def train(
     ``(final_state, summary)``: the summary has the final evaluation of the deployed models
     and the best evaluated round.
   """
-  rounds = experiment.config.rounds if rounds is None else rounds
+  rounds = experiment.config.total_rounds if rounds is None else rounds
   data, algorithm = experiment.data, experiment.algorithm
   init_key, rounds_key = jax.random.split(jax.random.key(seed))
   started = time.perf_counter()
@@ -288,7 +295,7 @@ def run(
   _write_json(run_dir / "baselines.json", baselines)
   log(f"{experiment.spec}: {len(experiment.users)} clients, "
       f"{int(experiment.data.train_counts.sum())} train / {int(experiment.data.test_counts.sum())} "
-      f"test windows; {config.algo}, {config.model}, {config.rounds} rounds")
+      f"test windows; {config.algo}, {config.model}, {config.total_rounds} rounds")
   for name, b in baselines.items():
     log(f"  baseline {name:18s} loss {b['loss']:.5f}  orthodromic {_degrees(b['orthodromic_deg'])}")
 

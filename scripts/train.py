@@ -22,10 +22,11 @@ from pathlib import Path
 
 import jax
 
-from fedvp_jax.algorithms import ALGORITHMS, RESEARCHER_NAMES
+from fedvp_jax.algorithms import ALGORITHMS, RESEARCHER_NAMES, FedGenConfig
 from fedvp_jax.data.windows import SPLITS
 from fedvp_jax.errors import FedVPError
 from fedvp_jax.models import MODELS
+from fedvp_jax.models.generator import GENERATORS
 from fedvp_jax.training import OPTIMIZERS, RunConfig, resolve_device, run
 
 
@@ -100,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--name", help="run directory name (default: <algo>_<dataset>_<model>_<time>)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
   p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
+
+  g = p.add_argument_group("FedGen", "used by fedgen, local-fedgen and partial-fedgen; accepted by every algorithm")
+  g.add_argument("--generator", choices=GENERATORS, default="simple", help="simple (FedGen's) or deep (residual MLP)")
+  g.add_argument("--embedding", action="store_true", help="condition the generator on a learned embedding of the label's heatmap cell")
+  g.add_argument("--grain", type=at_least(4), default=256, help="heatmap grid: GRAIN longitude x GRAIN/2 latitude cells (default %(default)s)")
+  g.add_argument("--heatmap-sigma", "--heatmap_sigma", dest="heatmap_sigma", type=positive_float, default=5.0, help="heatmap blur in degrees (default %(default)s)")
+  g.add_argument("--gen_batch_size", "--gen-batch-size", dest="gen_batch_size", type=at_least(1), default=256, help="generated labels per client step (default %(default)s)")
+  g.add_argument("--gen-steps", "--gen_steps", dest="gen_steps", type=at_least(1), default=50, help="generator steps per round (default %(default)s)")
+  g.add_argument("--gen-learning-rate", "--ensemble_lr", dest="gen_learning_rate", type=positive_float, default=1e-3, help="generator Adam learning rate, decayed 0.98 per round (FedGen: 1e-4; default %(default)s)")
+  g.add_argument("--alpha", "--generative_alpha", dest="alpha", type=float, default=1.0, help="initial weight of the clients' generator term (FedGen: 10; default %(default)s)")
+  g.add_argument("--latent-weight", "--generative_beta", dest="latent_weight", type=float, default=0.0, help="initial weight of FedGen's latent term; 0 is off (default %(default)s)")
+  g.add_argument("--diversity-weight", "--diversity_weight", dest="diversity_weight", type=float, default=0.0, help="weight of FedGen's diversity loss (default %(default)s)")
+  g.add_argument("--pretrain-epochs", "--pretrain_epochs", dest="pretrain_epochs", type=at_least(0), default=0,
+                 help="stage-one rounds in which clients train without the generator while the server trains it; added before --rounds (default %(default)s)")
+  g.add_argument("--gen-warmup", "--gen_warmup", dest="gen_warmup", type=at_least(0), default=0, help="rounds over which alpha ramps up from 0 after stage one (default %(default)s)")
   return p
 
 
@@ -124,6 +140,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
       eval_every=args.eval_every,
       times=args.times,
       seed=args.seed,
+      fedgen=FedGenConfig(
+          generator=args.generator,
+          embedding=args.embedding,
+          grain=args.grain,
+          heatmap_sigma=args.heatmap_sigma,
+          gen_batch_size=args.gen_batch_size,
+          gen_steps=args.gen_steps,
+          gen_learning_rate=args.gen_learning_rate,
+          alpha=args.alpha,
+          latent_weight=args.latent_weight,
+          diversity_weight=args.diversity_weight,
+          pretrain_epochs=args.pretrain_epochs,
+          gen_warmup=args.gen_warmup,
+      ),
   )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import NamedTuple
 
 import optax
 
@@ -15,6 +16,7 @@ from fedvp_jax.algorithms.core import (
     RoundMetrics,
 )
 from fedvp_jax.algorithms.fedavg import fedavg
+from fedvp_jax.algorithms.fedgen import FedGenConfig, FedGenState, fedgen
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.models import Model
 
@@ -35,6 +37,9 @@ ALGORITHMS = {
     "local": AlgorithmSpec("none", False),
     "fedavg": AlgorithmSpec("full", False),
     "partial-fedavg": AlgorithmSpec("partial", False),
+    "fedgen": AlgorithmSpec("full", True),
+    "local-fedgen": AlgorithmSpec("none", True),
+    "partial-fedgen": AlgorithmSpec("partial", True),
 }
 """Every algorithm by its name on the command line."""
 
@@ -42,6 +47,9 @@ RESEARCHER_NAMES = {
     "local": "local",
     "FedAvg": "fedavg",
     "partialFedAvg": "partial-fedavg",
+    "FedGen": "fedgen",
+    "localFedGen": "local-fedgen",
+    "partialFedGen": "partial-fedgen",
 }
 """The researcher's ``--algorithm`` names (FedGen's code base) and the algorithm each means."""
 
@@ -51,18 +59,20 @@ def build_algorithm(
     model: Model,
     optimizer: optax.GradientTransformation,
     config: RoundConfig,
-    fedgen_options: dict[str, Any] | None = None,
+    fedgen_config: FedGenConfig | None = None,
 ) -> FederatedAlgorithm:
-  """The named algorithm. ``config.send`` is overridden by what the name implies.
+  """The named algorithm. ``config.send`` is overridden by what the name implies;
+  ``fedgen_config`` is used by the FedGen family only (defaults when ``None``).
 
   Raises:
     ConfigError: for an unknown name.
   """
   if name not in ALGORITHMS:
     raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
-  del fedgen_options
   spec = ALGORITHMS[name]
-  config = RoundConfig(**{**config.__dict__, "send": spec.send})
+  config = dataclasses.replace(config, send=spec.send)
+  if spec.generator:
+    return fedgen(model, optimizer, config, fedgen_config or FedGenConfig())
   return fedavg(model, optimizer, config)
 
 
@@ -72,6 +82,8 @@ __all__ = [
     "SEND_MODES",
     "AlgorithmSpec",
     "ClientsState",
+    "FedGenConfig",
+    "FedGenState",
     "FederatedAlgorithm",
     "RoundConfig",
     "RoundMetrics",
@@ -79,6 +91,7 @@ __all__ = [
     "blend",
     "build_algorithm",
     "fedavg",
+    "fedgen",
     "local_update",
     "prediction_loss",
     "receive",
