@@ -1,0 +1,159 @@
+"""scripts/train.py end to end: every algorithm, the researcher's flags, and bad input."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+TINY = ["--dataset", "Synthetic-m4-h2", "--num_users", "3", "--rounds", "2", "--local_epochs", "2",
+        "--batch_size", "8", "--model", "lstm", "--latent-dim", "12", "--no-progress"]
+FEDGEN_TINY = ["--grain", "16", "--heatmap-sigma", "30", "--gen_batch_size", "8", "--gen-steps", "2"]
+
+
+def load_script():
+  spec = importlib.util.spec_from_file_location("train_script", REPO / "scripts" / "train.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def train_main():
+  return load_script().main
+
+
+def read_run(run_dir):
+  summary = json.loads((run_dir / "summary.json").read_text())
+  seeds = sorted(p for p in run_dir.iterdir() if p.name.startswith("seed"))
+  metrics = [[json.loads(line) for line in (s / "metrics.jsonl").read_text().splitlines()] for s in seeds]
+  return summary, metrics
+
+
+@pytest.mark.parametrize(
+    "algo",
+    ["local", "fedavg", "partial-fedavg", "fedgen", "local-fedgen", "partial-fedgen"],
+)
+def test_every_algorithm_runs(train_main, tmp_path, capsys, algo):
+  extra = FEDGEN_TINY + ["--pretrain-epochs", "1"] if "fedgen" in algo else []
+  code = train_main(TINY + extra + ["--algo", algo, "--out", str(tmp_path), "--name", "run"])
+  assert code == 0
+  run_dir = tmp_path / "run"
+  for name in ("config.json", "baselines.json", "summary.json"):
+    assert (run_dir / name).is_file()
+  summary, (metrics,) = read_run(run_dir)
+  expected_rounds = 3 if "fedgen" in algo else 2
+  assert [m["round"] for m in metrics] == list(range(expected_rounds))
+  assert np.isfinite(summary["final_loss_mean"])
+  assert len(summary["orthodromic_deg_mean"]) == 2
+  config = json.loads((run_dir / "config.json").read_text())
+  assert config["config"]["algo"] == algo and len(config["users"]) == 3
+  if "fedgen" in algo:
+    assert metrics[0]["generator_weight"] == 0.0 and metrics[-1]["generator_weight"] > 0
+  out = capsys.readouterr().out
+  assert "baseline no-motion" in out and "Average Global Loss" in out
+
+
+def test_researchers_command_as_written(train_main, tmp_path, capsys):
+  argv = ("--train --dataset Synthetic-m4-h1 --algorithm partialFedGen --beta 0.5 --model Transformer "
+          "--embedding --device cuda --learning_rate 0.01 --batch_size 8 --gen_batch_size 16 --times 2 "
+          "--num_glob_iters 2 --local_epochs 2 --num_users 3 --grain 16").split()
+  with pytest.warns(UserWarning, match="no GPU") if not _has_gpu() else _nothing():
+    code = train_main(argv + ["--out", str(tmp_path), "--name", "r", "--no-progress", "--gen-steps", "2"])
+  assert code == 0
+  summary, metrics = read_run(tmp_path / "r")
+  assert len(metrics) == 2 and len(summary["seeds"]) == 2
+  assert summary["config"]["algo"] == "partial-fedgen" and summary["config"]["fedgen"]["embedding"]
+  losses = [s["final"]["loss"] for s in summary["seeds"]]
+  np.testing.assert_allclose(summary["final_loss_mean"], np.mean(losses))
+  np.testing.assert_allclose(summary["final_loss_std"], np.std(losses))
+  assert "±" in capsys.readouterr().out
+
+
+def _has_gpu():
+  import jax
+
+  return any(d.platform == "gpu" for d in jax.devices())
+
+
+class _nothing:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--beta", "1.5"], "beta must be in (0, 1]"),
+        (["--beta", "0"], "beta must be in (0, 1]"),
+        (["--clients-per-round", "5"], "--clients-per-round 5 exceeds --num_users 3"),
+        (["--algorithm", "FedProx"], "unknown algorithm 'FedProx'"),
+        (["--model", "gru"], "unknown model 'gru'"),
+        (["--dataset", "David-m0-h1"], "must be at least 1"),
+        (["--rounds", "0"], "must be at least 1"),
+        (["--grain", "15"], "grain"),
+    ],
+)
+def test_impossible_flags_are_rejected(train_main, tmp_path, capsys, flags, message):
+  with pytest.raises(SystemExit) as exit_info:
+    train_main(TINY + flags + ["--out", str(tmp_path)])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not any(tmp_path.iterdir())
+
+
+def test_existing_run_directory_is_kept(train_main, tmp_path, capsys):
+  argv = TINY + ["--algo", "local", "--out", str(tmp_path), "--name", "keep", "--rounds", "1"]
+  assert train_main(argv) == 0
+  before = (tmp_path / "keep" / "summary.json").read_text()
+  assert train_main(argv) == 2
+  assert "already exists" in capsys.readouterr().err
+  assert (tmp_path / "keep" / "summary.json").read_text() == before
+  assert train_main(argv + ["--overwrite"]) == 0
+
+
+def test_missing_data_root_says_how_to_set_it(train_main, tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv("FEDVP_DATA", raising=False)
+  assert train_main(["--dataset", "David-m10-h1", "--out", str(tmp_path), "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert "--data-dir" in err and "FEDVP_DATA" in err
+  assert not any(tmp_path.iterdir())
+
+
+def test_same_seed_same_run(train_main, tmp_path):
+  runs = []
+  for name in ("a", "b"):
+    assert train_main(TINY + ["--algo", "fedavg", "--out", str(tmp_path), "--name", name]) == 0
+    runs.append(read_run(tmp_path / name)[1][0])
+  strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+  assert strip(runs[0]) == strip(runs[1])
+
+
+def test_entry_point_runs_as_a_script(tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(REPO / "scripts" / "train.py"), *TINY, "--algo", "fedavg", "--rounds", "1",
+       "--out", str(tmp_path), "--name", "s"],
+      capture_output=True, text=True, timeout=300, cwd=tmp_path,
+  )
+  assert result.returncode == 0, result.stderr
+  assert "Average Global Loss" in result.stdout
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("algo", ["partial-fedavg", "fedgen"])
+def test_real_data_run(train_main, tmp_path, david_root, algo):
+  argv = ["--dataset", "David-m10-h1", "--data-dir", str(david_root), "--num_users", "3", "--rounds", "2",
+          "--local_epochs", "2", "--batch_size", "16", "--model", "lstm", "--no-progress",
+          "--algo", algo, "--out", str(tmp_path), "--name", "d"] + FEDGEN_TINY
+  assert train_main(argv) == 0
+  summary, (metrics,) = read_run(tmp_path / "d")
+  config = json.loads((tmp_path / "d" / "config.json").read_text())
+  assert config["train_windows"] == [900] * 3 and config["test_windows"] == [450] * 3
+  assert len(metrics) == 2 and np.isfinite(summary["final_loss_mean"])
