@@ -173,6 +173,14 @@ def baseline_summaries(data: ClientData, horizon: int) -> dict[str, Summary]:
   }
 
 
+def beats_baselines(orthodromic_deg: np.ndarray, baselines: dict[str, dict[str, Any]]) -> dict[str, list[bool]]:
+  """Per baseline, whether the model's mean great-circle error is lower at each horizon step."""
+  return {
+      name: [bool(m < b) for m, b in zip(orthodromic_deg, base["orthodromic_deg"], strict=True)]
+      for name, base in baselines.items()
+  }
+
+
 def summary_dict(summary: Summary) -> dict[str, Any]:
   """A :class:`Summary` as plain JSON-ready numbers."""
   return {
@@ -326,10 +334,14 @@ def run(
       "final_loss_std": float(losses.std()),
       "orthodromic_deg_mean": degrees.mean(axis=0).tolist(),
       "orthodromic_deg_std": degrees.std(axis=0).tolist(),
+      "beats_baselines": beats_baselines(degrees.mean(axis=0), baselines),
   }
   _write_json(run_dir / "summary.json", result)
   log(f"Average Global Loss {result['final_loss_mean']:.5f} ± {result['final_loss_std']:.5f} "
       f"over {config.times} seed(s); orthodromic {_degrees(result['orthodromic_deg_mean'])}")
+  for name, wins in result["beats_baselines"].items():
+    verdict = "at every horizon" if all(wins) else f"NOT at steps {[i + 1 for i, w in enumerate(wins) if not w]}"
+    log(f"  beats {name}: {verdict}")
   log(f"run directory: {run_dir}")
   return result
 

@@ -50,6 +50,9 @@ def test_every_algorithm_runs(train_main, tmp_path, capsys, algo):
   assert [m["round"] for m in metrics] == list(range(expected_rounds))
   assert np.isfinite(summary["final_loss_mean"])
   assert len(summary["orthodromic_deg_mean"]) == 2
+  for name, wins in summary["beats_baselines"].items():
+    baseline = summary["baselines"][name]["orthodromic_deg"]
+    assert wins == [m < b for m, b in zip(summary["orthodromic_deg_mean"], baseline)]
   config = json.loads((run_dir / "config.json").read_text())
   assert config["config"]["algo"] == algo and len(config["users"]) == 3
   if "fedgen" in algo:
