@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedvp_jax.algorithms.aggregation import check_send, is_finite, receive, where_clients
+from fedvp_jax.algorithms.aggregation import aggregate, check_send, is_finite, receive, where_clients
 from fedvp_jax.algorithms.client import LocalUpdate, stack
 from fedvp_jax.data.federated import ClientData, sample_batches, sample_final_targets
 from fedvp_jax.errors import ConfigError
@@ -224,3 +224,49 @@ def mean_train_loss(losses: jax.Array, weights: jax.Array) -> jax.Array:
   per_client = jnp.mean(losses, axis=1)
   weights = jnp.where(jnp.isfinite(per_client), weights, 0.0)
   return jnp.sum(jnp.where(weights > 0, per_client, 0.0) * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+class ClientsRound(NamedTuple):
+  """The outcome of :func:`clients_round`.
+
+  Attributes:
+    state: the clients' state after the round.
+    metrics: the round's metrics (``extra`` empty).
+    result: the selected clients' training, for algorithms that do more with it.
+    used: ``bool[K]`` the selected clients that were averaged in.
+  """
+
+  state: ClientsState
+  metrics: RoundMetrics
+  result: TrainResult
+  used: jax.Array
+
+
+def clients_round(
+    model: Model,
+    config: RoundConfig,
+    update: LocalUpdate,
+    state: ClientsState,
+    data: ClientData,
+    key: PRNGKey,
+    context: Any = None,
+    label_batch_size: int = 0,
+) -> ClientsRound:
+  """The round every algorithm shares: receive, evaluate, train the selected clients,
+  aggregate their models weighted by their training-sample counts."""
+  params = receive(state.server_params, state.client_params, config.send, config.beta)
+  test, evaluated = evaluate_on_schedule(model, config, params, data, state.round)
+  result = train_clients(
+      config, update, params, state.client_opt_state, data, key, context, label_batch_size
+  )
+  weights = data.train_counts[result.selected]
+  server, used = aggregate(state.server_params, result.trained, weights)
+  metrics = RoundMetrics(
+      train_loss=mean_train_loss(result.losses, weights),
+      test=test,
+      evaluated=evaluated,
+      selected=result.selected,
+      excluded=~used,
+  )
+  new_state = ClientsState(server, result.client_params, result.client_opt_state, state.round + 1)
+  return ClientsRound(new_state, metrics, result, used)

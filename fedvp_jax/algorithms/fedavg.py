@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import optax
 
-from fedvp_jax.algorithms.aggregation import aggregate, receive
 from fedvp_jax.algorithms.client import local_update, prediction_loss
 from fedvp_jax.algorithms.core import (
     ClientsState,
     FederatedAlgorithm,
     RoundConfig,
     RoundMetrics,
+    clients_round,
     evaluate_deployed,
-    evaluate_on_schedule,
     init_clients,
-    mean_train_loss,
-    train_clients,
 )
 from fedvp_jax.data.federated import ClientData
+from fedvp_jax.metrics import ErrorSums
 from fedvp_jax.models import Model
 from fedvp_jax.types import PRNGKey
+
 
 def fedavg(model: Model, optimizer: optax.GradientTransformation, config: RoundConfig) -> FederatedAlgorithm:
   """FedAvg with ``config.send`` deciding what clients receive (``none`` is local training).
@@ -44,22 +43,10 @@ def fedavg(model: Model, optimizer: optax.GradientTransformation, config: RoundC
     return init_clients(model, optimizer, key, data.num_clients)
 
   def apply(state: ClientsState, data: ClientData, key: PRNGKey) -> tuple[ClientsState, RoundMetrics]:
-    params = receive(state.server_params, state.client_params, config.send, config.beta)
-    test, evaluated = evaluate_on_schedule(model, config, params, data, state.round)
-    result = train_clients(config, update, params, state.client_opt_state, data, key)
-    weights = data.train_counts[result.selected]
-    server, used = aggregate(state.server_params, result.trained, weights)
-    new_state = ClientsState(server, result.client_params, result.client_opt_state, state.round + 1)
-    metrics = RoundMetrics(
-        train_loss=mean_train_loss(result.losses, weights),
-        test=test,
-        evaluated=evaluated,
-        selected=result.selected,
-        excluded=~used,
-    )
-    return new_state, metrics
+    outcome = clients_round(model, config, update, state, data, key)
+    return outcome.state, outcome.metrics
 
-  def evaluate(state: ClientsState, data: ClientData):
+  def evaluate(state: ClientsState, data: ClientData) -> ErrorSums:
     return evaluate_deployed(model, config, state, data)
 
   return FederatedAlgorithm(init, apply, evaluate)

@@ -40,24 +40,21 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedvp_jax.algorithms.aggregation import aggregate, receive
 from fedvp_jax.algorithms.client import LossFn, local_update
 from fedvp_jax.algorithms.core import (
     ClientsState,
     FederatedAlgorithm,
     RoundConfig,
     RoundMetrics,
+    clients_round,
     evaluate_deployed,
-    evaluate_on_schedule,
     init_clients,
-    mean_train_loss,
-    train_clients,
 )
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.heatmap import combined, heatmaps, label_weights, sample_labels
 from fedvp_jax.heatmap.grid import check_grain
-from fedvp_jax.metrics import mse
+from fedvp_jax.metrics import ErrorSums, mse
 from fedvp_jax.models import Model
 from fedvp_jax.models.generator import GENERATORS, Generator, build_generator
 from fedvp_jax.types import OptState, Params, PRNGKey, StackedParams
@@ -339,36 +336,25 @@ def fedgen(
     return FedGenState(init_clients(model, optimizer, model_key, data.num_clients), g_params, g_optimizer.init(g_params))
 
   def apply(state: FedGenState, data: ClientData, key: PRNGKey) -> tuple[FedGenState, RoundMetrics]:
-    clients = state.clients
     clients_key, server_key = jax.random.split(key)
-    params = receive(clients.server_params, clients.client_params, config.send, config.beta)
-    test, evaluated = evaluate_on_schedule(model, config, params, data, clients.round)
-    alpha, latent_weight = generator_weights(cfg, clients.round)
+    alpha, latent_weight = generator_weights(cfg, state.clients.round)
     context = GeneratorContext(state.generator_params, alpha, latent_weight)
-    result = train_clients(
-        config, update, params, clients.client_opt_state, data, clients_key, context, cfg.gen_batch_size
+    outcome = clients_round(
+        model, config, update, state.clients, data, clients_key, context, cfg.gen_batch_size
     )
-    weights = data.train_counts[result.selected]
-    server, used = aggregate(clients.server_params, result.trained, weights)
     # Clients upload the final targets of what they trained on; counts, not normalised, so a
     # client's weight at a label grows with how often it saw it.
-    uploaded = result.batches[1][..., -1, :].reshape(result.selected.shape[0], -1, 3)
+    targets = outcome.result.batches[1][..., -1, :]
+    uploaded = targets.reshape(targets.shape[0], -1, 3)
     heat = heatmaps(uploaded, cfg.grain, cfg.heatmap_sigma, normalize=False)
     g_params, g_opt, teacher, diversity = train_generator(
-        state.generator_params, state.generator_opt_state, result.trained, used, heat, server_key
+        state.generator_params, state.generator_opt_state, outcome.result.trained, outcome.used,
+        heat, server_key,
     )
-    new_clients = ClientsState(server, result.client_params, result.client_opt_state, clients.round + 1)
-    metrics = RoundMetrics(
-        train_loss=mean_train_loss(result.losses, weights),
-        test=test,
-        evaluated=evaluated,
-        selected=result.selected,
-        excluded=~used,
-        extra={"generator_weight": alpha, "teacher_loss": teacher, "diversity_loss": diversity},
-    )
-    return FedGenState(new_clients, g_params, g_opt), metrics
+    extra = {"generator_weight": alpha, "teacher_loss": teacher, "diversity_loss": diversity}
+    return FedGenState(outcome.state, g_params, g_opt), outcome.metrics._replace(extra=extra)
 
-  def evaluate(state: FedGenState, data: ClientData):
+  def evaluate(state: FedGenState, data: ClientData) -> ErrorSums:
     return evaluate_deployed(model, config, state.clients, data)
 
   return FederatedAlgorithm(init, apply, evaluate)
