@@ -1,1 +1,77 @@
-"""fedvp_jax: federated viewport prediction for 360-degree video, in JAX."""
+"""fedvp_jax: federated viewport prediction for 360-degree video, in JAX.
+
+The public API: code lives in the submodules, the names users need are re-exported here.
+"""
+
+from fedvp_jax import algorithms, data, heatmap, models
+from fedvp_jax.algorithms import (
+    ALGORITHMS,
+    ClientsState,
+    FedGenConfig,
+    FedGenState,
+    FederatedAlgorithm,
+    RoundConfig,
+    RoundMetrics,
+    build_algorithm,
+    fedavg,
+    fedgen,
+)
+from fedvp_jax.baselines import BASELINES, constant_velocity, no_motion
+from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
+from fedvp_jax.data.federated import ClientData, build_client_data, sample_batches, select_users
+from fedvp_jax.errors import ConfigError, DataError, FedVPError
+from fedvp_jax.geometry import lonlat_to_vec, normalize, orthodromic_distance, vec_to_lonlat
+from fedvp_jax.heatmap import heatmaps, label_weights, sample_labels
+from fedvp_jax.metrics import ErrorSums, Summary, error_sums, mse, summarize
+from fedvp_jax.models import Model, build_model
+from fedvp_jax.training import RunConfig, prepare, run, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHMS",
+    "BASELINES",
+    "ClientData",
+    "ClientsState",
+    "ConfigError",
+    "DataError",
+    "DatasetSpec",
+    "ErrorSums",
+    "FedGenConfig",
+    "FedGenState",
+    "FedVPError",
+    "FederatedAlgorithm",
+    "Model",
+    "RoundConfig",
+    "RoundMetrics",
+    "RunConfig",
+    "Summary",
+    "algorithms",
+    "build_algorithm",
+    "build_client_data",
+    "build_model",
+    "constant_velocity",
+    "data",
+    "error_sums",
+    "fedavg",
+    "fedgen",
+    "heatmap",
+    "heatmaps",
+    "label_weights",
+    "load_traces",
+    "lonlat_to_vec",
+    "models",
+    "mse",
+    "no_motion",
+    "normalize",
+    "orthodromic_distance",
+    "parse_spec",
+    "prepare",
+    "run",
+    "sample_batches",
+    "sample_labels",
+    "select_users",
+    "summarize",
+    "train",
+    "vec_to_lonlat",
+]

@@ -160,3 +160,13 @@ def test_real_data_run(train_main, tmp_path, david_root, algo):
   config = json.loads((tmp_path / "d" / "config.json").read_text())
   assert config["train_windows"] == [900] * 3 and config["test_windows"] == [450] * 3
   assert len(metrics) == 2 and np.isfinite(summary["final_loss_mean"])
+
+
+def test_front_door_command_parses_to_a_valid_run():
+  """``python scripts/train.py --algo fedgen --pretrain-epochs 200`` with its defaults (the full
+  run takes minutes; it is run by hand and reported in the closing note)."""
+  script = load_script()
+  config = script.config_from_args(script.build_parser().parse_args(["--algo", "fedgen", "--pretrain-epochs", "200"]))
+  config.check()
+  assert config.algo == "fedgen" and config.fedgen.pretrain_epochs == 200
+  assert config.total_rounds == config.rounds + 200

@@ -1,1 +1,47 @@
 """Trace files, dataset specs, windows and on-device client data."""
+
+from fedvp_jax.data.datasets import (
+    ALIASES,
+    DATA_ENV_VAR,
+    DatasetSpec,
+    available_datasets,
+    load_traces,
+    parse_spec,
+    resolve_data_root,
+)
+from fedvp_jax.data.federated import (
+    ClientData,
+    build_client_data,
+    sample_batches,
+    sample_final_targets,
+    sample_indices,
+    select_users,
+)
+from fedvp_jax.data.synthetic import synthetic_traces
+from fedvp_jax.data.traces import TraceSet, load_trace_dir, read_trace_file
+from fedvp_jax.data.windows import SPLITS, Windows, make_windows, split_videos, viewer_windows
+
+__all__ = [
+    "ALIASES",
+    "DATA_ENV_VAR",
+    "SPLITS",
+    "ClientData",
+    "DatasetSpec",
+    "TraceSet",
+    "Windows",
+    "available_datasets",
+    "build_client_data",
+    "load_trace_dir",
+    "load_traces",
+    "make_windows",
+    "parse_spec",
+    "read_trace_file",
+    "resolve_data_root",
+    "sample_batches",
+    "sample_final_targets",
+    "sample_indices",
+    "select_users",
+    "split_videos",
+    "synthetic_traces",
+    "viewer_windows",
+]
