@@ -40,11 +40,13 @@ def constant_velocity(history: jnp.ndarray, horizon: int) -> jnp.ndarray:
   axis_norm = jnp.linalg.norm(axis, axis=-1, keepdims=True)
   angle = orthodromic_distance(prev, last)
   # Without motion the axis is undefined; any unit axis with angle 0 gives the last position.
-  axis = jnp.where(axis_norm > 1e-9, axis / jnp.maximum(axis_norm, 1e-12), jnp.array([0.0, 0.0, 1.0]))
+  axis = jnp.where(
+    axis_norm > 1e-9, axis / jnp.maximum(axis_norm, 1e-12), jnp.array([0.0, 0.0, 1.0])
+  )
   steps = jnp.arange(1, horizon + 1, dtype=history.dtype)
   angles = angle[..., None] * steps  # [..., H]
   return normalize(rotate(last[..., None, :], axis[..., None, :], angles))
 
 
 BASELINES = {"no-motion": no_motion, "constant-velocity": constant_velocity}
-"""The baseline predictors by name, each ``(history: f32[..., M, 3], horizon) -> f32[..., H, 3]``."""
+"""The baseline predictors by name: ``(history: f32[..., M, 3], horizon) -> f32[..., H, 3]``."""

@@ -14,30 +14,33 @@ def mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
 
 class ErrorSums(NamedTuple):
-  """Per-client error sums over real windows; divide by ``count`` for means.
+  """Per-client error sums over real windows; divide by ``num_windows`` for means.
 
   Attributes:
     squared_error: ``f32[clients]`` sum over windows of each window's MSE (mean over H and
       the 3 coordinates).
     orthodromic: ``f32[clients, H]`` sum over windows of great-circle error in radians, per
       horizon step.
-    count: ``f32[clients]`` number of real windows.
+    num_windows: ``f32[clients]`` number of real windows.
   """
 
   squared_error: jax.Array
   orthodromic: jax.Array
-  count: jax.Array
+  num_windows: jax.Array
 
 
 def error_sums(prediction: jax.Array, target: jax.Array, mask: jax.Array) -> ErrorSums:
-  """Sums errors of ``prediction, target: f32[clients, n, H, 3]`` over ``mask: bool[clients, n]``."""
+  """Per-client error sums of ``prediction, target: f32[clients, n, H, 3]``.
+
+  Only windows where ``mask: bool[clients, n]`` is True count.
+  """
   weight = mask.astype(prediction.dtype)
   window_mse = jnp.mean(jnp.square(prediction - target), axis=(-2, -1))
   distance = orthodromic_distance(prediction, target)
   return ErrorSums(
-      squared_error=jnp.sum(window_mse * weight, axis=1),
-      orthodromic=jnp.sum(distance * weight[..., None], axis=1),
-      count=jnp.sum(weight, axis=1),
+    squared_error=jnp.sum(window_mse * weight, axis=1),
+    orthodromic=jnp.sum(distance * weight[..., None], axis=1),
+    num_windows=jnp.sum(weight, axis=1),
   )
 
 
@@ -56,8 +59,8 @@ class Summary(NamedTuple):
 
 def summarize(sums: ErrorSums) -> Summary:
   """The sample-weighted means over clients of :class:`ErrorSums`."""
-  total = jnp.maximum(jnp.sum(sums.count), 1.0)
+  total = jnp.maximum(jnp.sum(sums.num_windows), 1.0)
   return Summary(
-      loss=jnp.sum(sums.squared_error) / total,
-      orthodromic_deg=jnp.degrees(jnp.sum(sums.orthodromic, axis=0) / total),
+    loss=jnp.sum(sums.squared_error) / total,
+    orthodromic_deg=jnp.degrees(jnp.sum(sums.orthodromic, axis=0) / total),
   )

@@ -36,7 +36,7 @@ from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
 from fedvp_jax.data.federated import ClientData, build_client_data, select_users
 from fedvp_jax.data.windows import SPLITS
 from fedvp_jax.errors import ConfigError
-from fedvp_jax.metrics import ErrorSums, Summary, error_sums, summarize
+from fedvp_jax.metrics import Summary, error_sums, summarize
 from fedvp_jax.models import MODELS, build_model
 
 OPTIMIZERS = ("sgd", "adam")
@@ -86,7 +86,7 @@ class RunConfig:
   eval_every: int = 1
   times: int = 1
   seed: int = 0
-  fedgen: FedGenConfig = FedGenConfig()
+  fedgen: FedGenConfig = dataclasses.field(default_factory=FedGenConfig)
 
   @property
   def total_rounds(self) -> int:
@@ -106,22 +106,22 @@ class RunConfig:
         raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
     if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
       raise ConfigError(f"--learning_rate {self.learning_rate}: must be a positive number")
-    if self.num_users is not None and self.clients_per_round is not None:
-      if self.users is None and self.clients_per_round > self.num_users:
-        raise ConfigError(
-            f"--clients-per-round {self.clients_per_round} exceeds --num_users {self.num_users}"
-        )
+    per_round, users = self.clients_per_round, self.num_users
+    if self.users is None and per_round is not None and users is not None and per_round > users:
+      raise ConfigError(
+        f"--clients-per-round {self.clients_per_round} exceeds --num_users {self.num_users}"
+      )
     self.round_config().check()
     self.fedgen.check()
 
   def round_config(self) -> RoundConfig:
     return RoundConfig(
-        send=ALGORITHMS[self.algo].send if self.algo in ALGORITHMS else "full",
-        beta=self.beta,
-        local_steps=self.local_epochs,
-        batch_size=self.batch_size,
-        clients_per_round=self.clients_per_round,
-        eval_every=self.eval_every,
+      send=ALGORITHMS[self.algo].send if self.algo in ALGORITHMS else "full",
+      beta=self.beta,
+      local_steps=self.local_epochs,
+      batch_size=self.batch_size,
+      clients_per_round=self.clients_per_round,
+      eval_every=self.eval_every,
     )
 
   def make_optimizer(self) -> optax.GradientTransformation:
@@ -156,11 +156,11 @@ def prepare(config: RunConfig) -> Experiment:
   data = build_client_data(traces, spec, users, config.split, seed=config.seed)
   if config.clients_per_round is not None and config.clients_per_round > len(users):
     raise ConfigError(
-        f"--clients-per-round {config.clients_per_round} exceeds the {len(users)} clients"
+      f"--clients-per-round {config.clients_per_round} exceeds the {len(users)} clients"
     )
   model = build_model(config.model, spec.history, spec.horizon, latent_dim=config.latent_dim)
   algorithm = build_algorithm(
-      config.algo, model, config.make_optimizer(), config.round_config(), config.fedgen
+    config.algo, model, config.make_optimizer(), config.round_config(), config.fedgen
   )
   return Experiment(config, spec, users, data, algorithm)
 
@@ -168,24 +168,26 @@ def prepare(config: RunConfig) -> Experiment:
 def baseline_summaries(data: ClientData, horizon: int) -> dict[str, Summary]:
   """No-motion and constant-velocity errors on every client's test windows."""
   return {
-      name: summarize(error_sums(predict(data.test_x, horizon), data.test_y, data.test_mask))
-      for name, predict in BASELINES.items()
+    name: summarize(error_sums(predict(data.test_x, horizon), data.test_y, data.test_mask))
+    for name, predict in BASELINES.items()
   }
 
 
-def beats_baselines(orthodromic_deg: np.ndarray, baselines: dict[str, dict[str, Any]]) -> dict[str, list[bool]]:
+def beats_baselines(
+  orthodromic_deg: np.ndarray, baselines: dict[str, dict[str, Any]]
+) -> dict[str, list[bool]]:
   """Per baseline, whether the model's mean great-circle error is lower at each horizon step."""
   return {
-      name: [bool(m < b) for m, b in zip(orthodromic_deg, base["orthodromic_deg"], strict=True)]
-      for name, base in baselines.items()
+    name: [bool(m < b) for m, b in zip(orthodromic_deg, base["orthodromic_deg"], strict=True)]
+    for name, base in baselines.items()
   }
 
 
 def summary_dict(summary: Summary) -> dict[str, Any]:
   """A :class:`Summary` as plain JSON-ready numbers."""
   return {
-      "loss": float(summary.loss),
-      "orthodromic_deg": [float(d) for d in np.asarray(summary.orthodromic_deg)],
+    "loss": float(summary.loss),
+    "orthodromic_deg": [float(d) for d in np.asarray(summary.orthodromic_deg)],
   }
 
 
@@ -194,12 +196,12 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
 
 def train(
-    experiment: Experiment,
-    seed: int,
-    *,
-    rounds: int | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-    progress: ProgressFn | None = None,
+  experiment: Experiment,
+  seed: int,
+  *,
+  rounds: int | None = None,
+  on_round: Callable[[dict[str, Any]], None] | None = None,
+  progress: ProgressFn | None = None,
 ) -> tuple[Any, dict[str, Any]]:
   """Runs one seed's rounds with the experiment's jitted round function.
 
@@ -238,14 +240,14 @@ def train(
   if float(final.loss) < best["loss"]:
     best = {"loss": float(final.loss), "round": rounds}
   summary = {
-      "seed": seed,
-      "rounds": rounds,
-      "final": summary_dict(final),
-      "best_loss": best["loss"],
-      "best_round": best["round"],
-      "first_round_seconds": round_times[0] if round_times else None,
-      "median_round_seconds": float(np.median(round_times[1:])) if rounds > 1 else None,
-      "wall_seconds": time.perf_counter() - started,
+    "seed": seed,
+    "rounds": rounds,
+    "final": summary_dict(final),
+    "best_loss": best["loss"],
+    "best_round": best["round"],
+    "first_round_seconds": round_times[0] if round_times else None,
+    "median_round_seconds": float(np.median(round_times[1:])) if rounds > 1 else None,
+    "wall_seconds": time.perf_counter() - started,
   }
   return state, summary
 
@@ -253,9 +255,11 @@ def train(
 def round_record(r: int, metrics) -> dict[str, Any]:
   """One round's metrics as a JSON-ready record (``round`` counts from 0)."""
   record: dict[str, Any] = {
-      "round": r,
-      "train_loss": float(metrics.train_loss),
-      "excluded_clients": [int(i) for i in np.asarray(metrics.selected)[np.asarray(metrics.excluded)]],
+    "round": r,
+    "train_loss": float(metrics.train_loss),
+    "excluded_clients": [
+      int(i) for i in np.asarray(metrics.selected)[np.asarray(metrics.excluded)]
+    ],
   }
   if bool(metrics.evaluated):
     record.update({f"test_{k}": v for k, v in summary_dict(summarize(metrics.test)).items()})
@@ -265,12 +269,12 @@ def round_record(r: int, metrics) -> dict[str, Any]:
 
 
 def run(
-    config: RunConfig,
-    run_dir: str | Path,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+  config: RunConfig,
+  run_dir: str | Path,
+  *,
+  overwrite: bool = False,
+  progress: bool = True,
+  log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """Runs ``config`` (``config.times`` seeds) and writes everything into ``run_dir``.
 
@@ -292,18 +296,23 @@ def run(
   if run_dir.exists():
     if not overwrite:
       raise ConfigError(
-          f"run directory {run_dir} already exists; choose another --out/--name or pass "
-          "--overwrite to replace it"
+        f"run directory {run_dir} already exists; choose another --out/--name or pass "
+        "--overwrite to replace it"
       )
     shutil.rmtree(run_dir)
   experiment = prepare(config)
   run_dir.mkdir(parents=True)
   _write_json(run_dir / "config.json", _config_record(experiment))
-  baselines = {k: summary_dict(v) for k, v in baseline_summaries(experiment.data, experiment.spec.horizon).items()}
+  baselines = {
+    k: summary_dict(v)
+    for k, v in baseline_summaries(experiment.data, experiment.spec.horizon).items()
+  }
   _write_json(run_dir / "baselines.json", baselines)
-  log(f"{experiment.spec}: {len(experiment.users)} clients, "
-      f"{int(experiment.data.train_counts.sum())} train / {int(experiment.data.test_counts.sum())} "
-      f"test windows; {config.algo}, {config.model}, {config.total_rounds} rounds")
+  log(
+    f"{experiment.spec}: {len(experiment.users)} clients, "
+    f"{int(experiment.data.train_counts.sum())} train / {int(experiment.data.test_counts.sum())} "
+    f"test windows; {config.algo}, {config.model}, {config.total_rounds} rounds"
+  )
   for name, b in baselines.items():
     log(f"  baseline {name:18s} loss {b['loss']:.5f}  orthodromic {_degrees(b['orthodromic_deg'])}")
 
@@ -312,6 +321,7 @@ def run(
     seed_dir = run_dir / f"seed{config.seed + k}"
     seed_dir.mkdir()
     with (seed_dir / "metrics.jsonl").open("w") as metrics_file:
+
       def write(record: dict[str, Any]) -> None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
@@ -321,26 +331,34 @@ def run(
     _write_json(seed_dir / "summary.json", summary)
     seeds.append(summary)
     final = summary["final"]
-    log(f"  seed {config.seed + k}: Average Global Loss {final['loss']:.5f}  orthodromic "
-        f"{_degrees(final['orthodromic_deg'])}  ({summary['median_round_seconds'] or 0:.3f} s/round)")
+    log(
+      f"  seed {config.seed + k}: Average Global Loss {final['loss']:.5f}  orthodromic "
+      f"{_degrees(final['orthodromic_deg'])}  ({summary['median_round_seconds'] or 0:.3f} s/round)"
+    )
 
   losses = np.array([s["final"]["loss"] for s in seeds])
   degrees = np.array([s["final"]["orthodromic_deg"] for s in seeds])
   result = {
-      "config": dataclasses.asdict(config),
-      "baselines": baselines,
-      "seeds": seeds,
-      "final_loss_mean": float(losses.mean()),
-      "final_loss_std": float(losses.std()),
-      "orthodromic_deg_mean": degrees.mean(axis=0).tolist(),
-      "orthodromic_deg_std": degrees.std(axis=0).tolist(),
-      "beats_baselines": beats_baselines(degrees.mean(axis=0), baselines),
+    "config": dataclasses.asdict(config),
+    "baselines": baselines,
+    "seeds": seeds,
+    "final_loss_mean": float(losses.mean()),
+    "final_loss_std": float(losses.std()),
+    "orthodromic_deg_mean": degrees.mean(axis=0).tolist(),
+    "orthodromic_deg_std": degrees.std(axis=0).tolist(),
+    "beats_baselines": beats_baselines(degrees.mean(axis=0), baselines),
   }
   _write_json(run_dir / "summary.json", result)
-  log(f"Average Global Loss {result['final_loss_mean']:.5f} ± {result['final_loss_std']:.5f} "
-      f"over {config.times} seed(s); orthodromic {_degrees(result['orthodromic_deg_mean'])}")
+  log(
+    f"Average Global Loss {result['final_loss_mean']:.5f} ± {result['final_loss_std']:.5f} "
+    f"over {config.times} seed(s); orthodromic {_degrees(result['orthodromic_deg_mean'])}"
+  )
   for name, wins in result["beats_baselines"].items():
-    verdict = "at every horizon" if all(wins) else f"NOT at steps {[i + 1 for i, w in enumerate(wins) if not w]}"
+    verdict = (
+      "at every horizon"
+      if all(wins)
+      else f"NOT at steps {[i + 1 for i, w in enumerate(wins) if not w]}"
+    )
     log(f"  beats {name}: {verdict}")
   log(f"run directory: {run_dir}")
   return result
@@ -358,10 +376,13 @@ class ProgressBar:
   def __call__(self, done: int, total: int, record: dict[str, Any]) -> None:
     rate = done / max(time.perf_counter() - self.started, 1e-9)
     loss = record.get("test_loss")
-    loss_text = f"test loss {loss:.5f}" if loss is not None else f"train loss {record['train_loss']:.5f}"
+    loss_text = (
+      f"test loss {loss:.5f}" if loss is not None else f"train loss {record['train_loss']:.5f}"
+    )
     width = 24
     filled = width * done // total
-    line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {loss_text} {rate:.1f} rounds/s"
+    bar = "#" * filled + "." * (width - filled)
+    line = f"{self.label} [{bar}] {done}/{total} {loss_text} {rate:.1f} rounds/s"
     if self.tty:
       self.stream.write("\r" + line + ("\n" if done == total else ""))
       self.stream.flush()
@@ -376,7 +397,7 @@ def resolve_device(name: str) -> jax.Device:
     try:
       return jax.devices("gpu")[0]
     except RuntimeError:
-      warnings.warn(f"--device {name}: no GPU is visible to JAX; running on the CPU")
+      warnings.warn(f"--device {name}: no GPU is visible to JAX; running on the CPU", stacklevel=2)
       return jax.devices("cpu")[0]
   if name == "cpu":
     return jax.devices("cpu")[0]
@@ -384,16 +405,16 @@ def resolve_device(name: str) -> jax.Device:
 
 
 def _config_record(experiment: Experiment) -> dict[str, Any]:
-  import flax  # noqa: PLC0415  (only its version is needed)
+  import flax
 
   return {
-      "config": dataclasses.asdict(experiment.config),
-      "dataset": str(experiment.spec),
-      "users": list(experiment.users),
-      "train_windows": [int(c) for c in np.asarray(experiment.data.train_counts)],
-      "test_windows": [int(c) for c in np.asarray(experiment.data.test_counts)],
-      "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
-      "device": str(jax.devices()[0]),
+    "config": dataclasses.asdict(experiment.config),
+    "dataset": str(experiment.spec),
+    "users": list(experiment.users),
+    "train_windows": [int(c) for c in np.asarray(experiment.data.train_counts)],
+    "test_windows": [int(c) for c in np.asarray(experiment.data.test_counts)],
+    "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
+    "device": str(jax.devices()[0]),
   }
 
 
@@ -402,5 +423,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _degrees(values: list[float]) -> str:
-  shown = values if len(values) <= 6 else [values[i] for i in (0, len(values) // 4, len(values) // 2, -1)]
+  shown = (
+    values if len(values) <= 6 else [values[i] for i in (0, len(values) // 4, len(values) // 2, -1)]
+  )
   return "[" + ", ".join(f"{v:.2f}" for v in shown) + "] deg"

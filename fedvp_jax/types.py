@@ -23,5 +23,7 @@ OptState = Any
 StackedOptState = Any
 """Every client's optimizer state, leaves ``[clients, ...]``."""
 
-Batch = tuple[jax.Array, jax.Array]
-"""A minibatch ``(history: f32[batch, M, 3], future: f32[batch, H, 3])``."""
+Batch = tuple[jax.Array, ...]
+"""A minibatch ``(history: f32[batch, M, 3], future: f32[batch, H, 3], *extra)``; FedGen adds
+its clients' sampled labels ``f32[gen_batch, 3]``. With leading ``[clients, steps]`` axes when
+it holds every step of every client."""

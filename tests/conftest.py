@@ -26,8 +26,8 @@ def david_root() -> Path:
   root = real_data_root()
   if root is None:
     pytest.skip(
-        "real traces not found: set FEDVP_DATA to a folder holding David_MMSys_18/ "
-        "(CI points it at ../shared/data)"
+      "real traces not found: set FEDVP_DATA to a folder holding David_MMSys_18/ "
+      "(CI points it at ../shared/data)"
     )
   return root
 
@@ -46,13 +46,13 @@ def smooth_trace(rng: np.random.Generator, length: int) -> np.ndarray:
 
 
 def write_dataset(
-    root: Path,
-    name: str = "Tiny",
-    videos: int = 3,
-    users: int = 4,
-    length: int = 40,
-    seed: int = 0,
-    split: tuple[list[str], list[str]] | None = None,
+  root: Path,
+  name: str = "Tiny",
+  videos: int = 3,
+  users: int = 4,
+  length: int = 40,
+  seed: int = 0,
+  split: tuple[list[str], list[str]] | None = None,
 ) -> Path:
   """Writes a dataset folder in the trace layout; ``split`` = (train videos, test videos)."""
   rng = np.random.default_rng(seed)

@@ -135,7 +135,7 @@ def test_baselines_registry():
   assert BASELINES["no-motion"] is baselines.no_motion
   assert BASELINES["constant-velocity"] is baselines.constant_velocity
   chex.assert_trees_all_close(
-      constant_velocity(history, 2), baselines.constant_velocity(history, 2), atol=1e-6
+    constant_velocity(history, 2), baselines.constant_velocity(history, 2), atol=1e-6
   )
 
 
@@ -159,12 +159,12 @@ def test_orthodromic_distance_random_points():
   got = np.asarray(orthodromic_distance(jnp.asarray(a), jnp.asarray(b)))
   np.testing.assert_allclose(got, arccos_reference(a, b), atol=2e-6)
   np.testing.assert_allclose(
-      got, np.asarray(orthodromic_distance(jnp.asarray(b), jnp.asarray(a))), atol=1e-6
+    got, np.asarray(orthodromic_distance(jnp.asarray(b), jnp.asarray(a))), atol=1e-6
   )
 
 
 @pytest.mark.parametrize(
-    "angle", [0.0, 1e-4, 1e-3, 0.01, np.pi / 2, np.pi - 0.01, np.pi - 1e-3, np.pi]
+  "angle", [0.0, 1e-4, 1e-3, 0.01, np.pi / 2, np.pi - 0.01, np.pi - 1e-3, np.pi]
 )
 def test_orthodromic_distance_near_equal_and_antipodal(angle):
   rng = np.random.default_rng(8)
@@ -184,7 +184,7 @@ def test_orthodromic_distance_exact_pairs():
   a = jnp.asarray([x, x, x, z, x])
   b = jnp.asarray([x, y, -x, -z, (x + y) / np.sqrt(2)])
   np.testing.assert_allclose(
-      orthodromic_distance(a, b), [0, np.pi / 2, np.pi, np.pi, np.pi / 4], atol=1e-6
+    orthodromic_distance(a, b), [0, np.pi / 2, np.pi, np.pi, np.pi / 4], atol=1e-6
   )
 
 
@@ -219,7 +219,7 @@ def test_vec_round_trip():
   back = np.asarray(lonlat_to_vec(lon, lat))
   np.testing.assert_allclose(back, v / np.linalg.norm(v, axis=-1, keepdims=True), atol=2e-3)
   np.testing.assert_allclose(
-      np.asarray(orthodromic_distance(jnp.asarray(back), normalize(jnp.asarray(v, jnp.float32)))),
-      0.0,
-      atol=5e-3,
+    np.asarray(orthodromic_distance(jnp.asarray(back), normalize(jnp.asarray(v, jnp.float32)))),
+    0.0,
+    atol=5e-3,
   )

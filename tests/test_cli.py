@@ -7,12 +7,35 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
-TINY = ["--dataset", "Synthetic-m4-h2", "--num_users", "3", "--rounds", "2", "--local_epochs", "2",
-        "--batch_size", "8", "--model", "lstm", "--latent-dim", "12", "--no-progress"]
-FEDGEN_TINY = ["--grain", "16", "--heatmap-sigma", "30", "--gen_batch_size", "8", "--gen-steps", "2"]
+TINY = [
+  "--dataset",
+  "Synthetic-m4-h2",
+  "--num_users",
+  "3",
+  "--rounds",
+  "2",
+  "--local_epochs",
+  "2",
+  "--batch_size",
+  "8",
+  "--model",
+  "lstm",
+  "--latent-dim",
+  "12",
+  "--no-progress",
+]
+FEDGEN_TINY = [
+  "--grain",
+  "16",
+  "--heatmap-sigma",
+  "30",
+  "--gen_batch_size",
+  "8",
+  "--gen-steps",
+  "2",
+]
 
 
 def load_script():
@@ -30,13 +53,15 @@ def train_main():
 def read_run(run_dir):
   summary = json.loads((run_dir / "summary.json").read_text())
   seeds = sorted(p for p in run_dir.iterdir() if p.name.startswith("seed"))
-  metrics = [[json.loads(line) for line in (s / "metrics.jsonl").read_text().splitlines()] for s in seeds]
+  metrics = [
+    [json.loads(line) for line in (s / "metrics.jsonl").read_text().splitlines()] for s in seeds
+  ]
   return summary, metrics
 
 
 @pytest.mark.parametrize(
-    "algo",
-    ["local", "fedavg", "partial-fedavg", "fedgen", "local-fedgen", "partial-fedgen"],
+  "algo",
+  ["local", "fedavg", "partial-fedavg", "fedgen", "local-fedgen", "partial-fedgen"],
 )
 def test_every_algorithm_runs(train_main, tmp_path, capsys, algo):
   extra = FEDGEN_TINY + ["--pretrain-epochs", "1"] if "fedgen" in algo else []
@@ -62,11 +87,16 @@ def test_every_algorithm_runs(train_main, tmp_path, capsys, algo):
 
 
 def test_researchers_command_as_written(train_main, tmp_path, capsys):
-  argv = ("--train --dataset Synthetic-m4-h1 --algorithm partialFedGen --beta 0.5 --model Transformer "
-          "--embedding --device cuda --learning_rate 0.01 --batch_size 8 --gen_batch_size 16 --times 2 "
-          "--num_glob_iters 2 --local_epochs 2 --num_users 3 --grain 16").split()
-  with pytest.warns(UserWarning, match="no GPU") if not _has_gpu() else _nothing():
-    code = train_main(argv + ["--out", str(tmp_path), "--name", "r", "--no-progress", "--gen-steps", "2"])
+  command = (
+    "--train --dataset Synthetic-m4-h1 --algorithm partialFedGen --beta 0.5 --model Transformer "
+    "--embedding --device cuda --learning_rate 0.01 --batch_size 8 --gen_batch_size 16 --times 2 "
+    "--num_glob_iters 2 --local_epochs 2 --num_users 3 --grain 16"
+  )
+  argv = command.split()
+  with pytest.warns(UserWarning, match="no GPU") if not _has_gpu() else _Nothing():
+    code = train_main(
+      argv + ["--out", str(tmp_path), "--name", "r", "--no-progress", "--gen-steps", "2"]
+    )
   assert code == 0
   summary, metrics = read_run(tmp_path / "r")
   assert len(metrics) == 2 and len(summary["seeds"]) == 2
@@ -83,7 +113,7 @@ def _has_gpu():
   return any(d.platform == "gpu" for d in jax.devices())
 
 
-class _nothing:
+class _Nothing:
   def __enter__(self):
     return self
 
@@ -92,17 +122,17 @@ class _nothing:
 
 
 @pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--beta", "1.5"], "beta must be in (0, 1]"),
-        (["--beta", "0"], "beta must be in (0, 1]"),
-        (["--clients-per-round", "5"], "--clients-per-round 5 exceeds --num_users 3"),
-        (["--algorithm", "FedProx"], "unknown algorithm 'FedProx'"),
-        (["--model", "gru"], "unknown model 'gru'"),
-        (["--dataset", "David-m0-h1"], "must be at least 1"),
-        (["--rounds", "0"], "must be at least 1"),
-        (["--grain", "15"], "grain"),
-    ],
+  "flags,message",
+  [
+    (["--beta", "1.5"], "beta must be in (0, 1]"),
+    (["--beta", "0"], "beta must be in (0, 1]"),
+    (["--clients-per-round", "5"], "--clients-per-round 5 exceeds --num_users 3"),
+    (["--algorithm", "FedProx"], "unknown algorithm 'FedProx'"),
+    (["--model", "gru"], "unknown model 'gru'"),
+    (["--dataset", "David-m0-h1"], "must be at least 1"),
+    (["--rounds", "0"], "must be at least 1"),
+    (["--grain", "15"], "grain"),
+  ],
 )
 def test_impossible_flags_are_rejected(train_main, tmp_path, capsys, flags, message):
   with pytest.raises(SystemExit) as exit_info:
@@ -135,15 +165,30 @@ def test_same_seed_same_run(train_main, tmp_path):
   for name in ("a", "b"):
     assert train_main(TINY + ["--algo", "fedavg", "--out", str(tmp_path), "--name", name]) == 0
     runs.append(read_run(tmp_path / name)[1][0])
-  strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+  strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
   assert strip(runs[0]) == strip(runs[1])
 
 
 def test_entry_point_runs_as_a_script(tmp_path):
   result = subprocess.run(
-      [sys.executable, str(REPO / "scripts" / "train.py"), *TINY, "--algo", "fedavg", "--rounds", "1",
-       "--out", str(tmp_path), "--name", "s"],
-      capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    [
+      sys.executable,
+      str(REPO / "scripts" / "train.py"),
+      *TINY,
+      "--algo",
+      "fedavg",
+      "--rounds",
+      "1",
+      "--out",
+      str(tmp_path),
+      "--name",
+      "s",
+    ],
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=tmp_path,
   )
   assert result.returncode == 0, result.stderr
   assert "Average Global Loss" in result.stdout
@@ -152,9 +197,29 @@ def test_entry_point_runs_as_a_script(tmp_path):
 @pytest.mark.real_data
 @pytest.mark.parametrize("algo", ["partial-fedavg", "fedgen"])
 def test_real_data_run(train_main, tmp_path, david_root, algo):
-  argv = ["--dataset", "David-m10-h1", "--data-dir", str(david_root), "--num_users", "3", "--rounds", "2",
-          "--local_epochs", "2", "--batch_size", "16", "--model", "lstm", "--no-progress",
-          "--algo", algo, "--out", str(tmp_path), "--name", "d"] + FEDGEN_TINY
+  argv = [
+    "--dataset",
+    "David-m10-h1",
+    "--data-dir",
+    str(david_root),
+    "--num_users",
+    "3",
+    "--rounds",
+    "2",
+    "--local_epochs",
+    "2",
+    "--batch_size",
+    "16",
+    "--model",
+    "lstm",
+    "--no-progress",
+    "--algo",
+    algo,
+    "--out",
+    str(tmp_path),
+    "--name",
+    "d",
+  ] + FEDGEN_TINY
   assert train_main(argv) == 0
   summary, (metrics,) = read_run(tmp_path / "d")
   config = json.loads((tmp_path / "d" / "config.json").read_text())
@@ -166,7 +231,9 @@ def test_front_door_command_parses_to_a_valid_run():
   """``python scripts/train.py --algo fedgen --pretrain-epochs 200`` with its defaults (the full
   run takes minutes; it is run by hand and reported in the closing note)."""
   script = load_script()
-  config = script.config_from_args(script.build_parser().parse_args(["--algo", "fedgen", "--pretrain-epochs", "200"]))
+  config = script.config_from_args(
+    script.build_parser().parse_args(["--algo", "fedgen", "--pretrain-epochs", "200"])
+  )
   config.check()
   assert config.algo == "fedgen" and config.fedgen.pretrain_epochs == 200
   assert config.total_rounds == config.rounds + 200

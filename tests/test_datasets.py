@@ -7,11 +7,11 @@ import pytest
 from conftest import write_dataset
 
 from fedvp_jax.data.datasets import (
-    DatasetSpec,
-    available_datasets,
-    load_traces,
-    parse_spec,
-    resolve_data_root,
+  DatasetSpec,
+  available_datasets,
+  load_traces,
+  parse_spec,
+  resolve_data_root,
 )
 from fedvp_jax.data.traces import load_trace_dir
 from fedvp_jax.errors import DataError
@@ -24,18 +24,18 @@ def no_data_env(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "text, name, m, h",
-    [
-        ("David-m10-h1", "David_MMSys_18", 10, 1),
-        ("David-m5-h25", "David_MMSys_18", 5, 25),
-        ("David_MMSys_18-m1-h1", "David_MMSys_18", 1, 1),
-        ("Xu_PAMI_18-m10-h5", "Xu_PAMI_18", 10, 5),
-        ("Wu_MMSys_17-m30-h25", "Wu_MMSys_17", 30, 25),
-        ("My-Data-Set-m3-h2", "My-Data-Set", 3, 2),
-        ("a-m1-h-m2-h3", "a-m1-h", 2, 3),
-        ("Synthetic-m10-h1", "Synthetic", 10, 1),
-        ("Davidx-m2-h2", "Davidx", 2, 2),  # only the exact alias is resolved
-    ],
+  "text, name, m, h",
+  [
+    ("David-m10-h1", "David_MMSys_18", 10, 1),
+    ("David-m5-h25", "David_MMSys_18", 5, 25),
+    ("David_MMSys_18-m1-h1", "David_MMSys_18", 1, 1),
+    ("Xu_PAMI_18-m10-h5", "Xu_PAMI_18", 10, 5),
+    ("Wu_MMSys_17-m30-h25", "Wu_MMSys_17", 30, 25),
+    ("My-Data-Set-m3-h2", "My-Data-Set", 3, 2),
+    ("a-m1-h-m2-h3", "a-m1-h", 2, 3),
+    ("Synthetic-m10-h1", "Synthetic", 10, 1),
+    ("Davidx-m2-h2", "Davidx", 2, 2),  # only the exact alias is resolved
+  ],
 )
 def test_parse_good_specs(text, name, m, h):
   spec = parse_spec(text)
@@ -51,18 +51,18 @@ def test_spec_str_round_trips():
 
 
 @pytest.mark.parametrize(
-    "text, what",
-    [
-        ("David-m0-h1", r"at least 1.*m=0"),
-        ("David-m10-h0", r"at least 1.*h=0"),
-        ("David-m-3-h2", r"at least 1.*m=-3"),
-        ("David", r"expected '<Name>-m<M>-h<H>'"),
-        ("David-m10", r"expected '<Name>-m<M>-h<H>'"),
-        ("David-mx-h1", r"expected '<Name>-m<M>-h<H>'"),
-        ("David-m10-h1.5", r"expected '<Name>-m<M>-h<H>'"),
-        ("-m10-h1", r"expected '<Name>-m<M>-h<H>'"),
-        ("", r"expected '<Name>-m<M>-h<H>'"),
-    ],
+  "text, what",
+  [
+    ("David-m0-h1", r"at least 1.*m=0"),
+    ("David-m10-h0", r"at least 1.*h=0"),
+    ("David-m-3-h2", r"at least 1.*m=-3"),
+    ("David", r"expected '<Name>-m<M>-h<H>'"),
+    ("David-m10", r"expected '<Name>-m<M>-h<H>'"),
+    ("David-mx-h1", r"expected '<Name>-m<M>-h<H>'"),
+    ("David-m10-h1.5", r"expected '<Name>-m<M>-h<H>'"),
+    ("-m10-h1", r"expected '<Name>-m<M>-h<H>'"),
+    ("", r"expected '<Name>-m<M>-h<H>'"),
+  ],
 )
 def test_parse_bad_specs(text, what):
   with pytest.raises(DataError, match=what) as info:
@@ -75,7 +75,7 @@ def test_missing_data_root_tells_how_to_set_it():
     resolve_data_root()
   message = str(info.value)
   assert "--data-dir" in message and "FEDVP_DATA" in message
-  with pytest.raises(DataError, match="--data-dir.*FEDVP_DATA"):
+  with pytest.raises(DataError, match=r"--data-dir.*FEDVP_DATA"):
     load_traces(parse_spec("David-m10-h1"))
 
 

@@ -36,12 +36,12 @@ def setup(tmp_path_factory):
 def perturbed_state(algorithm, data, key):
   """A state whose server and clients all differ, so every mode's arithmetic is exercised."""
   state = algorithm.init(key, data)
-  noise = lambda tree, k: jax.tree.map(  # noqa: E731
-      lambda leaf: leaf + 0.05 * jax.random.normal(jax.random.fold_in(k, leaf.size), leaf.shape), tree
+  noise = lambda tree, k: jax.tree.map(
+    lambda leaf: leaf + 0.05 * jax.random.normal(jax.random.fold_in(k, leaf.size), leaf.shape), tree
   )
   return state.replace(
-      server_params=noise(state.server_params, jax.random.key(11)),
-      client_params=noise(state.client_params, jax.random.key(12)),
+    server_params=noise(state.server_params, jax.random.key(11)),
+    client_params=noise(state.client_params, jax.random.key(12)),
   )
 
 
@@ -49,14 +49,16 @@ def reference_round(model, config, state, data, key):
   """One round written plainly: per-client receive, per-step gradient descent, weighted mean."""
   select_key, batch_key, _ = jax.random.split(key, 3)
   selected = np.asarray(select_clients(select_key, data.num_clients, config.clients_per_round))
-  xs, ys = sample_batches(batch_key, data, config.local_steps, config.batch_size, jnp.asarray(selected))
+  xs, ys = sample_batches(
+    batch_key, data, config.local_steps, config.batch_size, jnp.asarray(selected)
+  )
   grad = jax.jit(jax.grad(lambda p, x, y: jnp.mean((model.apply(p, x) - y) ** 2)))
   server = state.server_params
   clients = []
   for k in range(data.num_clients):
     own = jax.tree.map(lambda leaf: leaf[k], state.client_params)
     b = config.beta
-    mix = lambda s, o: jax.tree.map(lambda u, v: b * u + (1 - b) * v, s, o)  # noqa: E731
+    mix = lambda s, o: jax.tree.map(lambda u, v: b * u + (1 - b) * v, s, o)
     if config.send == "full":
       own = mix(server, own)
     elif config.send == "partial":
@@ -71,17 +73,19 @@ def reference_round(model, config, state, data, key):
     clients[k] = params
     trained.append(params)
   weights = np.asarray(data.train_counts)[selected]
-  new_server = jax.tree.map(lambda *leaves: sum(w * leaf for w, leaf in zip(weights, leaves)) / weights.sum(), *trained)
+  new_server = jax.tree.map(
+    lambda *leaves: sum(w * leaf for w, leaf in zip(weights, leaves)) / weights.sum(), *trained
+  )
   return new_server, jax.tree.map(lambda *leaves: jnp.stack(leaves), *clients)
 
 
 CASES = [
-    ("fedavg", 1.0, None),
-    ("fedavg", 0.5, None),
-    ("partial-fedavg", 1.0, None),
-    ("partial-fedavg", 0.5, None),
-    ("local", 1.0, None),
-    ("fedavg", 0.5, 2),
+  ("fedavg", 1.0, None),
+  ("fedavg", 0.5, None),
+  ("partial-fedavg", 1.0, None),
+  ("partial-fedavg", 0.5, None),
+  ("local", 1.0, None),
+  ("fedavg", 0.5, 2),
 ]
 
 
@@ -113,13 +117,17 @@ def test_partial_participation_trains_only_the_selected(setup):
   for k in range(data.num_clients):
     before = jax.tree.map(lambda leaf: leaf[k], state.client_params)
     after = jax.tree.map(lambda leaf: leaf[k], new.client_params)
-    changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    changed = any(
+      not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+    )
     assert changed == (k == chosen)
 
 
 def test_round_is_traced_once(setup):
   data, model = setup
-  algorithm = build_algorithm("fedavg", model, optax.sgd(LR), RoundConfig(local_steps=2, batch_size=4))
+  algorithm = build_algorithm(
+    "fedavg", model, optax.sgd(LR), RoundConfig(local_steps=2, batch_size=4)
+  )
   apply = jax.jit(chex.assert_max_traces(algorithm.apply, n=1))
   state = algorithm.init(jax.random.key(0), data)
   for r in range(3):
@@ -133,8 +141,10 @@ def test_evaluation_is_of_the_deployed_models(setup):
   state = perturbed_state(algorithm, data, jax.random.key(3))
   _, metrics = jax.jit(algorithm.apply)(state, data, jax.random.key(4))
   deployed = {
-      "encoder": state.client_params["encoder"],
-      "head": jax.tree.map(lambda s, o: 0.5 * s[None] + 0.5 * o, state.server_params["head"], state.client_params["head"]),
+    "encoder": state.client_params["encoder"],
+    "head": jax.tree.map(
+      lambda s, o: 0.5 * s[None] + 0.5 * o, state.server_params["head"], state.client_params["head"]
+    ),
   }
   prediction = jax.vmap(model.apply)(deployed, data.test_x)
   expected = error_sums(prediction, data.test_y, data.test_mask)
@@ -159,7 +169,9 @@ def test_eval_every_skips_rounds(setup):
 def test_poisoned_client_is_left_out(setup):
   data, model = setup
   poisoned = data.replace(train_x=data.train_x.at[1].set(jnp.nan))
-  algorithm = build_algorithm("fedavg", model, optax.sgd(LR), RoundConfig(local_steps=2, batch_size=4))
+  algorithm = build_algorithm(
+    "fedavg", model, optax.sgd(LR), RoundConfig(local_steps=2, batch_size=4)
+  )
   state = algorithm.init(jax.random.key(0), data)
   new, metrics = jax.jit(algorithm.apply)(state, poisoned, jax.random.key(1))
   np.testing.assert_array_equal(metrics.excluded, [False, True, False, False])

@@ -57,7 +57,7 @@ def test_select_unknown_users():
     select_users(ts, users=["1", "x9", "99"])
   message = str(info.value)
   assert "'x9'" in message and "'99'" in message and "Users" in message
-  assert "'1'" not in message.split("its users")[0]
+  assert "'1'" not in message.split("its users", maxsplit=1)[0]
 
 
 @pytest.mark.parametrize("num", [13, 100, 0, -2])
@@ -74,9 +74,14 @@ def test_select_wrong_number_of_users(num):
 M, H = 3, 2
 # (video, user) -> trace length. Train videos 1_a, 2_b; test video 3_c.
 LENGTHS = {
-    ("1_a", "0"): 20, ("2_b", "0"): 20, ("3_c", "0"): 20,
-    ("1_a", "1"): 30, ("3_c", "1"): 25,
-    ("1_a", "2"): 15, ("2_b", "2"): 15, ("3_c", "2"): 20,
+  ("1_a", "0"): 20,
+  ("2_b", "0"): 20,
+  ("3_c", "0"): 20,
+  ("1_a", "1"): 30,
+  ("3_c", "1"): 25,
+  ("1_a", "2"): 15,
+  ("2_b", "2"): 15,
+  ("3_c", "2"): 20,
 }
 # Windows per trace: T - M - H + 1.
 TRAIN_COUNTS = {"0": 16 + 16, "1": 26, "2": 11 + 11}
@@ -89,8 +94,8 @@ def uneven() -> TraceSet:
   traces = {k: smooth_trace(rng, n).astype(np.float32) for k, n in LENGTHS.items()}
   users = ("0", "1", "2")
   split = {
-      "train": tuple((u, v) for v in ("1_a", "2_b") for u in users),
-      "test": tuple((u, "3_c") for u in users),
+    "train": tuple((u, v) for v in ("1_a", "2_b") for u in users),
+    "test": tuple((u, "3_c") for u in users),
   }
   return TraceSet("Uneven", ("1_a", "2_b", "3_c"), users, traces, split)
 
@@ -157,8 +162,12 @@ def coded_client_data(counts=COUNTS, n=N) -> ClientData:
   x = np.where(mask[..., None], x, -1.0)[:, :, None, :].repeat(M, axis=2)
   y = np.where(mask[..., None], y, -1.0)[:, :, None, :].repeat(H, axis=2)
   return ClientData(
-      jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask), jnp.asarray(x), jnp.asarray(y),
-      jnp.asarray(mask),
+    jnp.asarray(x),
+    jnp.asarray(y),
+    jnp.asarray(mask),
+    jnp.asarray(x),
+    jnp.asarray(y),
+    jnp.asarray(mask),
   )
 
 
@@ -225,8 +234,8 @@ def test_sample_batches_under_jit_equals_eager():
   chex.assert_trees_all_equal(sample_jit(key, data, 3, 2), sample_batches(key, data, 3, 2))
   clients = jnp.array([3, 1])
   chex.assert_trees_all_equal(
-      sample_jit(key, data, 2, 3, clients),
-      jax.jit(lambda k, d, c: sample_batches(k, d, 2, 3, c))(key, data, clients),
+    sample_jit(key, data, 2, 3, clients),
+    jax.jit(lambda k, d, c: sample_batches(k, d, 2, 3, c))(key, data, clients),
   )
 
 
@@ -249,9 +258,9 @@ def test_sampling_real_client_data(uneven):
   x, y = sample_jit(jax.random.key(0), data, 5, 4)
   chex.assert_shape(x, (3, 5, 4, M, 3))
   for i in range(3):
-    real = np.concatenate(
-        [np.asarray(data.train_x[i]), np.asarray(data.train_y[i])], axis=1
-    )[np.asarray(data.train_mask[i])]
+    real = np.concatenate([np.asarray(data.train_x[i]), np.asarray(data.train_y[i])], axis=1)[
+      np.asarray(data.train_mask[i])
+    ]
     drawn = np.concatenate([np.asarray(x[i]), np.asarray(y[i])], axis=2).reshape(-1, M + H, 3)
     for w in drawn:
       assert (np.abs(real - w).max(axis=(1, 2)) == 0).any()

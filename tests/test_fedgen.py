@@ -12,12 +12,12 @@ import pytest
 from fedvp_jax.algorithms import build_algorithm
 from fedvp_jax.algorithms.core import RoundConfig, select_clients
 from fedvp_jax.algorithms.fedgen import (
-    SCHEDULE_DECAY,
-    FedGenConfig,
-    diversity_loss,
-    generator_update,
-    generator_weights,
-    teacher_loss,
+  SCHEDULE_DECAY,
+  FedGenConfig,
+  diversity_loss,
+  generator_update,
+  generator_weights,
+  teacher_loss,
 )
 from fedvp_jax.data.datasets import load_traces, parse_spec
 from fedvp_jax.data.federated import build_client_data, sample_batches, sample_final_targets
@@ -27,7 +27,9 @@ from fedvp_jax.models import build_model
 from fedvp_jax.models.generator import build_generator
 
 LR = 0.05
-SMALL = FedGenConfig(grain=16, heatmap_sigma=30.0, gen_batch_size=6, gen_steps=3, hidden=16, noise_dim=4)
+SMALL = FedGenConfig(
+  grain=16, heatmap_sigma=30.0, gen_batch_size=6, gen_steps=3, hidden=16, noise_dim=4
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,9 @@ def test_diversity_loss_matches_loop():
     for j in range(5):
       total += -np.mean((noise[i] - noise[j]) ** 2) * np.mean(np.abs(z[i] - z[j]))
   expected = np.exp(total / 25)
-  np.testing.assert_allclose(diversity_loss(jnp.asarray(noise), jnp.asarray(z)), expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    diversity_loss(jnp.asarray(noise), jnp.asarray(z)), expected, rtol=1e-5
+  )
 
 
 def random_heads(model, key, clients):
@@ -101,7 +105,9 @@ def test_generator_training_lowers_teacher_loss(setup):
 
 def test_teacher_loss_matches_client_loop(setup):
   _, model = setup
-  generator = build_generator("deep", model.latent_dim, embedding=True, grain=16, hidden=16, noise_dim=4)
+  generator = build_generator(
+    "deep", model.latent_dim, embedding=True, grain=16, hidden=16, noise_dim=4
+  )
   g_params = generator.init(jax.random.key(0))
   heads = random_heads(model, jax.random.key(1), 3)
   labels = normalize(jax.random.normal(jax.random.key(2), (7, 3)))
@@ -122,8 +128,12 @@ def test_teacher_loss_matches_client_loop(setup):
 def test_stage_one_client_update_is_the_plain_one(setup, algo):
   data, model = setup
   config = RoundConfig(local_steps=2, batch_size=4)
-  gen = build_algorithm(algo, model, optax.sgd(LR), config, dataclasses.replace(SMALL, pretrain_epochs=2))
-  plain = build_algorithm(algo.replace("fedgen", "fedavg").replace("local-fedavg", "local"), model, optax.sgd(LR), config)
+  gen = build_algorithm(
+    algo, model, optax.sgd(LR), config, dataclasses.replace(SMALL, pretrain_epochs=2)
+  )
+  plain = build_algorithm(
+    algo.replace("fedgen", "fedavg").replace("local-fedavg", "local"), model, optax.sgd(LR), config
+  )
   state = gen.init(jax.random.key(0), data)
   clients = state.clients
   for r in range(2):
@@ -131,8 +141,12 @@ def test_stage_one_client_update_is_the_plain_one(setup, algo):
     state, metrics = jax.jit(gen.apply)(state, data, key)
     clients, _ = jax.jit(plain.apply)(clients, data, jax.random.split(key)[0])
     assert float(metrics.extra["generator_weight"]) == 0.0
-    chex.assert_trees_all_close(state.clients.client_params, clients.client_params, rtol=1e-6, atol=1e-7)
-    chex.assert_trees_all_close(state.clients.server_params, clients.server_params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(
+      state.clients.client_params, clients.client_params, rtol=1e-6, atol=1e-7
+    )
+    chex.assert_trees_all_close(
+      state.clients.server_params, clients.server_params, rtol=1e-6, atol=1e-7
+    )
 
 
 def reference_fedgen_round(model, generator, cfg, config, state, data, key):
@@ -141,17 +155,29 @@ def reference_fedgen_round(model, generator, cfg, config, state, data, key):
   clients_key, server_key = jax.random.split(key)
   select_key, batch_key, train_key = jax.random.split(clients_key, 3)
   selected = np.asarray(select_clients(select_key, data.num_clients, config.clients_per_round))
-  xs, ys = sample_batches(batch_key, data, config.local_steps, config.batch_size, jnp.asarray(selected))
-  labels = sample_final_targets(jax.random.fold_in(batch_key, 1), data, config.local_steps, cfg.gen_batch_size, jnp.asarray(selected))
+  xs, ys = sample_batches(
+    batch_key, data, config.local_steps, config.batch_size, jnp.asarray(selected)
+  )
+  labels = sample_final_targets(
+    jax.random.fold_in(batch_key, 1),
+    data,
+    config.local_steps,
+    cfg.gen_batch_size,
+    jnp.asarray(selected),
+  )
   alpha, beta = (float(w) for w in generator_weights(cfg, state.clients.round))
   g_params = state.generator_params
 
   def client_loss(params, x, y, y_hat, step_key):
     real = jnp.mean((model.apply(params, x) - y) ** 2)
     label_key, latent_key = jax.random.split(step_key)
-    z = generator.apply(g_params, jax.random.normal(label_key, (y_hat.shape[0], cfg.noise_dim)), y_hat)
+    z = generator.apply(
+      g_params, jax.random.normal(label_key, (y_hat.shape[0], cfg.noise_dim)), y_hat
+    )
     teacher = jnp.mean((model.head(params, z)[:, -1] - y_hat) ** 2)
-    z_real = generator.apply(g_params, jax.random.normal(latent_key, (x.shape[0], cfg.noise_dim)), y[:, -1])
+    z_real = generator.apply(
+      g_params, jax.random.normal(latent_key, (x.shape[0], cfg.noise_dim)), y[:, -1]
+    )
     target = jax.lax.stop_gradient(model.head(params, z_real)[:, -1])
     latent = jnp.mean((model.apply(params, x)[:, -1] - target) ** 2)
     return real + alpha * teacher + beta * latent
@@ -177,10 +203,16 @@ def reference_fedgen_round(model, generator, cfg, config, state, data, key):
     clients[k] = params
     trained.append(params)
   weights = np.asarray(data.train_counts)[selected]
-  new_server = jax.tree.map(lambda *ls: sum(w * leaf for w, leaf in zip(weights, ls)) / weights.sum(), *trained)
+  new_server = jax.tree.map(
+    lambda *ls: sum(w * leaf for w, leaf in zip(weights, ls)) / weights.sum(), *trained
+  )
 
-  heat = heatmaps(ys[..., -1, :].reshape(len(selected), -1, 3), cfg.grain, cfg.heatmap_sigma, normalize=False)
-  g_opt = optax.adam(optax.exponential_decay(cfg.gen_learning_rate, cfg.gen_steps, SCHEDULE_DECAY, staircase=True))
+  heat = heatmaps(
+    ys[..., -1, :].reshape(len(selected), -1, 3), cfg.grain, cfg.heatmap_sigma, normalize=False
+  )
+  g_opt = optax.adam(
+    optax.exponential_decay(cfg.gen_learning_rate, cfg.gen_steps, SCHEDULE_DECAY, staircase=True)
+  )
   opt_state = state.generator_opt_state
   batch = config.batch_size
 
@@ -204,20 +236,40 @@ def reference_fedgen_round(model, generator, cfg, config, state, data, key):
   return new_server, jax.tree.map(lambda *ls: jnp.stack(ls), *clients), g_params
 
 
-@pytest.mark.parametrize("algo,per_round", [("fedgen", None), ("partial-fedgen", 2), ("local-fedgen", None)])
+@pytest.mark.parametrize(
+  "algo,per_round", [("fedgen", None), ("partial-fedgen", 2), ("local-fedgen", None)]
+)
 def test_round_matches_python_loop(setup, algo, per_round):
   data, model = setup
-  cfg = dataclasses.replace(SMALL, alpha=0.7, latent_weight=0.4, diversity_weight=0.5, embedding=True)
+  cfg = dataclasses.replace(
+    SMALL, alpha=0.7, latent_weight=0.4, diversity_weight=0.5, embedding=True
+  )
   config = RoundConfig(local_steps=2, batch_size=5, clients_per_round=per_round)
   algorithm = build_algorithm(algo, model, optax.sgd(LR), config, cfg)
-  config = dataclasses.replace(config, send={"fedgen": "full", "partial-fedgen": "partial", "local-fedgen": "none"}[algo])
-  generator = build_generator("simple", model.latent_dim, embedding=True, grain=cfg.grain, noise_dim=cfg.noise_dim, hidden=cfg.hidden)
+  config = dataclasses.replace(
+    config, send={"fedgen": "full", "partial-fedgen": "partial", "local-fedgen": "none"}[algo]
+  )
+  generator = build_generator(
+    "simple",
+    model.latent_dim,
+    embedding=True,
+    grain=cfg.grain,
+    noise_dim=cfg.noise_dim,
+    hidden=cfg.hidden,
+  )
   state = algorithm.init(jax.random.key(0), data)
   # Start from round 1 with distinct clients, so the generator terms are on.
-  noisy = jax.tree.map(lambda leaf: leaf + 0.05 * jax.random.normal(jax.random.key(leaf.size), leaf.shape), state.clients.client_params)
-  state = state.replace(clients=state.clients.replace(client_params=noisy, round=jnp.array(1, jnp.int32)))
+  noisy = jax.tree.map(
+    lambda leaf: leaf + 0.05 * jax.random.normal(jax.random.key(leaf.size), leaf.shape),
+    state.clients.client_params,
+  )
+  state = state.replace(
+    clients=state.clients.replace(client_params=noisy, round=jnp.array(1, jnp.int32))
+  )
   key = jax.random.key(42)
-  expected_server, expected_clients, expected_g = reference_fedgen_round(model, generator, cfg, config, state, data, key)
+  expected_server, expected_clients, expected_g = reference_fedgen_round(
+    model, generator, cfg, config, state, data, key
+  )
   new, metrics = jax.jit(algorithm.apply)(state, data, key)
   assert float(metrics.extra["generator_weight"]) == pytest.approx(0.7)
   chex.assert_trees_all_close(new.clients.client_params, expected_clients, rtol=5e-4, atol=1e-6)
@@ -227,7 +279,9 @@ def test_round_matches_python_loop(setup, algo, per_round):
 
 def test_fedgen_round_is_traced_once(setup):
   data, model = setup
-  algorithm = build_algorithm("fedgen", model, optax.sgd(LR), RoundConfig(local_steps=1, batch_size=4), SMALL)
+  algorithm = build_algorithm(
+    "fedgen", model, optax.sgd(LR), RoundConfig(local_steps=1, batch_size=4), SMALL
+  )
   apply = jax.jit(chex.assert_max_traces(algorithm.apply, n=1))
   state = algorithm.init(jax.random.key(0), data)
   for r in range(3):

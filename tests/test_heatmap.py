@@ -10,16 +10,16 @@ import pytest
 
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.heatmap import (
-    cell_areas,
-    cell_center_vectors,
-    cell_centers,
-    cell_index,
-    check_grain,
-    combined,
-    heatmaps,
-    label_weights,
-    lat_edges,
-    sample_labels,
+  cell_areas,
+  cell_center_vectors,
+  cell_centers,
+  cell_index,
+  check_grain,
+  combined,
+  heatmaps,
+  label_weights,
+  lat_edges,
+  sample_labels,
 )
 
 # Jitted once here: op-by-op dispatch would spend most of the test time compiling.
@@ -55,7 +55,7 @@ def reference_heatmaps(points, grain, sigma_deg):
     for p in client:
       p = p / np.linalg.norm(p)
       dist = np.arctan2(np.linalg.norm(np.cross(centers, p), axis=-1), centers @ p)
-      density += np.exp(-dist**2 / (2 * sigma**2))
+      density += np.exp(-(dist**2) / (2 * sigma**2))
     mass = density * areas
     out.append(mass / mass.sum())
   return np.stack(out)
@@ -159,10 +159,10 @@ def test_cell_areas_match_monte_carlo_fractions():
 # worst but for grain 64 and sigma 5, which is below one cell (5.6 degrees) and where the
 # position of an isolated point inside its cell matters most.
 _REFERENCE_CASES = [
-    (32, 15.0, 0.025, 0.09),
-    (64, 5.0, 0.045, 0.27),
-    (64, 15.0, 0.025, 0.085),
-    (128, 5.0, 0.02, 0.065),
+  (32, 15.0, 0.025, 0.09),
+  (64, 5.0, 0.045, 0.27),
+  (64, 15.0, 0.025, 0.085),
+  (128, 5.0, 0.02, 0.065),
 ]
 
 
@@ -243,7 +243,7 @@ def test_batched_equals_per_client():
   points = _random_clients(seed=2, n=10)
   batched = _heatmaps(points, grain=32, sigma_deg=12.0)
   for c in range(points.shape[0]):
-    single = _heatmaps(points[c:c + 1], grain=32, sigma_deg=12.0)[0]
+    single = _heatmaps(points[c : c + 1], grain=32, sigma_deg=12.0)[0]
     np.testing.assert_allclose(batched[c], single, rtol=1e-5, atol=1e-8)
 
 
@@ -298,11 +298,15 @@ def test_sample_labels_stay_in_their_cell_uniform_in_area():
   # Row 0 spans latitudes 45-90 degrees: uniform in area means sin(lat) uniform on
   # [sin 45, 1], mean 0.854; uniform in latitude would give a mean sin(lat) of 0.900.
   np.testing.assert_allclose(
-      np.quantile(np.sin(lat), [0.25, 0.5, 0.75]),
-      math.sqrt(0.5) + np.array([0.25, 0.5, 0.75]) * (1 - math.sqrt(0.5)), atol=0.005)
+    np.quantile(np.sin(lat), [0.25, 0.5, 0.75]),
+    math.sqrt(0.5) + np.array([0.25, 0.5, 0.75]) * (1 - math.sqrt(0.5)),
+    atol=0.005,
+  )
   np.testing.assert_allclose(
-      np.quantile(lon, [0.25, 0.5, 0.75]),
-      math.radians(45) + np.array([0.25, 0.5, 0.75]) * math.radians(45), atol=0.005)
+    np.quantile(lon, [0.25, 0.5, 0.75]),
+    math.radians(45) + np.array([0.25, 0.5, 0.75]) * math.radians(45),
+    atol=0.005,
+  )
 
 
 def test_label_weights_by_hand():
@@ -318,8 +322,9 @@ def test_label_weights_by_hand():
 
 def test_label_weights_columns_sum_to_one():
   mask = np.ones((4, 10), bool)
-  heat = _heatmaps(_random_clients(seed=5, n=10), grain=32, sigma_deg=5.0, mask=mask,
-                   normalize=False)
+  heat = _heatmaps(
+    _random_clients(seed=5, n=10), grain=32, sigma_deg=5.0, mask=mask, normalize=False
+  )
   labels = _random_clients(seed=6, n=50).reshape(-1, 3)
   weights = np.asarray(_label_weights(heat, labels))
   chex.assert_shape(weights, (4, 200))
@@ -336,5 +341,6 @@ def test_combined_by_hand():
   np.testing.assert_allclose(combined(jnp.asarray(heat)), expected, atol=1e-7)
   expected[0, :2], expected[1, 3] = 0.375, 0.25
   np.testing.assert_allclose(
-      combined(jnp.asarray(heat), jnp.array([3.0, 1.0])), expected, atol=1e-7)
+    combined(jnp.asarray(heat), jnp.array([3.0, 1.0])), expected, atol=1e-7
+  )
   np.testing.assert_array_equal(combined(jnp.zeros((2, 2, 4))), 0.0)

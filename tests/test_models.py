@@ -54,7 +54,7 @@ def test_init_is_seeded_and_gradients_are_finite(name):
   c = model.init(jax.random.key(6))
   assert not all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
   x = random_history(jax.random.key(7), 8, 4)
-  loss = lambda p: jnp.mean(model.apply(p, x)[..., 0])  # noqa: E731
+  loss = lambda p: jnp.mean(model.apply(p, x)[..., 0])
   grad = jax.jit(jax.grad(loss))
   grads = grad(a)
   chex.assert_tree_all_finite(grads)

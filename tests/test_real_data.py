@@ -38,7 +38,7 @@ def david(david_root):
 def test_published_no_motion_figures(david):
   m, h = 5, 25
   windows = Windows.concatenate(
-      [make_windows(david.traces[v, u], m, h, first=30) for u, v in david.split["test"]], m, h
+    [make_windows(david.traces[v, u], m, h, first=30) for u, v in david.split["test"]], m, h
   )
   assert len(windows) == 145 * (100 - 25 - 30)  # t = 30 .. 74 in every 100-sample trace
   pred = no_motion(jnp.asarray(windows.x), h)
@@ -103,7 +103,7 @@ def test_baselines_on_david_m10_h1(david_root):
     pred = jax.vmap(lambda x, fn=fn: fn(x, 1))(data.test_x)
     sums = error_sums(pred, data.test_y, data.test_mask)
     chex.assert_tree_all_finite(sums)
-    mean = float(sums.orthodromic.sum() / sums.count.sum())
+    mean = float(sums.orthodromic.sum() / sums.num_windows.sum())
     assert np.isfinite(mean) and 0 < mean < np.pi
     errors[name] = mean
   assert errors["constant-velocity"] < errors["no-motion"], errors

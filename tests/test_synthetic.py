@@ -16,13 +16,13 @@ from fedvp_jax.errors import DataError
 # Statistics of David_MMSys_18 (all 1083 traces), checked by test_david_reference_statistics
 # when the real traces are present, with the tolerance the synthetic data must meet.
 DAVID = {
-    "mean_step": (6.78, 0.7),
-    "median_step": (5.22, 1.0),
-    "p90_step": (14.66, 2.5),
-    "frac_step_below_1": (0.143, 0.05),
-    "frac_step_above_20": (0.040, 0.02),
-    "lat_std": (19.88, 3.0),
-    "median_abs_lat": (8.31, 3.0),
+  "mean_step": (6.78, 0.7),
+  "median_step": (5.22, 1.0),
+  "p90_step": (14.66, 2.5),
+  "frac_step_below_1": (0.143, 0.05),
+  "frac_step_above_20": (0.040, 0.02),
+  "lat_std": (19.88, 3.0),
+  "median_abs_lat": (8.31, 3.0),
 }
 DAVID_DIR = "David_MMSys_18"
 
@@ -43,13 +43,13 @@ def motion_statistics(traces: np.ndarray) -> dict[str, float]:
   steps = angle_deg(traces[..., 1:, :], traces[..., :-1, :]).ravel()
   lat = np.degrees(np.arcsin(np.clip(traces[..., 2], -1.0, 1.0))).ravel()
   return {
-      "mean_step": steps.mean(),
-      "median_step": np.median(steps),
-      "p90_step": np.percentile(steps, 90),
-      "frac_step_below_1": np.mean(steps < 1.0),
-      "frac_step_above_20": np.mean(steps > 20.0),
-      "lat_std": lat.std(),
-      "median_abs_lat": np.median(np.abs(lat)),
+    "mean_step": steps.mean(),
+    "median_step": np.median(steps),
+    "p90_step": np.percentile(steps, 90),
+    "frac_step_below_1": np.mean(steps < 1.0),
+    "frac_step_above_20": np.mean(steps > 20.0),
+    "lat_std": lat.std(),
+    "median_abs_lat": np.median(np.abs(lat)),
   }
 
 
@@ -113,17 +113,17 @@ def test_split_has_every_user_on_both_sides_and_disjoint_videos(num_videos):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "arg"),
-    [
-        ({"num_users": 0}, "num_users"),
-        ({"num_users": -3}, "num_users"),
-        ({"num_users": 2.0}, "num_users"),
-        ({"num_users": True}, "num_users"),
-        ({"num_videos": 1}, "num_videos"),
-        ({"num_videos": "12"}, "num_videos"),
-        ({"num_samples": 1}, "num_samples"),
-        ({"num_samples": None}, "num_samples"),
-    ],
+  ("kwargs", "arg"),
+  [
+    ({"num_users": 0}, "num_users"),
+    ({"num_users": -3}, "num_users"),
+    ({"num_users": 2.0}, "num_users"),
+    ({"num_users": True}, "num_users"),
+    ({"num_videos": 1}, "num_videos"),
+    ({"num_videos": "12"}, "num_videos"),
+    ({"num_samples": 1}, "num_samples"),
+    ({"num_samples": None}, "num_samples"),
+  ],
 )
 def test_bad_arguments_raise_data_error_naming_the_argument(kwargs, arg):
   with pytest.raises(DataError, match=arg):
@@ -177,20 +177,20 @@ def local_frames(last: np.ndarray) -> np.ndarray:
   lat = np.arcsin(np.clip(last[:, 2], -1.0, 1.0))
   zero, one = np.zeros_like(lon), np.ones_like(lon)
   about_z = np.stack(
-      [
-          np.stack([np.cos(lon), np.sin(lon), zero], -1),
-          np.stack([-np.sin(lon), np.cos(lon), zero], -1),
-          np.stack([zero, zero, one], -1),
-      ],
-      -2,
+    [
+      np.stack([np.cos(lon), np.sin(lon), zero], -1),
+      np.stack([-np.sin(lon), np.cos(lon), zero], -1),
+      np.stack([zero, zero, one], -1),
+    ],
+    -2,
   )
   about_y = np.stack(
-      [
-          np.stack([np.cos(lat), zero, np.sin(lat)], -1),
-          np.stack([zero, one, zero], -1),
-          np.stack([-np.sin(lat), zero, np.cos(lat)], -1),
-      ],
-      -2,
+    [
+      np.stack([np.cos(lat), zero, np.sin(lat)], -1),
+      np.stack([zero, one, zero], -1),
+      np.stack([-np.sin(lat), zero, np.cos(lat)], -1),
+    ],
+    -2,
   )
   return about_y @ about_z
 
@@ -236,15 +236,15 @@ def test_learnable_beyond_repeat_last_and_constant_velocity():
   for i, h in enumerate(horizons):
     theta = (step * h)[:, None]
     pred = (
-        last * np.cos(theta)
-        + np.cross(axis, last) * np.sin(theta)
-        + axis * np.sum(axis * last, axis=-1, keepdims=True) * (1 - np.cos(theta))
+      last * np.cos(theta)
+      + np.cross(axis, last) * np.sin(theta)
+      + axis * np.sum(axis * last, axis=-1, keepdims=True) * (1 - np.cos(theta))
     )
     err_velocity.append(angle_deg(pred, test_future[:, i]).mean())
   assert np.all(err_linear < 0.95 * np.minimum(err_last, err_velocity)), (
-      err_linear,
-      err_last,
-      err_velocity,
+    err_linear,
+    err_last,
+    err_velocity,
   )
 
 

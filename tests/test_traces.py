@@ -18,8 +18,7 @@ from fedvp_jax.errors import DataError
 
 def trace_text(trace: np.ndarray, fmt: str = "{}") -> str:
   rows = [
-      f"{0.2 * i:.1f}," + ",".join(fmt.format(float(c)) for c in row)
-      for i, row in enumerate(trace)
+    f"{0.2 * i:.1f}," + ",".join(fmt.format(float(c)) for c in row) for i, row in enumerate(trace)
   ]
   return "\n".join(rows) + "\n"
 
@@ -87,22 +86,22 @@ def test_slightly_non_unit_vector_is_renormalised(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "line, bad, what",
-    [
-        (3, "0.4,1.0,0.0", r"expected 4 .*fields.*got 3"),
-        (2, "0.2,1.0,0.0,0.0,0.0", r"expected 4 .*fields.*got 5"),
-        (4, "0.6,abc,0.0,0.0", r"non-numeric"),
-        (3, "0.4,1.0,,0.0", r"non-numeric"),
-        (5, "0.8,nan,0.0,1.0", r"NaN"),
-        (2, "0.2,1.0,inf,0.0", r"non-finite"),
-        (2, "0.2,1.0,0.0,-inf", r"non-finite"),
-        (4, "0.6,0.5,0.0,0.0", r"norm 0\.5000.*unit vector"),
-        (3, "0.4,1.2,0.0,0.0", r"norm 1\.2000.*unit vector"),
-        (3, "0.4,0.0,0.0,0.0", r"norm 0\.0000.*unit vector"),
-        (4, "0.9,1.0,0.0,0.0", r"irregular timestamp.*0\.5"),
-        (2, "0.0,1.0,0.0,0.0", r"irregular timestamp"),
-        (1, "t,x,y,z", r"non-numeric"),
-    ],
+  "line, bad, what",
+  [
+    (3, "0.4,1.0,0.0", r"expected 4 .*fields.*got 3"),
+    (2, "0.2,1.0,0.0,0.0,0.0", r"expected 4 .*fields.*got 5"),
+    (4, "0.6,abc,0.0,0.0", r"non-numeric"),
+    (3, "0.4,1.0,,0.0", r"non-numeric"),
+    (5, "0.8,nan,0.0,1.0", r"NaN"),
+    (2, "0.2,1.0,inf,0.0", r"non-finite"),
+    (2, "0.2,1.0,0.0,-inf", r"non-finite"),
+    (4, "0.6,0.5,0.0,0.0", r"norm 0\.5000.*unit vector"),
+    (3, "0.4,1.2,0.0,0.0", r"norm 1\.2000.*unit vector"),
+    (3, "0.4,0.0,0.0,0.0", r"norm 0\.0000.*unit vector"),
+    (4, "0.9,1.0,0.0,0.0", r"irregular timestamp.*0\.5"),
+    (2, "0.0,1.0,0.0,0.0", r"irregular timestamp"),
+    (1, "t,x,y,z", r"non-numeric"),
+  ],
 )
 def test_bad_row_names_file_line_and_problem(tmp_path, line, bad, what):
   rows = good_rows(6)
@@ -160,8 +159,8 @@ def split_folder(tmp_path) -> Path:
 def test_split_files_are_read(split_folder):
   ts = load_trace_dir(split_folder)
   assert ts.split == {
-      "train": tuple((str(u), "1_video") for u in range(4)),
-      "test": tuple((str(u), "3_video") for u in range(4)),
+    "train": tuple((str(u), "1_video") for u in range(4)),
+    "test": tuple((str(u), "3_video") for u in range(4)),
   }
 
 
@@ -171,15 +170,15 @@ def test_no_split_files_gives_no_split(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "file, content, line, what",
-    [
-        ("train_set", "video,user\n0,1_video\n", 1, r"header 'user,video'"),
-        ("test_set", "0,3_video\n1,3_video\n", 1, r"header 'user,video'"),
-        ("test_set", "", 1, r"header 'user,video'"),
-        ("test_set", "user,video\n0,3_video\n1,99_video\n", 3, r"video '99_video'"),
-        ("train_set", "user,video\n0,1_video\n\n77,1_video\n", 4, r"user '77'"),
-        ("train_set", "user,video\n0,1_video,extra\n", 2, r"expected 'user,video'"),
-    ],
+  "file, content, line, what",
+  [
+    ("train_set", "video,user\n0,1_video\n", 1, r"header 'user,video'"),
+    ("test_set", "0,3_video\n1,3_video\n", 1, r"header 'user,video'"),
+    ("test_set", "", 1, r"header 'user,video'"),
+    ("test_set", "user,video\n0,3_video\n1,99_video\n", 3, r"video '99_video'"),
+    ("train_set", "user,video\n0,1_video\n\n77,1_video\n", 4, r"user '77'"),
+    ("train_set", "user,video\n0,1_video,extra\n", 2, r"expected 'user,video'"),
+  ],
 )
 def test_bad_split_file(split_folder, file, content, line, what):
   path = split_folder / file
@@ -357,13 +356,13 @@ def corrupt_flipped_byte(data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "corrupt",
-    [
-        corrupt_garbage,
-        corrupt_truncated,
-        corrupt_empty,
-        corrupt_flipped_byte,
-    ],
+  "corrupt",
+  [
+    corrupt_garbage,
+    corrupt_truncated,
+    corrupt_empty,
+    corrupt_flipped_byte,
+  ],
 )
 def test_corrupt_cache_warns_and_reloads(tmp_path, monkeypatch, corrupt):
   monkeypatch.setenv("FEDVP_CACHE", str(tmp_path / "cache"))

@@ -35,7 +35,7 @@ def coded_trace(video_index: int, length: int) -> np.ndarray:
   lon = np.arange(length) * STEP
   lat = np.full(length, video_index * STEP)
   return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], -1).astype(
-      np.float32
+    np.float32
   )
 
 
@@ -81,17 +81,17 @@ def test_make_windows_matches_loop(m, h):
 
 
 @pytest.mark.parametrize(
-    "m, h, first, stop",
-    [
-        (5, 25, 30, None),
-        (5, 3, 0, None),  # first below M-1 is raised to M-1
-        (3, 2, 10, 30),
-        (3, 2, None, 20),
-        (4, 4, 30, 38),  # exactly one window
-        (4, 4, 31, 38),  # none
-        (6, 6, None, 11),  # stop too early for any window
-        (2, 1, 39, None),  # first past the end: none
-    ],
+  "m, h, first, stop",
+  [
+    (5, 25, 30, None),
+    (5, 3, 0, None),  # first below M-1 is raised to M-1
+    (3, 2, 10, 30),
+    (3, 2, None, 20),
+    (4, 4, 30, 38),  # exactly one window
+    (4, 4, 31, 38),  # none
+    (6, 6, None, 11),  # stop too early for any window
+    (2, 1, 39, None),  # first past the end: none
+  ],
 )
 def test_make_windows_first_and_stop(m, h, first, stop):
   trace = smooth_trace(np.random.default_rng(7), 40).astype(np.float32)
@@ -126,16 +126,16 @@ def test_concatenate_empty():
 @pytest.mark.parametrize("length, m, h", [(50, 3, 2), (100, 10, 1), (37, 2, 3), (60, 5, 5)])
 def test_time_split_never_crosses_the_cut(length, m, h):
   ts = coded_set(
-      {("1_a", "0"): length, ("2_b", "0"): length, ("3_c", "0"): length, ("2_b", "1"): 9}
+    {("1_a", "0"): length, ("2_b", "0"): length, ("3_c", "0"): length, ("2_b", "1"): 9}
   )
   train, test = viewer_windows(ts, "0", m, h, "time")
   cut = length * 4 // 5
   span = m + h
   expected_train = {
-      (j, tuple(range(s, s + span))) for j in range(3) for s in range(0, cut - span + 1)
+    (j, tuple(range(s, s + span))) for j in range(3) for s in range(0, cut - span + 1)
   }
   expected_test = {
-      (j, tuple(range(s, s + span))) for j in range(3) for s in range(cut, length - span + 1)
+    (j, tuple(range(s, s + span))) for j in range(3) for s in range(cut, length - span + 1)
   }
   got_train, got_test = window_ids(train), window_ids(test)
   assert len(got_train) == len(set(got_train)) == 3 * (cut - span + 1)
@@ -158,7 +158,7 @@ def test_time_split_with_short_test_part_is_an_error():
 
 def test_video_split_uses_split_files(tmp_path):
   folder = write_dataset(
-      tmp_path, videos=4, users=3, length=30, split=(["1_video", "3_video"], ["4_video"])
+    tmp_path, videos=4, users=3, length=30, split=(["1_video", "3_video"], ["4_video"])
   )
   # The user column of the split files names only user 0; it excludes nobody.
   for file, vids in (("train_set", ["1_video", "3_video"]), ("test_set", ["4_video"])):
@@ -187,8 +187,10 @@ def test_video_split_tiny(tiny_root):
 
 def test_video_split_skips_missing_traces():
   split = {"train": (("0", "1_a"), ("0", "2_b")), "test": (("0", "3_c"),)}
-  ts = coded_set({("1_a", "0"): 20, ("2_b", "0"): 20, ("3_c", "0"): 20, ("1_a", "1"): 15,
-                  ("3_c", "1"): 12}, split)
+  ts = coded_set(
+    {("1_a", "0"): 20, ("2_b", "0"): 20, ("3_c", "0"): 20, ("1_a", "1"): 15, ("3_c", "1"): 12},
+    split,
+  )
   train, test = viewer_windows(ts, "1", 3, 1, "video")
   assert {v for v, _ in window_ids(train)} == {0}
   assert {v for v, _ in window_ids(test)} == {2}

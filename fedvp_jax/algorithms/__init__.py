@@ -10,10 +10,10 @@ import optax
 from fedvp_jax.algorithms.aggregation import SEND_MODES, aggregate, blend, receive, weighted_mean
 from fedvp_jax.algorithms.client import local_update, prediction_loss
 from fedvp_jax.algorithms.core import (
-    ClientsState,
-    FederatedAlgorithm,
-    RoundConfig,
-    RoundMetrics,
+  ClientsState,
+  FederatedAlgorithm,
+  RoundConfig,
+  RoundMetrics,
 )
 from fedvp_jax.algorithms.fedavg import fedavg
 from fedvp_jax.algorithms.fedgen import FedGenConfig, FedGenState, fedgen
@@ -34,32 +34,32 @@ class AlgorithmSpec(NamedTuple):
 
 
 ALGORITHMS = {
-    "local": AlgorithmSpec("none", False),
-    "fedavg": AlgorithmSpec("full", False),
-    "partial-fedavg": AlgorithmSpec("partial", False),
-    "fedgen": AlgorithmSpec("full", True),
-    "local-fedgen": AlgorithmSpec("none", True),
-    "partial-fedgen": AlgorithmSpec("partial", True),
+  "local": AlgorithmSpec("none", False),
+  "fedavg": AlgorithmSpec("full", False),
+  "partial-fedavg": AlgorithmSpec("partial", False),
+  "fedgen": AlgorithmSpec("full", True),
+  "local-fedgen": AlgorithmSpec("none", True),
+  "partial-fedgen": AlgorithmSpec("partial", True),
 }
 """Every algorithm by its name on the command line."""
 
 RESEARCHER_NAMES = {
-    "local": "local",
-    "FedAvg": "fedavg",
-    "partialFedAvg": "partial-fedavg",
-    "FedGen": "fedgen",
-    "localFedGen": "local-fedgen",
-    "partialFedGen": "partial-fedgen",
+  "local": "local",
+  "FedAvg": "fedavg",
+  "partialFedAvg": "partial-fedavg",
+  "FedGen": "fedgen",
+  "localFedGen": "local-fedgen",
+  "partialFedGen": "partial-fedgen",
 }
 """The researcher's ``--algorithm`` names (FedGen's code base) and the algorithm each means."""
 
 
 def build_algorithm(
-    name: str,
-    model: Model,
-    optimizer: optax.GradientTransformation,
-    config: RoundConfig,
-    fedgen_config: FedGenConfig | None = None,
+  name: str,
+  model: Model,
+  optimizer: optax.GradientTransformation,
+  config: RoundConfig,
+  fedgen_config: FedGenConfig | None = None,
 ) -> FederatedAlgorithm:
   """The named algorithm. ``config.send`` is overridden by what the name implies;
   ``fedgen_config`` is used by the FedGen family only (defaults when ``None``).
@@ -77,23 +77,23 @@ def build_algorithm(
 
 
 __all__ = [
-    "ALGORITHMS",
-    "RESEARCHER_NAMES",
-    "SEND_MODES",
-    "AlgorithmSpec",
-    "ClientsState",
-    "FedGenConfig",
-    "FedGenState",
-    "FederatedAlgorithm",
-    "RoundConfig",
-    "RoundMetrics",
-    "aggregate",
-    "blend",
-    "build_algorithm",
-    "fedavg",
-    "fedgen",
-    "local_update",
-    "prediction_loss",
-    "receive",
-    "weighted_mean",
+  "ALGORITHMS",
+  "RESEARCHER_NAMES",
+  "SEND_MODES",
+  "AlgorithmSpec",
+  "ClientsState",
+  "FedGenConfig",
+  "FedGenState",
+  "FederatedAlgorithm",
+  "RoundConfig",
+  "RoundMetrics",
+  "aggregate",
+  "blend",
+  "build_algorithm",
+  "fedavg",
+  "fedgen",
+  "local_update",
+  "prediction_loss",
+  "receive",
+  "weighted_mean",
 ]

@@ -38,13 +38,15 @@ def weighted_mean(stacked: StackedParams, weights: jax.Array) -> Params:
 def is_finite(stacked: StackedParams) -> jax.Array:
   """``bool[clients]``: True where every parameter of that client is finite."""
   per_leaf = [
-      jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-      for leaf in jax.tree.leaves(stacked)
+    jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+    for leaf in jax.tree.leaves(stacked)
   ]
   return jnp.all(jnp.stack(per_leaf), axis=0)
 
 
-def aggregate(server: Params, stacked: StackedParams, weights: jax.Array) -> tuple[Params, jax.Array]:
+def aggregate(
+  server: Params, stacked: StackedParams, weights: jax.Array
+) -> tuple[Params, jax.Array]:
   """The server's new model: the weighted mean of the clients whose update is finite.
 
   Args:
@@ -71,7 +73,9 @@ def blend(server: Params, own: StackedParams, beta: float | jax.Array) -> Stacke
   return jax.tree.map(lambda s, o: beta * s[None] + (1.0 - beta) * o, server, own)
 
 
-def receive(server: Params, clients: StackedParams, send: str, beta: float | jax.Array) -> StackedParams:
+def receive(
+  server: Params, clients: StackedParams, send: str, beta: float | jax.Array
+) -> StackedParams:
   """Every client's params after taking what the server sends (see the module doc)."""
   if send == "none":
     return clients
@@ -80,10 +84,12 @@ def receive(server: Params, clients: StackedParams, send: str, beta: float | jax
   return {**clients, "head": blend(server["head"], clients["head"], beta)}
 
 
-def where_clients(mask: jax.Array, if_true: StackedParams, if_false: StackedParams) -> StackedParams:
+def where_clients(
+  mask: jax.Array, if_true: StackedParams, if_false: StackedParams
+) -> StackedParams:
   """Per client, ``if_true`` where ``mask: bool[clients]`` holds, else ``if_false``."""
   return jax.tree.map(
-      lambda t, f: jnp.where(mask.reshape(mask.shape + (1,) * (t.ndim - 1)), t, f),
-      if_true,
-      if_false,
+    lambda t, f: jnp.where(mask.reshape(mask.shape + (1,) * (t.ndim - 1)), t, f),
+    if_true,
+    if_false,
   )

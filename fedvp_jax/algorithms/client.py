@@ -36,8 +36,8 @@ def prediction_loss(model: Model) -> LossFn:
 
 
 LocalUpdate = Callable[
-    [StackedParams, StackedOptState, Batch, PRNGKey, Any],
-    tuple[StackedParams, StackedOptState, jax.Array],
+  [StackedParams, StackedOptState, Batch, PRNGKey, Any],
+  tuple[StackedParams, StackedOptState, jax.Array],
 ]
 """Local training of K clients at once: ``(params, opt_state, batches, key, context) ->
 (params, opt_state, losses)``, with leading axis K on ``params``, ``opt_state`` and
@@ -49,7 +49,7 @@ def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Lo
   """Builds the vmapped, scanned local update for ``loss_fn`` and ``optimizer``."""
 
   def one_client(
-      params: Params, opt_state: OptState, batches: Batch, key: PRNGKey, context: Any
+    params: Params, opt_state: OptState, batches: Batch, key: PRNGKey, context: Any
   ) -> tuple[Params, OptState, jax.Array]:
     def step(carry, inputs):
       params, opt_state = carry
@@ -60,13 +60,15 @@ def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Lo
 
     num_steps = batches[0].shape[0]
     (params, opt_state), losses = jax.lax.scan(
-        step, (params, opt_state), (batches, jax.random.split(key, num_steps))
+      step, (params, opt_state), (batches, jax.random.split(key, num_steps))
     )
     return params, opt_state, losses
 
   def apply(params, opt_state, batches, key, context):
     keys = jax.random.split(key, jax.tree.leaves(params)[0].shape[0])
-    return jax.vmap(one_client, in_axes=(0, 0, 0, 0, None))(params, opt_state, batches, keys, context)
+    return jax.vmap(one_client, in_axes=(0, 0, 0, 0, None))(
+      params, opt_state, batches, keys, context
+    )
 
   return apply
 

@@ -16,7 +16,13 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedvp_jax.algorithms.aggregation import aggregate, check_send, is_finite, receive, where_clients
+from fedvp_jax.algorithms.aggregation import (
+  aggregate,
+  check_send,
+  is_finite,
+  receive,
+  where_clients,
+)
 from fedvp_jax.algorithms.client import LocalUpdate, stack
 from fedvp_jax.data.federated import ClientData, sample_batches, sample_final_targets
 from fedvp_jax.errors import ConfigError
@@ -63,7 +69,7 @@ class RoundMetrics(NamedTuple):
   evaluated: jax.Array
   selected: jax.Array
   excluded: jax.Array
-  extra: dict[str, jax.Array] = {}
+  extra: dict[str, jax.Array] = {}  # noqa: RUF012  (never mutated; pytrees need a dict)
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -110,20 +116,20 @@ class RoundConfig:
     k = self.clients_per_round
     if k is not None and (k < 1 or (num_clients is not None and k > num_clients)):
       raise ConfigError(
-          f"--clients-per-round {k}: must be between 1 and the number of clients ({num_clients})"
+        f"--clients-per-round {k}: must be between 1 and the number of clients ({num_clients})"
       )
 
 
 def init_clients(
-    model: Model, optimizer: optax.GradientTransformation, key: PRNGKey, num_clients: int
+  model: Model, optimizer: optax.GradientTransformation, key: PRNGKey, num_clients: int
 ) -> ClientsState:
   """Server and every client start from the same initial model, like FedGen's deep copies."""
   params = model.init(key)
   return ClientsState(
-      server_params=params,
-      client_params=stack(params, num_clients),
-      client_opt_state=stack(optimizer.init(params), num_clients),
-      round=jnp.zeros((), jnp.int32),
+    server_params=params,
+    client_params=stack(params, num_clients),
+    client_opt_state=stack(optimizer.init(params), num_clients),
+    round=jnp.zeros((), jnp.int32),
   )
 
 
@@ -133,19 +139,21 @@ def evaluate_clients(model: Model, params: StackedParams, data: ClientData) -> E
   return error_sums(prediction, data.test_y, data.test_mask)
 
 
-def evaluate_deployed(model: Model, config: RoundConfig, state: ClientsState, data: ClientData) -> ErrorSums:
+def evaluate_deployed(
+  model: Model, config: RoundConfig, state: ClientsState, data: ClientData
+) -> ErrorSums:
   """Test errors of the models clients would use now: theirs after receiving the server's."""
   deployed = receive(state.server_params, state.client_params, config.send, config.beta)
   return evaluate_clients(model, deployed, data)
 
 
 def evaluate_on_schedule(
-    model: Model, config: RoundConfig, params: StackedParams, data: ClientData, round: jax.Array
+  model: Model, config: RoundConfig, params: StackedParams, data: ClientData, round: jax.Array
 ) -> tuple[ErrorSums, jax.Array]:
   """Evaluates on rounds ``0, eval_every, 2 * eval_every, ...``; zeros (not computed) otherwise."""
   due = round % config.eval_every == 0
-  evaluate = lambda: evaluate_clients(model, params, data)  # noqa: E731
-  skip = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(evaluate))  # noqa: E731
+  evaluate = lambda: evaluate_clients(model, params, data)
+  skip = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(evaluate))
   sums = jax.lax.cond(due, evaluate, skip)
   return sums, due
 
@@ -182,14 +190,14 @@ class TrainResult(NamedTuple):
 
 
 def train_clients(
-    config: RoundConfig,
-    update: LocalUpdate,
-    params: StackedParams,
-    opt_state: StackedOptState,
-    data: ClientData,
-    key: PRNGKey,
-    context: Any = None,
-    label_batch_size: int = 0,
+  config: RoundConfig,
+  update: LocalUpdate,
+  params: StackedParams,
+  opt_state: StackedOptState,
+  data: ClientData,
+  key: PRNGKey,
+  context: Any = None,
+  label_batch_size: int = 0,
 ) -> TrainResult:
   """Selects this round's clients, draws their minibatches and trains them all at once.
 
@@ -199,23 +207,25 @@ def train_clients(
   """
   select_key, batch_key, train_key = jax.random.split(key, 3)
   selected = select_clients(select_key, data.num_clients, config.clients_per_round)
-  batches = sample_batches(batch_key, data, config.local_steps, config.batch_size, selected)
+  batches: tuple[jax.Array, ...] = sample_batches(
+    batch_key, data, config.local_steps, config.batch_size, selected
+  )
   if label_batch_size:
     label_key = jax.random.fold_in(batch_key, 1)
     labels = sample_final_targets(label_key, data, config.local_steps, label_batch_size, selected)
     batches = (*batches, labels)
-  take = lambda tree: jax.tree.map(lambda leaf: leaf[selected], tree)  # noqa: E731
+  take = lambda tree: jax.tree.map(lambda leaf: leaf[selected], tree)
   start_params, start_opt = take(params), take(opt_state)
   trained, trained_opt, losses = update(start_params, start_opt, batches, train_key, context)
   finite = is_finite(trained) & jnp.all(jnp.isfinite(losses), axis=1)
-  put = lambda full, part: jax.tree.map(lambda f, p: f.at[selected].set(p), full, part)  # noqa: E731
+  put = lambda full, part: jax.tree.map(lambda f, p: f.at[selected].set(p), full, part)
   return TrainResult(
-      client_params=put(params, where_clients(finite, trained, start_params)),
-      client_opt_state=put(opt_state, where_clients(finite, trained_opt, start_opt)),
-      trained=trained,
-      selected=selected,
-      batches=batches,
-      losses=losses,
+    client_params=put(params, where_clients(finite, trained, start_params)),
+    client_opt_state=put(opt_state, where_clients(finite, trained_opt, start_opt)),
+    trained=trained,
+    selected=selected,
+    batches=batches,
+    losses=losses,
   )
 
 
@@ -223,7 +233,9 @@ def mean_train_loss(losses: jax.Array, weights: jax.Array) -> jax.Array:
   """Sample-weighted mean over clients of each client's mean step loss (finite ones only)."""
   per_client = jnp.mean(losses, axis=1)
   weights = jnp.where(jnp.isfinite(per_client), weights, 0.0)
-  return jnp.sum(jnp.where(weights > 0, per_client, 0.0) * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+  return jnp.sum(jnp.where(weights > 0, per_client, 0.0) * weights) / jnp.maximum(
+    jnp.sum(weights), 1e-12
+  )
 
 
 class ClientsRound(NamedTuple):
@@ -243,30 +255,30 @@ class ClientsRound(NamedTuple):
 
 
 def clients_round(
-    model: Model,
-    config: RoundConfig,
-    update: LocalUpdate,
-    state: ClientsState,
-    data: ClientData,
-    key: PRNGKey,
-    context: Any = None,
-    label_batch_size: int = 0,
+  model: Model,
+  config: RoundConfig,
+  update: LocalUpdate,
+  state: ClientsState,
+  data: ClientData,
+  key: PRNGKey,
+  context: Any = None,
+  label_batch_size: int = 0,
 ) -> ClientsRound:
   """The round every algorithm shares: receive, evaluate, train the selected clients,
   aggregate their models weighted by their training-sample counts."""
   params = receive(state.server_params, state.client_params, config.send, config.beta)
   test, evaluated = evaluate_on_schedule(model, config, params, data, state.round)
   result = train_clients(
-      config, update, params, state.client_opt_state, data, key, context, label_batch_size
+    config, update, params, state.client_opt_state, data, key, context, label_batch_size
   )
   weights = data.train_counts[result.selected]
   server, used = aggregate(state.server_params, result.trained, weights)
   metrics = RoundMetrics(
-      train_loss=mean_train_loss(result.losses, weights),
-      test=test,
-      evaluated=evaluated,
-      selected=result.selected,
-      excluded=~used,
+    train_loss=mean_train_loss(result.losses, weights),
+    test=test,
+    evaluated=evaluated,
+    selected=result.selected,
+    excluded=~used,
   )
   new_state = ClientsState(server, result.client_params, result.client_opt_state, state.round + 1)
   return ClientsRound(new_state, metrics, result, used)

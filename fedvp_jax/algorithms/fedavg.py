@@ -12,13 +12,13 @@ import optax
 
 from fedvp_jax.algorithms.client import local_update, prediction_loss
 from fedvp_jax.algorithms.core import (
-    ClientsState,
-    FederatedAlgorithm,
-    RoundConfig,
-    RoundMetrics,
-    clients_round,
-    evaluate_deployed,
-    init_clients,
+  ClientsState,
+  FederatedAlgorithm,
+  RoundConfig,
+  RoundMetrics,
+  clients_round,
+  evaluate_deployed,
+  init_clients,
 )
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.metrics import ErrorSums
@@ -26,7 +26,9 @@ from fedvp_jax.models import Model
 from fedvp_jax.types import PRNGKey
 
 
-def fedavg(model: Model, optimizer: optax.GradientTransformation, config: RoundConfig) -> FederatedAlgorithm:
+def fedavg(
+  model: Model, optimizer: optax.GradientTransformation, config: RoundConfig
+) -> FederatedAlgorithm:
   """FedAvg with ``config.send`` deciding what clients receive (``none`` is local training).
 
   The state is a :class:`ClientsState`.
@@ -42,7 +44,9 @@ def fedavg(model: Model, optimizer: optax.GradientTransformation, config: RoundC
   def init(key: PRNGKey, data: ClientData) -> ClientsState:
     return init_clients(model, optimizer, key, data.num_clients)
 
-  def apply(state: ClientsState, data: ClientData, key: PRNGKey) -> tuple[ClientsState, RoundMetrics]:
+  def apply(
+    state: ClientsState, data: ClientData, key: PRNGKey
+  ) -> tuple[ClientsState, RoundMetrics]:
     outcome = clients_round(model, config, update, state, data, key)
     return outcome.state, outcome.metrics
 

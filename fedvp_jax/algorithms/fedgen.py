@@ -42,13 +42,13 @@ from flax import struct
 
 from fedvp_jax.algorithms.client import LossFn, local_update
 from fedvp_jax.algorithms.core import (
-    ClientsState,
-    FederatedAlgorithm,
-    RoundConfig,
-    RoundMetrics,
-    clients_round,
-    evaluate_deployed,
-    init_clients,
+  ClientsState,
+  FederatedAlgorithm,
+  RoundConfig,
+  RoundMetrics,
+  clients_round,
+  evaluate_deployed,
+  init_clients,
 )
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.errors import ConfigError
@@ -222,14 +222,14 @@ def fedgen_client_loss(model: Model, generator: Generator, latent_term: bool) ->
 
 
 def teacher_loss(
-    model: Model,
-    generator: Generator,
-    g_params: Params,
-    heads: StackedParams,
-    usable: jax.Array,
-    labels: jax.Array,
-    weights: jax.Array,
-    noise: jax.Array,
+  model: Model,
+  generator: Generator,
+  g_params: Params,
+  heads: StackedParams,
+  usable: jax.Array,
+  labels: jax.Array,
+  weights: jax.Array,
+  noise: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
   """FedGen's teacher loss of G against the clients' heads, and the z it generated.
 
@@ -254,8 +254,8 @@ def teacher_loss(
 
 
 GeneratorUpdate = Callable[
-    [Params, OptState, StackedParams, jax.Array, jax.Array, PRNGKey],
-    tuple[Params, OptState, jax.Array, jax.Array],
+  [Params, OptState, StackedParams, jax.Array, jax.Array, PRNGKey],
+  tuple[Params, OptState, jax.Array, jax.Array],
 ]
 """``(g_params, g_opt_state, heads, usable, heat, key) -> (g_params, g_opt_state, teacher,
 diversity)``: the server's generator steps of one round. ``heads``: the trained clients'
@@ -264,12 +264,12 @@ heatmaps; ``teacher`` and ``diversity`` are the losses' means over the steps."""
 
 
 def generator_update(
-    model: Model,
-    generator: Generator,
-    g_optimizer: optax.GradientTransformation,
-    num_steps: int,
-    batch_size: int,
-    diversity_weight: float,
+  model: Model,
+  generator: Generator,
+  g_optimizer: optax.GradientTransformation,
+  num_steps: int,
+  batch_size: int,
+  diversity_weight: float,
 ) -> GeneratorUpdate:
   """Builds the server's generator training: ``num_steps`` optimizer steps inside
   ``lax.scan``, each on ``batch_size`` labels drawn from the clients' combined heatmap."""
@@ -294,7 +294,7 @@ def generator_update(
       return (optax.apply_updates(g_params, updates), g_opt), (teacher, diversity)
 
     (g_params, g_opt), (teacher, diversity) = jax.lax.scan(
-        step, (g_params, g_opt), jax.random.split(key, num_steps)
+      step, (g_params, g_opt), jax.random.split(key, num_steps)
     )
     return g_params, g_opt, jnp.mean(teacher), jnp.mean(diversity)
 
@@ -302,10 +302,10 @@ def generator_update(
 
 
 def fedgen(
-    model: Model,
-    optimizer: optax.GradientTransformation,
-    config: RoundConfig,
-    fedgen_config: FedGenConfig = FedGenConfig(),
+  model: Model,
+  optimizer: optax.GradientTransformation,
+  config: RoundConfig,
+  fedgen_config: FedGenConfig = FedGenConfig(),
 ) -> FederatedAlgorithm:
   """The FedGen family: ``config.send`` is ``full`` (FedGen), ``none`` (localFedGen: only the
   generator is shared) or ``partial`` (partialFedGen: the head is aggregated and sent).
@@ -317,30 +317,42 @@ def fedgen(
   fedgen_config.check()
   cfg = fedgen_config
   generator = build_generator(
-      cfg.generator, model.latent_dim, embedding=cfg.embedding, grain=cfg.grain,
-      noise_dim=cfg.noise_dim, hidden=cfg.hidden,
+    cfg.generator,
+    model.latent_dim,
+    embedding=cfg.embedding,
+    grain=cfg.grain,
+    noise_dim=cfg.noise_dim,
+    hidden=cfg.hidden,
   )
   schedule = optax.exponential_decay(
-      cfg.gen_learning_rate, transition_steps=cfg.gen_steps, decay_rate=SCHEDULE_DECAY, staircase=True
+    cfg.gen_learning_rate, transition_steps=cfg.gen_steps, decay_rate=SCHEDULE_DECAY, staircase=True
   )
   g_optimizer = optax.adam(schedule)
   update = local_update(fedgen_client_loss(model, generator, cfg.latent_weight > 0), optimizer)
   train_generator = generator_update(
-      model, generator, g_optimizer, cfg.gen_steps, cfg.server_batch_size or config.batch_size,
-      cfg.diversity_weight,
+    model,
+    generator,
+    g_optimizer,
+    cfg.gen_steps,
+    cfg.server_batch_size or config.batch_size,
+    cfg.diversity_weight,
   )
 
   def init(key: PRNGKey, data: ClientData) -> FedGenState:
     model_key, g_key = jax.random.split(key)
     g_params = generator.init(g_key)
-    return FedGenState(init_clients(model, optimizer, model_key, data.num_clients), g_params, g_optimizer.init(g_params))
+    return FedGenState(
+      init_clients(model, optimizer, model_key, data.num_clients),
+      g_params,
+      g_optimizer.init(g_params),
+    )
 
   def apply(state: FedGenState, data: ClientData, key: PRNGKey) -> tuple[FedGenState, RoundMetrics]:
     clients_key, server_key = jax.random.split(key)
     alpha, latent_weight = generator_weights(cfg, state.clients.round)
     context = GeneratorContext(state.generator_params, alpha, latent_weight)
     outcome = clients_round(
-        model, config, update, state.clients, data, clients_key, context, cfg.gen_batch_size
+      model, config, update, state.clients, data, clients_key, context, cfg.gen_batch_size
     )
     # Clients upload the final targets of what they trained on; counts, not normalised, so a
     # client's weight at a label grows with how often it saw it.
@@ -348,8 +360,12 @@ def fedgen(
     uploaded = targets.reshape(targets.shape[0], -1, 3)
     heat = heatmaps(uploaded, cfg.grain, cfg.heatmap_sigma, normalize=False)
     g_params, g_opt, teacher, diversity = train_generator(
-        state.generator_params, state.generator_opt_state, outcome.result.trained, outcome.used,
-        heat, server_key,
+      state.generator_params,
+      state.generator_opt_state,
+      outcome.result.trained,
+      outcome.used,
+      heat,
+      server_key,
     )
     extra = {"generator_weight": alpha, "teacher_loss": teacher, "diversity_loss": diversity}
     return FedGenState(outcome.state, g_params, g_opt), outcome.metrics._replace(extra=extra)

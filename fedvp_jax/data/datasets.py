@@ -55,13 +55,13 @@ def parse_spec(text: str) -> DatasetSpec:
   match = _SPEC_RE.match(text)
   if not match:
     raise DataError(
-        f"dataset {text!r}: expected '<Name>-m<M>-h<H>', e.g. 'David-m10-h1' "
-        "(M past samples in, H future samples out, 0.2 s each)"
+      f"dataset {text!r}: expected '<Name>-m<M>-h<H>', e.g. 'David-m10-h1' "
+      "(M past samples in, H future samples out, 0.2 s each)"
     )
   m, h = int(match["m"]), int(match["h"])
   if m < 1 or h < 1:
     raise DataError(
-        f"dataset {text!r}: M (history) and H (horizon) must be at least 1, got m={m}, h={h}"
+      f"dataset {text!r}: M (history) and H (horizon) must be at least 1, got m={m}, h={h}"
     )
   name = match["name"]
   return DatasetSpec(ALIASES.get(name, name), m, h)
@@ -78,9 +78,9 @@ def resolve_data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
     data_dir, source = os.environ.get(DATA_ENV_VAR), f"${DATA_ENV_VAR}"
   if not data_dir:
     raise DataError(
-        f"no data root: pass --data-dir DIR or set {DATA_ENV_VAR}=DIR, where DIR holds "
-        "dataset folders such as David_MMSys_18/sampled_dataset/ "
-        f"(the built-in '{SYNTHETIC}' dataset needs none)"
+      f"no data root: pass --data-dir DIR or set {DATA_ENV_VAR}=DIR, where DIR holds "
+      "dataset folders such as David_MMSys_18/sampled_dataset/ "
+      f"(the built-in '{SYNTHETIC}' dataset needs none)"
     )
   root = Path(data_dir).expanduser()
   if not root.is_dir():
@@ -97,7 +97,7 @@ def available_datasets(root: Path | None) -> list[str]:
 
 
 def load_traces(
-    spec: DatasetSpec, data_dir: str | os.PathLike[str] | None = None, *, seed: int = 0
+  spec: DatasetSpec, data_dir: str | os.PathLike[str] | None = None, *, seed: int = 0
 ) -> TraceSet:
   """Loads the traces that ``spec`` names.
 
@@ -118,7 +118,7 @@ def load_traces(
     known = ", ".join(available_datasets(root))
     aliases = ", ".join(f"{a} -> {n}" for a, n in ALIASES.items())
     raise DataError(
-        f"unknown dataset {spec.name!r}: no folder {folder}/sampled_dataset. "
-        f"Known datasets under {root}: {known} (aliases: {aliases})"
+      f"unknown dataset {spec.name!r}: no folder {folder}/sampled_dataset. "
+      f"Known datasets under {root}: {known} (aliases: {aliases})"
     )
   return load_trace_dir(folder)

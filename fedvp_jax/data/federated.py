@@ -56,7 +56,7 @@ class ClientData:
 
 
 def select_users(
-    traces: TraceSet, num_users: int | None = None, users: Sequence[str] | None = None, seed: int = 0
+  traces: TraceSet, num_users: int | None = None, users: Sequence[str] | None = None, seed: int = 0
 ) -> tuple[str, ...]:
   """The viewers who become clients: an explicit list, or ``num_users`` drawn with ``seed``.
 
@@ -76,16 +76,16 @@ def select_users(
     unknown = [u for u in users if u not in traces.users]
     if unknown:
       raise DataError(
-          f"dataset {traces.name} has no user(s) {', '.join(map(repr, unknown))}; "
-          f"its users are {', '.join(traces.users)}"
+        f"dataset {traces.name} has no user(s) {', '.join(map(repr, unknown))}; "
+        f"its users are {', '.join(traces.users)}"
       )
     return tuple(u for u in traces.users if u in set(users))
   if num_users is None:
     return traces.users
   if not 1 <= num_users <= len(traces.users):
     raise DataError(
-        f"--num_users {num_users}: dataset {traces.name} has {len(traces.users)} users; "
-        f"ask for 1 to {len(traces.users)}"
+      f"--num_users {num_users}: dataset {traces.name} has {len(traces.users)} users; "
+      f"ask for 1 to {len(traces.users)}"
     )
   chosen = set(np.random.default_rng(seed).choice(len(traces.users), num_users, replace=False))
   return tuple(u for i, u in enumerate(traces.users) if i in chosen)
@@ -107,7 +107,7 @@ def stack_windows(per_client: Sequence[Windows]) -> tuple[np.ndarray, np.ndarray
 
 
 def build_client_data(
-    traces: TraceSet, spec: DatasetSpec, users: Sequence[str], split: str = "video", seed: int = 0
+  traces: TraceSet, spec: DatasetSpec, users: Sequence[str], split: str = "video", seed: int = 0
 ) -> ClientData:
   """Windows every viewer in ``users`` and stacks them into device arrays.
 
@@ -124,9 +124,7 @@ def build_client_data(
   return ClientData(*map(jnp.asarray, train), *map(jnp.asarray, test))
 
 
-def sample_indices(
-    key: jax.Array, mask: jax.Array, num_steps: int, batch_size: int
-) -> jax.Array:
+def sample_indices(key: jax.Array, mask: jax.Array, num_steps: int, batch_size: int) -> jax.Array:
   """``i32[K, S, B]`` window indices of every step's minibatch for clients with ``mask:
   bool[K, n]``.
 
@@ -147,11 +145,11 @@ def sample_indices(
 
 
 def sample_batches(
-    key: jax.Array,
-    data: ClientData,
-    num_steps: int,
-    batch_size: int,
-    clients: jax.Array | None = None,
+  key: jax.Array,
+  data: ClientData,
+  num_steps: int,
+  batch_size: int,
+  clients: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Draws every step's minibatch of every client at once, by index, on device.
 
@@ -175,7 +173,7 @@ def sample_batches(
 
 
 def sample_final_targets(
-    key: jax.Array, data: ClientData, num_steps: int, batch_size: int, clients: jax.Array
+  key: jax.Array, data: ClientData, num_steps: int, batch_size: int, clients: jax.Array
 ) -> jax.Array:
   """``f32[K, S, B, 3]``: every step's batch of the clients' own final targets (position H),
   drawn like :func:`sample_batches` (FedGen's clients sample labels they have)."""

@@ -104,7 +104,7 @@ _MAX_LAT = np.radians(80.0)  # keeps longitude steps (divided by cos(lat)) finit
 
 
 def synthetic_traces(
-    *, num_users: int = 24, num_videos: int = 12, num_samples: int = 100, seed: int = 0
+  *, num_users: int = 24, num_videos: int = 12, num_samples: int = 100, seed: int = 0
 ) -> TraceSet:
   """Generates the Synthetic dataset: every user watches every video.
 
@@ -124,9 +124,9 @@ def synthetic_traces(
       2 samples).
   """
   for arg, value, low in (
-      ("num_users", num_users, 1),
-      ("num_videos", num_videos, 2),
-      ("num_samples", num_samples, 2),
+    ("num_users", num_users, 1),
+    ("num_videos", num_videos, 2),
+    ("num_samples", num_samples, 2),
   ):
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
       raise DataError(f"Synthetic dataset: {arg} must be an integer >= {low}, got {value!r}")
@@ -142,14 +142,14 @@ def synthetic_traces(
   traces = {(v, u): vecs[i, j] for i, v in enumerate(videos) for j, u in enumerate(users)}
   num_train = round(TRAIN_VIDEO_FRACTION * num_videos)
   split = {
-      "train": tuple((u, v) for v in videos[:num_train] for u in users),
-      "test": tuple((u, v) for v in videos[num_train:] for u in users),
+    "train": tuple((u, v) for v in videos[:num_train] for u in users),
+    "test": tuple((u, v) for v in videos[num_train:] for u in users),
   }
   return TraceSet(NAME, videos, users, traces, split)
 
 
 def _attractors(
-    rng: np.random.Generator, num_videos: int, num_samples: int
+  rng: np.random.Generator, num_videos: int, num_samples: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Attractor longitudes and latitudes ``f64[V, K, T]`` (radians) and saliences ``f64[V, K]``."""
   shape = (num_videos, _NUM_ATTRACTORS, 1)
@@ -170,11 +170,11 @@ def _attractors(
 
 
 def _simulate(
-    rng: np.random.Generator,
-    att_lon: np.ndarray,
-    att_lat: np.ndarray,
-    salience: np.ndarray,
-    num_users: int,
+  rng: np.random.Generator,
+  att_lon: np.ndarray,
+  att_lat: np.ndarray,
+  salience: np.ndarray,
+  num_users: int,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Simulates every trace at once, one time step at a time.
 
@@ -242,12 +242,10 @@ def _simulate(
     # Feed-forward of the attractor's velocity is what makes pursuit lag-free, as in real
     # smooth pursuit; free-look points do not move.
     target_velocity = np.stack(
-        [att_vlon[vid, target, step] * cos_lat, att_vlat[vid, target, step]], axis=-1
+      [att_vlon[vid, target, step] * cos_lat, att_vlat[vid, target, step]], axis=-1
     )
     desired = gain * _PURSUIT_GAIN * error + np.where(free[:, None], 0.0, target_velocity)
-    fixating = np.where(
-        fixating, rng.random(n) >= fixation_end_p, rng.random(n) < fixation_start_p
-    )
+    fixating = np.where(fixating, rng.random(n) >= fixation_end_p, rng.random(n) < fixation_start_p)
     desired[fixating] = 0.0
     speed = np.linalg.norm(desired, axis=-1, keepdims=True)
     desired *= np.minimum(1.0, gain * _MAX_SPEED / np.maximum(speed, 1e-12))

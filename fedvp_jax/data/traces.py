@@ -99,8 +99,8 @@ def read_trace_file(path: str | os.PathLike[str]) -> np.ndarray:
     fields = line.split(",")
     if len(fields) != 4:
       raise DataError(
-          f"{path}:{lineno}: expected 4 comma-separated fields 't_seconds,x,y,z', "
-          f"got {len(fields)}: {line.strip()!r}"
+        f"{path}:{lineno}: expected 4 comma-separated fields 't_seconds,x,y,z', "
+        f"got {len(fields)}: {line.strip()!r}"
       )
     try:
       values = [float(f) for f in fields]
@@ -118,22 +118,22 @@ def read_trace_file(path: str | os.PathLike[str]) -> np.ndarray:
   if bad.size:
     i = bad[0]
     raise DataError(
-        f"{path}:{linenos[i]}: head direction has norm {norms[i]:.4f}; expected a unit vector "
-        f"(norm within {UNIT_NORM_TOLERANCE} of 1)"
+      f"{path}:{linenos[i]}: head direction has norm {norms[i]:.4f}; expected a unit vector "
+      f"(norm within {UNIT_NORM_TOLERANCE} of 1)"
     )
   steps = np.diff(data[:, 0])
   bad = np.flatnonzero(np.abs(steps - SAMPLE_PERIOD) > TIMESTAMP_TOLERANCE)
   if bad.size:
     i = bad[0]
     raise DataError(
-        f"{path}:{linenos[i + 1]}: irregular timestamp: step of {steps[i]:.4f} s from the "
-        f"previous row, expected {SAMPLE_PERIOD} s"
+      f"{path}:{linenos[i + 1]}: irregular timestamp: step of {steps[i]:.4f} s from the "
+      f"previous row, expected {SAMPLE_PERIOD} s"
     )
   return (data[:, 1:] / norms[:, None]).astype(np.float32)
 
 
 def read_split_file(
-    path: Path, traces: Mapping[tuple[str, str], np.ndarray]
+  path: Path, traces: Mapping[tuple[str, str], np.ndarray]
 ) -> tuple[tuple[str, str], ...]:
   """Reads a ``user,video`` split file, checking that every pair names a known trace."""
   known_videos, known_users = {v for v, _ in traces}, {u for _, u in traces}
@@ -155,8 +155,8 @@ def read_split_file(
         raise DataError(f"{path}:{lineno}: user {user!r} has no trace in sampled_dataset")
       if (video, user) not in traces:
         raise DataError(
-            f"{path}:{lineno}: user {user!r} has no trace of video {video!r} "
-            f"(no file sampled_dataset/{video}/{user})"
+          f"{path}:{lineno}: user {user!r} has no trace of video {video!r} "
+          f"(no file sampled_dataset/{video}/{user})"
         )
       pairs.append((user, video))
   return tuple(pairs)
@@ -198,8 +198,7 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
   split = None
   if len(split_files) == 2:
     split = {
-        name: read_split_file(dataset_dir / f"{name}_set", traces)
-        for name in ("train", "test")
+      name: read_split_file(dataset_dir / f"{name}_set", traces) for name in ("train", "test")
     }
   return TraceSet(dataset_dir.name, videos, users, traces, split)
 
@@ -228,10 +227,12 @@ def _read_cache(path: Path, fingerprint: str) -> dict[tuple[str, str], np.ndarra
       positions, offsets = z["positions"], z["offsets"]
       keys = zip(z["videos"].tolist(), z["users"].tolist(), strict=True)
       return {
-          (str(v), str(u)): positions[offsets[i] : offsets[i + 1]] for i, (v, u) in enumerate(keys)
+        (str(v), str(u)): positions[offsets[i] : offsets[i + 1]] for i, (v, u) in enumerate(keys)
       }
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-    warnings.warn(f"ignoring unreadable trace cache {path} ({err}); re-reading the traces")
+    warnings.warn(
+      f"ignoring unreadable trace cache {path} ({err}); re-reading the traces", stacklevel=2
+    )
     return None
 
 
@@ -242,14 +243,14 @@ def _write_cache(path: Path, fingerprint: str, traces: dict[tuple[str, str], np.
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
-        tmp,
-        fingerprint=np.array(fingerprint),
-        positions=np.concatenate([traces[k] for k in keys]),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]),
-        videos=np.array([v for v, _ in keys]),
-        users=np.array([u for _, u in keys]),
+      tmp,
+      fingerprint=np.array(fingerprint),
+      positions=np.concatenate([traces[k] for k in keys]),
+      offsets=np.concatenate([[0], np.cumsum(lengths)]),
+      videos=np.array([v for v, _ in keys]),
+      users=np.array([u for _, u in keys]),
     )
     os.replace(tmp, path)  # atomic: a concurrent reader never sees a half-written cache
   except OSError as err:
-    warnings.warn(f"cannot write trace cache {path} ({err}); continuing without it")
+    warnings.warn(f"cannot write trace cache {path} ({err}); continuing without it", stacklevel=2)
     tmp.unlink(missing_ok=True)

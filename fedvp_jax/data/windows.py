@@ -49,19 +49,17 @@ class Windows:
   def concatenate(parts: list[Windows], history: int, horizon: int) -> Windows:
     """Joins windows; an empty list gives zero windows of the given shape."""
     if not parts:
-      return Windows(
-          np.zeros((0, history, 3), np.float32), np.zeros((0, horizon, 3), np.float32)
-      )
+      return Windows(np.zeros((0, history, 3), np.float32), np.zeros((0, horizon, 3), np.float32))
     return Windows(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
 
 
 def make_windows(
-    trace: np.ndarray,
-    history: int,
-    horizon: int,
-    *,
-    first: int | None = None,
-    stop: int | None = None,
+  trace: np.ndarray,
+  history: int,
+  horizon: int,
+  *,
+  first: int | None = None,
+  stop: int | None = None,
 ) -> Windows:
   """All windows of one trace whose samples lie in ``[0, stop)``.
 
@@ -81,11 +79,9 @@ def make_windows(
   hi = stop - horizon  # one past the last valid t
   if hi <= lo:
     return Windows.concatenate([], history, horizon)
-  spans = np.lib.stride_tricks.sliding_window_view(trace[: stop], history + horizon, axis=0)
+  spans = np.lib.stride_tricks.sliding_window_view(trace[:stop], history + horizon, axis=0)
   spans = np.moveaxis(spans, -1, 1)[lo - history + 1 : hi - history + 1]  # [n, M+H, 3]
-  return Windows(
-      np.ascontiguousarray(spans[:, :history]), np.ascontiguousarray(spans[:, history:])
-  )
+  return Windows(np.ascontiguousarray(spans[:, :history]), np.ascontiguousarray(spans[:, history:]))
 
 
 def split_videos(traces: TraceSet, seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -94,23 +90,23 @@ def split_videos(traces: TraceSet, seed: int) -> tuple[tuple[str, ...], tuple[st
     train = {v for _, v in traces.split["train"]}
     test = {v for _, v in traces.split["test"]}
     return tuple(v for v in traces.videos if v in train), tuple(
-        v for v in traces.videos if v in test
+      v for v in traces.videos if v in test
     )
   if len(traces.videos) < 2:
     raise DataError(
-        f"dataset {traces.name}: the video split needs at least 2 videos, it has "
-        f"{len(traces.videos)}; use the time split"
+      f"dataset {traces.name}: the video split needs at least 2 videos, it has "
+      f"{len(traces.videos)}; use the time split"
     )
   num_test = min(len(traces.videos) - 1, max(1, round(VIDEO_TEST_FRACTION * len(traces.videos))))
   order = np.random.default_rng(seed).permutation(len(traces.videos))
   test = {traces.videos[i] for i in order[:num_test]}
   return tuple(v for v in traces.videos if v not in test), tuple(
-      v for v in traces.videos if v in test
+    v for v in traces.videos if v in test
   )
 
 
 def viewer_windows(
-    traces: TraceSet, user: str, history: int, horizon: int, split: str, seed: int = 0
+  traces: TraceSet, user: str, history: int, horizon: int, split: str, seed: int = 0
 ) -> tuple[Windows, Windows]:
   """One viewer's train and test windows under the ``video`` or ``time`` split.
 
@@ -120,7 +116,8 @@ def viewer_windows(
   """
   if split not in SPLITS:
     raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-  train_parts, test_parts = [], []
+  train_parts: list[Windows] = []
+  test_parts: list[Windows] = []
   if split == "video":
     train_videos, test_videos = split_videos(traces, seed)
     for videos, parts in ((train_videos, train_parts), (test_videos, test_parts)):
@@ -141,8 +138,8 @@ def viewer_windows(
   for name, windows in (("train", train), ("test", test)):
     if len(windows) == 0:
       raise DataError(
-          f"dataset {traces.name}: user {user!r} has no {name} windows under the {split} "
-          "split (no traces of those videos)"
+        f"dataset {traces.name}: user {user!r} has no {name} windows under the {split} "
+        "split (no traces of those videos)"
       )
   return train, test
 
@@ -150,6 +147,6 @@ def viewer_windows(
 def _check_length(traces: TraceSet, video: str, user: str, length: int, needed: int) -> None:
   if length < needed:
     raise DataError(
-        f"{traces.name}/sampled_dataset/{video}/{user}: trace has {length} usable samples, "
-        f"too short for one window of M+H = {needed} samples"
+      f"{traces.name}/sampled_dataset/{video}/{user}: trace has {length} usable samples, "
+      f"too short for one window of M+H = {needed} samples"
     )

@@ -2,25 +2,25 @@
 
 from fedvp_jax.heatmap.gaussian import combined, heatmaps, label_weights, sample_labels
 from fedvp_jax.heatmap.grid import (
-    cell_areas,
-    cell_center_vectors,
-    cell_centers,
-    cell_index,
-    cell_size,
-    check_grain,
-    lat_edges,
+  cell_areas,
+  cell_center_vectors,
+  cell_centers,
+  cell_index,
+  cell_size,
+  check_grain,
+  lat_edges,
 )
 
 __all__ = [
-    "cell_areas",
-    "cell_center_vectors",
-    "cell_centers",
-    "cell_index",
-    "cell_size",
-    "check_grain",
-    "combined",
-    "heatmaps",
-    "label_weights",
-    "lat_edges",
-    "sample_labels",
+  "cell_areas",
+  "cell_center_vectors",
+  "cell_centers",
+  "cell_index",
+  "cell_size",
+  "check_grain",
+  "combined",
+  "heatmaps",
+  "label_weights",
+  "lat_edges",
+  "sample_labels",
 ]

@@ -69,11 +69,11 @@ _EDGE_MARGIN = 1e-3
 
 
 def heatmaps(
-    points: jnp.ndarray,
-    grain: int,
-    sigma_deg: float | jnp.ndarray,
-    mask: jnp.ndarray | None = None,
-    normalize: bool = True,
+  points: jnp.ndarray,
+  grain: int,
+  sigma_deg: float | jnp.ndarray,
+  mask: jnp.ndarray | None = None,
+  normalize: bool = True,
 ) -> jnp.ndarray:
   """Every client's viewpoint distribution, blurred by a Gaussian on the sphere.
 
@@ -148,8 +148,7 @@ def sample_labels(key: jax.Array, heat: jnp.ndarray, num: int) -> jnp.ndarray:
   cell_key, offset_key = jax.random.split(key)
   cells = jax.random.choice(cell_key, heat.size, (num,), p=heat.reshape(-1))
   row, col = jnp.divmod(cells, grain)
-  offset = jax.random.uniform(
-      offset_key, (num, 2), minval=_EDGE_MARGIN, maxval=1.0 - _EDGE_MARGIN)
+  offset = jax.random.uniform(offset_key, (num, 2), minval=_EDGE_MARGIN, maxval=1.0 - _EDGE_MARGIN)
   lon = -math.pi + (col + offset[:, 0]) * grid.cell_size(grain)
   sin_edges = jnp.sin(grid.lat_edges(grain))
   sin_lat = sin_edges[row] + offset[:, 1] * (sin_edges[row + 1] - sin_edges[row])
@@ -219,13 +218,15 @@ def _blur(counts: jnp.ndarray, grain: int, sigma_deg: float | jnp.ndarray) -> jn
 
   # One FFT for the kernels of both longitude passes: source rows, then target rows.
   source_kernel, target_kernel = _lon_kernel_spectra(
-      cos_lat, grain, jnp.stack([source_var, jnp.broadcast_to(var / 2, cos_lat.shape)]))
+    cos_lat, grain, jnp.stack([source_var, jnp.broadcast_to(var / 2, cos_lat.shape)])
+  )
   mixing = _row_mixing(lat, cos_lat, grain, lat_var, var)
   spectrum = jnp.fft.rfft(counts, axis=-1) * source_kernel
   # A real matrix times a complex array: two real products beat one complex product.
   spectrum = jax.lax.complex(
-      jnp.einsum("ir,crk->cik", mixing, spectrum.real),
-      jnp.einsum("ir,crk->cik", mixing, spectrum.imag))
+    jnp.einsum("ir,crk->cik", mixing, spectrum.real),
+    jnp.einsum("ir,crk->cik", mixing, spectrum.imag),
+  )
   spectrum = spectrum * target_kernel
   return jnp.fft.irfft(spectrum, n=grain, axis=-1)
 
@@ -251,7 +252,7 @@ def _lon_kernel_spectra(cos_lat: jnp.ndarray, grain: int, var: jnp.ndarray) -> j
 
 
 def _row_mixing(
-    lat: jnp.ndarray, cos_lat: jnp.ndarray, grain: int, lat_var: jnp.ndarray, var: jnp.ndarray
+  lat: jnp.ndarray, cos_lat: jnp.ndarray, grain: int, lat_var: jnp.ndarray, var: jnp.ndarray
 ) -> jnp.ndarray:
   """Matrix ``f32[G/2, G/2]`` whose entry ``[i, r]`` is the share of row r's mass sent to row i.
 
@@ -265,7 +266,8 @@ def _row_mixing(
   row_area = grid.cell_areas(grain)[:, 0]
   dlat = lat[:, None] - lat[None, :]
   share = (
-      row_area[:, None]
-      * jnp.exp(-jnp.square(dlat) / (2.0 * lat_var))
-      * special.i0e(cos_lat[:, None] * cos_lat[None, :] / var))
+    row_area[:, None]
+    * jnp.exp(-jnp.square(dlat) / (2.0 * lat_var))
+    * special.i0e(cos_lat[:, None] * cos_lat[None, :] / var)
+  )
   return share / jnp.sum(share, axis=0, keepdims=True)

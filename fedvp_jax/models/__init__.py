@@ -6,13 +6,13 @@ from fedvp_jax.models.lstm import LSTMEncoder
 from fedvp_jax.models.transformer import TransformerEncoder
 
 __all__ = [
-    "MODELS",
-    "Head",
-    "LSTMEncoder",
-    "Model",
-    "TransformerEncoder",
-    "ViewportModel",
-    "build_model",
-    "functional",
-    "motion_features",
+  "MODELS",
+  "Head",
+  "LSTMEncoder",
+  "Model",
+  "TransformerEncoder",
+  "ViewportModel",
+  "build_model",
+  "functional",
+  "motion_features",
 ]

@@ -63,7 +63,7 @@ def functional(make: Callable[[nnx.Rngs], ViewportModel], latent_dim: int, horiz
 
 
 def build_model(
-    name: str, history: int, horizon: int, *, latent_dim: int = 32, head_hidden: int = 64
+  name: str, history: int, horizon: int, *, latent_dim: int = 32, head_hidden: int = 64
 ) -> Model:
   """The named viewport model for windows of M = ``history`` and H = ``horizon`` samples.
 
@@ -81,11 +81,11 @@ def build_model(
   """
   if latent_dim <= MOTION_DIM:
     raise ConfigError(
-        f"--latent-dim {latent_dim}: must exceed {MOTION_DIM} (z starts with the motion state)"
+      f"--latent-dim {latent_dim}: must exceed {MOTION_DIM} (z starts with the motion state)"
     )
   encoders = {
-      "lstm": lambda rngs: LSTMEncoder(latent_dim, rngs=rngs),
-      "transformer": lambda rngs: TransformerEncoder(latent_dim, history, rngs=rngs),
+    "lstm": lambda rngs: LSTMEncoder(latent_dim, rngs=rngs),
+    "transformer": lambda rngs: TransformerEncoder(latent_dim, history, rngs=rngs),
   }
   if name not in encoders:
     raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

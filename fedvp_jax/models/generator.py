@@ -41,7 +41,9 @@ class LabelEncoding(nnx.Module):
 class SimpleGenerator(nnx.Module):
   """FedGen's shape: Dense -> normalisation -> ReLU -> Dense to z."""
 
-  def __init__(self, label: LabelEncoding, noise_dim: int, hidden: int, latent_dim: int, *, rngs: nnx.Rngs):
+  def __init__(
+    self, label: LabelEncoding, noise_dim: int, hidden: int, latent_dim: int, *, rngs: nnx.Rngs
+  ):
     self.label = label
     self.hidden = nnx.Linear(noise_dim + label.width, hidden, rngs=rngs)
     self.norm = nnx.LayerNorm(hidden, rngs=rngs)
@@ -70,7 +72,14 @@ class DeepGenerator(nnx.Module):
   """
 
   def __init__(
-      self, label: LabelEncoding, noise_dim: int, hidden: int, latent_dim: int, depth: int = 3, *, rngs: nnx.Rngs
+    self,
+    label: LabelEncoding,
+    noise_dim: int,
+    hidden: int,
+    latent_dim: int,
+    depth: int = 3,
+    *,
+    rngs: nnx.Rngs,
   ):
     self.label = label
     self.inp = nnx.Linear(noise_dim + label.width, hidden, rngs=rngs)
@@ -101,14 +110,14 @@ class Generator(NamedTuple):
 
 
 def build_generator(
-    kind: str,
-    latent_dim: int,
-    *,
-    embedding: bool = False,
-    grain: int = 256,
-    noise_dim: int = 32,
-    hidden: int = 256,
-    embedding_dim: int = 32,
+  kind: str,
+  latent_dim: int,
+  *,
+  embedding: bool = False,
+  grain: int = 256,
+  noise_dim: int = 32,
+  hidden: int = 256,
+  embedding_dim: int = 32,
 ) -> Generator:
   """The ``"simple"`` or ``"deep"`` generator producing z of size ``latent_dim``.
 

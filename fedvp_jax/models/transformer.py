@@ -1,7 +1,6 @@
 """Transformer encoder over the history's motion features."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from fedvp_jax.models.head import MOTION_DIM, motion_features
@@ -13,7 +12,7 @@ class EncoderBlock(nnx.Module):
   def __init__(self, width: int, num_heads: int, mlp_width: int, *, rngs: nnx.Rngs):
     self.attention_norm = nnx.LayerNorm(width, rngs=rngs)
     self.attention = nnx.MultiHeadAttention(
-        num_heads=num_heads, in_features=width, decode=False, rngs=rngs
+      num_heads=num_heads, in_features=width, decode=False, rngs=rngs
     )
     self.mlp_norm = nnx.LayerNorm(width, rngs=rngs)
     self.mlp_in = nnx.Linear(width, mlp_width, rngs=rngs)
@@ -32,20 +31,20 @@ class TransformerEncoder(nnx.Module):
   """
 
   def __init__(
-      self,
-      latent_dim: int,
-      history: int,
-      width: int = 64,
-      num_layers: int = 2,
-      num_heads: int = 4,
-      mlp_width: int = 128,
-      *,
-      rngs: nnx.Rngs,
+    self,
+    latent_dim: int,
+    history: int,
+    width: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    mlp_width: int = 128,
+    *,
+    rngs: nnx.Rngs,
   ):
     self.embed = nnx.Linear(6, width, rngs=rngs)
     self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (history, width)))
     self.blocks = nnx.List(
-        [EncoderBlock(width, num_heads, mlp_width, rngs=rngs) for _ in range(num_layers)]
+      [EncoderBlock(width, num_heads, mlp_width, rngs=rngs) for _ in range(num_layers)]
     )
     self.norm = nnx.LayerNorm(width, rngs=rngs)
     self.out = nnx.Linear(width, latent_dim - MOTION_DIM, rngs=rngs)
