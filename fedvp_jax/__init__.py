@@ -20,11 +20,22 @@ from fedvp_jax.baselines import BASELINES, constant_velocity, no_motion
 from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
 from fedvp_jax.data.federated import ClientData, build_client_data, sample_batches, select_users
 from fedvp_jax.errors import ConfigError, DataError, FedVPError
-from fedvp_jax.geometry import lonlat_to_vec, normalize, orthodromic_distance, vec_to_lonlat
+from fedvp_jax.geometry import lonlat_to_vec, normalize, orthodromic_distance, rotate, vec_to_lonlat
 from fedvp_jax.heatmap import heatmaps, label_weights, sample_labels
 from fedvp_jax.metrics import ErrorSums, Summary, error_sums, mse, summarize
 from fedvp_jax.models import Model, build_model
-from fedvp_jax.training import RunConfig, prepare, run, train
+from fedvp_jax.training import (
+  Experiment,
+  ProgressBar,
+  RunConfig,
+  baseline_summaries,
+  beats_baselines,
+  prepare,
+  resolve_device,
+  run,
+  summary_dict,
+  train,
+)
 
 __version__ = "0.1.0"
 
@@ -37,16 +48,20 @@ __all__ = [
   "DataError",
   "DatasetSpec",
   "ErrorSums",
+  "Experiment",
   "FedGenConfig",
   "FedGenState",
   "FedVPError",
   "FederatedAlgorithm",
   "Model",
+  "ProgressBar",
   "RoundConfig",
   "RoundMetrics",
   "RunConfig",
   "Summary",
   "algorithms",
+  "baseline_summaries",
+  "beats_baselines",
   "build_algorithm",
   "build_client_data",
   "build_model",
@@ -67,11 +82,14 @@ __all__ = [
   "orthodromic_distance",
   "parse_spec",
   "prepare",
+  "resolve_device",
+  "rotate",
   "run",
   "sample_batches",
   "sample_labels",
   "select_users",
   "summarize",
+  "summary_dict",
   "train",
   "vec_to_lonlat",
 ]

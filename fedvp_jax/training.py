@@ -227,7 +227,7 @@ def train(
   for r in range(rounds):
     t0 = time.perf_counter()
     state, metrics = apply(state, data, jax.random.fold_in(rounds_key, r))
-    record = round_record(r, metrics)
+    record = _round_record(r, metrics)
     round_times.append(time.perf_counter() - t0)
     record["seconds"] = round_times[-1]
     if record.get("test_loss", math.inf) < best["loss"]:
@@ -252,7 +252,7 @@ def train(
   return state, summary
 
 
-def round_record(r: int, metrics) -> dict[str, Any]:
+def _round_record(r: int, metrics) -> dict[str, Any]:
   """One round's metrics as a JSON-ready record (``round`` counts from 0)."""
   record: dict[str, Any] = {
     "round": r,

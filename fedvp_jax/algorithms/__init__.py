@@ -7,16 +7,46 @@ from typing import NamedTuple
 
 import optax
 
-from fedvp_jax.algorithms.aggregation import SEND_MODES, aggregate, blend, receive, weighted_mean
-from fedvp_jax.algorithms.client import local_update, prediction_loss
+from fedvp_jax.algorithms.aggregation import (
+  SEND_MODES,
+  aggregate,
+  blend,
+  check_send,
+  is_finite,
+  receive,
+  weighted_mean,
+  where_clients,
+)
+from fedvp_jax.algorithms.client import LocalUpdate, LossFn, local_update, prediction_loss, stack
 from fedvp_jax.algorithms.core import (
+  ClientsRound,
   ClientsState,
   FederatedAlgorithm,
   RoundConfig,
   RoundMetrics,
+  TrainResult,
+  clients_round,
+  evaluate_clients,
+  evaluate_deployed,
+  evaluate_on_schedule,
+  init_clients,
+  mean_train_loss,
+  select_clients,
+  train_clients,
 )
 from fedvp_jax.algorithms.fedavg import fedavg
-from fedvp_jax.algorithms.fedgen import FedGenConfig, FedGenState, fedgen
+from fedvp_jax.algorithms.fedgen import (
+  FedGenConfig,
+  FedGenState,
+  GeneratorContext,
+  GeneratorUpdate,
+  diversity_loss,
+  fedgen,
+  fedgen_client_loss,
+  generator_update,
+  generator_weights,
+  teacher_loss,
+)
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.models import Model
 
@@ -81,19 +111,42 @@ __all__ = [
   "RESEARCHER_NAMES",
   "SEND_MODES",
   "AlgorithmSpec",
+  "ClientsRound",
   "ClientsState",
   "FedGenConfig",
   "FedGenState",
   "FederatedAlgorithm",
+  "GeneratorContext",
+  "GeneratorUpdate",
+  "LocalUpdate",
+  "LossFn",
   "RoundConfig",
   "RoundMetrics",
+  "TrainResult",
   "aggregate",
   "blend",
   "build_algorithm",
+  "check_send",
+  "clients_round",
+  "diversity_loss",
+  "evaluate_clients",
+  "evaluate_deployed",
+  "evaluate_on_schedule",
   "fedavg",
   "fedgen",
+  "fedgen_client_loss",
+  "generator_update",
+  "generator_weights",
+  "init_clients",
+  "is_finite",
   "local_update",
+  "mean_train_loss",
   "prediction_loss",
   "receive",
+  "select_clients",
+  "stack",
+  "teacher_loss",
+  "train_clients",
   "weighted_mean",
+  "where_clients",
 ]

@@ -16,9 +16,16 @@ from fedvp_jax.data.federated import (
   sample_final_targets,
   sample_indices,
   select_users,
+  stack_windows,
 )
 from fedvp_jax.data.synthetic import synthetic_traces
-from fedvp_jax.data.traces import TraceSet, load_trace_dir, read_trace_file
+from fedvp_jax.data.traces import (
+  TraceSet,
+  load_trace_dir,
+  natural_key,
+  read_split_file,
+  read_trace_file,
+)
 from fedvp_jax.data.windows import SPLITS, Windows, make_windows, split_videos, viewer_windows
 
 __all__ = [
@@ -34,7 +41,9 @@ __all__ = [
   "load_trace_dir",
   "load_traces",
   "make_windows",
+  "natural_key",
   "parse_spec",
+  "read_split_file",
   "read_trace_file",
   "resolve_data_root",
   "sample_batches",
@@ -42,6 +51,7 @@ __all__ = [
   "sample_indices",
   "select_users",
   "split_videos",
+  "stack_windows",
   "synthetic_traces",
   "viewer_windows",
 ]

@@ -1,0 +1,49 @@
+"""The API reference is in step with the code, and every public name is exported."""
+
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+
+import fedvp_jax
+from conftest import REPO
+
+PACKAGES = (
+  "fedvp_jax",
+  "fedvp_jax.data",
+  "fedvp_jax.models",
+  "fedvp_jax.algorithms",
+  "fedvp_jax.heatmap",
+)
+
+
+def test_api_reference_is_up_to_date():
+  spec = importlib.util.spec_from_file_location(
+    "gen_api_docs", REPO / "scripts" / "gen_api_docs.py"
+  )
+  generator = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(generator)
+  on_disk = (REPO / "docs" / "api.md").read_text()
+  assert on_disk == generator.render(), "docs/api.md is stale: run python scripts/gen_api_docs.py"
+
+
+def test_every_public_name_is_exported():
+  exported = set()
+  for package in PACKAGES:
+    module = importlib.import_module(package)
+    for name in module.__all__:
+      assert hasattr(module, name), f"{package}.__all__ names missing {name}"
+    exported |= set(module.__all__)
+  unexported = []
+  for info in pkgutil.walk_packages(fedvp_jax.__path__, "fedvp_jax."):
+    module = importlib.import_module(info.name)
+    for name, obj in vars(module).items():
+      defined_here = getattr(obj, "__module__", None) == module.__name__
+      if (
+        not name.startswith("_")
+        and defined_here
+        and (inspect.isfunction(obj) or inspect.isclass(obj))
+      ):
+        if name not in exported:
+          unexported.append(f"{module.__name__}.{name}")
+  assert not unexported, f"public but not exported (export it or make it _private): {unexported}"
