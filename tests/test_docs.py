@@ -5,8 +5,9 @@ import importlib.util
 import inspect
 import pkgutil
 
-import fedvp_jax
 from conftest import REPO
+
+import fedvp_jax
 
 PACKAGES = (
   "fedvp_jax",
@@ -39,11 +40,7 @@ def test_every_public_name_is_exported():
     module = importlib.import_module(info.name)
     for name, obj in vars(module).items():
       defined_here = getattr(obj, "__module__", None) == module.__name__
-      if (
-        not name.startswith("_")
-        and defined_here
-        and (inspect.isfunction(obj) or inspect.isclass(obj))
-      ):
-        if name not in exported:
-          unexported.append(f"{module.__name__}.{name}")
+      is_code = inspect.isfunction(obj) or inspect.isclass(obj)
+      if defined_here and is_code and not name.startswith("_") and name not in exported:
+        unexported.append(f"{module.__name__}.{name}")
   assert not unexported, f"public but not exported (export it or make it _private): {unexported}"
