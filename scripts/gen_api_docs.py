@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def describe(name: str, obj: object) -> str:
     head = f"### `{name}`\n\n```python\n{kind} {name}{signature}\n```\n"
     doc = inspect.getdoc(obj) or "(no docstring)"
     return f"{head}\n{doc}\n"
-  return f"### `{name}`\n\n`{type(obj).__name__}`: `{obj!r}`\n"[:2000]
+  value = re.sub(r" at 0x[0-9a-f]+", "", repr(obj))  # addresses differ between runs
+  return f"### `{name}`\n\n`{type(obj).__name__}`: `{value}`\n"
 
 
 def render() -> str:
