@@ -14,7 +14,7 @@ exactly FedAvg.
 The algorithm is the section between the two ``----`` rules (``proximal_loss`` and
 ``fedprox``); the rest is the command line. Run::
 
-    python examples/fedprox.py                    # FedAvg vs FedProx(mu=0.01, 0.1) on Synthetic
+    python examples/fedprox.py                    # FedAvg vs FedProx(mu=0.1, 1, 10) on Synthetic
     python examples/fedprox.py --mu 0,1 --rounds 50 --local-steps 40
 """
 
@@ -29,9 +29,15 @@ import jax.numpy as jnp
 import optax
 
 import fedvp_jax as fv
-from fedvp_jax.algorithms import local_update, prediction_loss
-from fedvp_jax.algorithms.client import LossFn
-from fedvp_jax.algorithms.core import clients_round, evaluate_deployed, init_clients
+from fedvp_jax.algorithms import (
+  LossFn,
+  clients_round,
+  evaluate_deployed,
+  init_clients,
+  local_update,
+  prediction_loss,
+)
+from fedvp_jax.data.traces import SAMPLE_PERIOD
 
 # ---- FedProx: the algorithm ------------------------------------------------------------------
 
@@ -62,7 +68,7 @@ def proximal_loss(model: fv.Model, mu: float) -> LossFn:
 
 
 def fedprox(
-    model: fv.Model, optimizer: optax.GradientTransformation, config: fv.RoundConfig, mu: float
+  model: fv.Model, optimizer: optax.GradientTransformation, config: fv.RoundConfig, mu: float
 ) -> fv.FederatedAlgorithm:
   """FedProx: FedAvg's round whose clients train on :func:`proximal_loss`.
 
@@ -84,7 +90,8 @@ def fedprox(
   train = local_update(proximal_loss(model, mu), optimizer)
 
   def update(params, opt_state, batches, key, context):
-    # `params` are the training clients' models as received this round: the anchors.
+    # A LocalUpdate (context is None here). `params` are the K training clients' models as
+    # received this round: they become the context, and each client's batches its row in it.
     num_clients, num_steps = batches[0].shape[:2]
     rows = jnp.broadcast_to(jnp.arange(num_clients)[:, None], (num_clients, num_steps))
     return train(params, opt_state, (*batches, rows), key, params)
@@ -105,20 +112,32 @@ def fedprox(
 # ---- The comparison ---------------------------------------------------------------------------
 
 
-def run_rounds(algorithm: fv.FederatedAlgorithm, data: fv.ClientData, rounds: int, seed: int) -> fv.Summary:
+def run_rounds(
+  algorithm: fv.FederatedAlgorithm, data: fv.ClientData, rounds: int, seed: int
+) -> fv.Summary:
   """Runs ``rounds`` jitted rounds from ``seed`` (keys as in ``fedvp_jax.train``) and returns
   the final evaluation of the deployed models."""
   init_key, rounds_key = jax.random.split(jax.random.key(seed))
-  state = jax.jit(algorithm.init)(init_key, data)
+  state = algorithm.init(init_key, data)  # eager: its small ops compile once per process
   apply = jax.jit(algorithm.apply, donate_argnums=0)
   for r in range(rounds):
     state, _ = apply(state, data, jax.random.fold_in(rounds_key, r))
   return fv.summarize(jax.jit(algorithm.evaluate)(state, data))
 
 
+def mu_list(text: str) -> list[float]:
+  """Parses ``--mu 0.1,1``."""
+  try:
+    return [float(m) for m in text.split(",") if m.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--mu", default="0.01,0.1", help="comma-separated FedProx coefficients")
+  parser.add_argument(
+    "--mu", type=mu_list, default="0.1,1,10", help="comma-separated FedProx coefficients"
+  )
   parser.add_argument("--dataset", default="Synthetic-m10-h5", help="<Name>-m<M>-h<H>")
   parser.add_argument("--data-dir", default=None, help="data root for real datasets")
   parser.add_argument("--model", default="lstm", choices=fv.models.MODELS)
@@ -129,6 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--learning-rate", type=float, default=0.05)
   parser.add_argument("--beta", type=float, default=1.0)
+  parser.add_argument("--clients-per-round", type=int, default=None, help="default: all")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args(argv)
 
@@ -141,7 +161,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ``orthodromic_deg`` is the mean great-circle error per horizon step.
   """
   args = parse_args(argv)
-  mus = [float(m) for m in args.mu.split(",") if m.strip()]
   spec = fv.parse_spec(args.dataset)
   traces = fv.load_traces(spec, args.data_dir, seed=args.seed)
   users = fv.select_users(traces, args.num_users, seed=args.seed)
@@ -149,24 +168,39 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   model = fv.build_model(args.model, spec.history, spec.horizon, latent_dim=args.latent_dim)
   optimizer = optax.sgd(args.learning_rate)
   config = fv.RoundConfig(
-      send="full", beta=args.beta, local_steps=args.local_steps, batch_size=args.batch_size
+    send="full",
+    beta=args.beta,
+    local_steps=args.local_steps,
+    batch_size=args.batch_size,
+    clients_per_round=args.clients_per_round,
   )
-  algorithms = [("FedAvg", None, fv.fedavg(model, optimizer, config))]
-  algorithms += [("FedProx", mu, fedprox(model, optimizer, config, mu)) for mu in mus]
-  print(f"{spec}: {len(users)} clients, {args.model}, {args.rounds} rounds x "
-        f"{args.local_steps} local steps, lr {args.learning_rate}, seed {args.seed}")
-  rows = []
+  algorithms: list[tuple[str, float | None, fv.FederatedAlgorithm]] = [
+    ("FedAvg", None, fv.fedavg(model, optimizer, config))
+  ]
+  algorithms += [("FedProx", mu, fedprox(model, optimizer, config, mu)) for mu in args.mu]
+  print(
+    f"{spec}: {len(users)} clients, {args.model}, {args.rounds} rounds x "
+    f"{args.local_steps} local steps, lr {args.learning_rate}, seed {args.seed}"
+  )
+  rows: list[dict[str, Any]] = []
   for name, mu, algorithm in algorithms:
     summary = run_rounds(algorithm, data, args.rounds, args.seed)
     degrees = [float(d) for d in summary.orthodromic_deg]
-    rows.append({"algorithm": name, "mu": mu, "loss": float(summary.loss), "orthodromic_deg": degrees})
-  print(f"{'algorithm':<10} {'mu':>6} {'Average Global Loss':>20} {'orthodromic mean':>17} "
-        f"{'at ' + format(0.2 * spec.horizon, '.1f') + ' s':>9}")
+    rows.append(
+      {"algorithm": name, "mu": mu, "loss": float(summary.loss), "orthodromic_deg": degrees}
+    )
+  print(
+    f"{'algorithm':<10} {'mu':>6} {'Average Global Loss':>20} {'orthodromic mean':>17} "
+    f"{'at ' + format(SAMPLE_PERIOD * spec.horizon, '.1f') + ' s':>9}"
+  )
   for row in rows:
-    mu = "-" if row["mu"] is None else f"{row['mu']:g}"
+    mu_text = "-" if row["mu"] is None else f"{row['mu']:g}"
     degrees = row["orthodromic_deg"]
-    print(f"{row['algorithm']:<10} {mu:>6} {row['loss']:>20.6f} {sum(degrees) / len(degrees):>16.3f}° "
-          f"{degrees[-1]:>8.3f}°")
+    mean = sum(degrees) / len(degrees)
+    print(
+      f"{row['algorithm']:<10} {mu_text:>6} {row['loss']:>20.6f} {mean:>16.3f}° "
+      f"{degrees[-1]:>8.3f}°"
+    )
   return rows
 
 

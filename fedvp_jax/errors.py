@@ -16,3 +16,7 @@ class DataError(FedVPError):
 
 class ConfigError(FedVPError):
   """An impossible combination of options."""
+
+
+class DivergenceError(FedVPError):
+  """Training diverged: every client's update in a round was non-finite."""

@@ -20,7 +20,7 @@ class ErrorSums(NamedTuple):
     squared_error: ``f32[clients]`` sum over windows of each window's MSE (mean over H and
       the 3 coordinates).
     orthodromic: ``f32[clients, H]`` sum over windows of great-circle error in radians, per
-      horizon step.
+      horizon step (pi for a prediction that is not a direction).
     num_windows: ``f32[clients]`` number of real windows.
   """
 
@@ -36,7 +36,10 @@ def error_sums(prediction: jax.Array, target: jax.Array, mask: jax.Array) -> Err
   """
   weight = mask.astype(prediction.dtype)
   window_mse = jnp.mean(jnp.square(prediction - target), axis=(-2, -1))
-  distance = orthodromic_distance(prediction, target)
+  # A diverged model can output zero vectors, whose direction is undefined: score them as the
+  # worst possible error (pi), never as the 0 that atan2(0, 0) would give.
+  defined = jnp.linalg.norm(prediction, axis=-1) > 0.5
+  distance = jnp.where(defined, orthodromic_distance(prediction, target), jnp.pi)
   return ErrorSums(
     squared_error=jnp.sum(window_mse * weight, axis=1),
     orthodromic=jnp.sum(distance * weight[..., None], axis=1),

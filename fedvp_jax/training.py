@@ -35,7 +35,7 @@ from fedvp_jax.baselines import BASELINES
 from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
 from fedvp_jax.data.federated import ClientData, build_client_data, select_users
 from fedvp_jax.data.windows import SPLITS
-from fedvp_jax.errors import ConfigError
+from fedvp_jax.errors import ConfigError, DivergenceError
 from fedvp_jax.metrics import Summary, error_sums, summarize
 from fedvp_jax.models import MODELS, build_model
 
@@ -106,11 +106,17 @@ class RunConfig:
         raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
     if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
       raise ConfigError(f"--learning_rate {self.learning_rate}: must be a positive number")
-    per_round, users = self.clients_per_round, self.num_users
-    if self.users is None and per_round is not None and users is not None and per_round > users:
+    if self.users is not None and not self.users:
+      raise ConfigError("--users: the list of viewers is empty")
+    clients = len(self.users) if self.users is not None else self.num_users
+    source = "--users" if self.users is not None else "--num_users"
+    per_round = self.clients_per_round
+    if per_round is not None and clients is not None and per_round > clients:
       raise ConfigError(
-        f"--clients-per-round {self.clients_per_round} exceeds --num_users {self.num_users}"
+        f"--clients-per-round {per_round} exceeds the {clients} clients of {source}"
       )
+    if self.seed < 0:
+      raise ConfigError(f"--seed {self.seed}: must be at least 0")
     self.round_config().check()
     self.fedgen.check()
 
@@ -184,10 +190,10 @@ def beats_baselines(
 
 
 def summary_dict(summary: Summary) -> dict[str, Any]:
-  """A :class:`Summary` as plain JSON-ready numbers."""
+  """A :class:`Summary` as plain JSON-ready numbers (non-finite ones as ``None``)."""
   return {
-    "loss": float(summary.loss),
-    "orthodromic_deg": [float(d) for d in np.asarray(summary.orthodromic_deg)],
+    "loss": _finite_or_none(summary.loss),
+    "orthodromic_deg": [_finite_or_none(d) for d in np.asarray(summary.orthodromic_deg)],
   }
 
 
@@ -229,9 +235,18 @@ def train(
     state, metrics = apply(state, data, jax.random.fold_in(rounds_key, r))
     record = _round_record(r, metrics)
     round_times.append(time.perf_counter() - t0)
+    if len(record["excluded_clients"]) == len(metrics.selected):
+      if on_round:
+        on_round(record)
+      raise DivergenceError(
+        f"round {r}: every training client's update was non-finite (NaN or inf), so there is "
+        "nothing to aggregate; the learning rate is probably too high "
+        f"(--learning_rate {experiment.config.learning_rate})"
+      )
     record["seconds"] = round_times[-1]
-    if record.get("test_loss", math.inf) < best["loss"]:
-      best = {"loss": record["test_loss"], "round": r}
+    test_loss = record.get("test_loss")
+    if test_loss is not None and test_loss < best["loss"]:
+      best = {"loss": test_loss, "round": r}
     if on_round:
       on_round(record)
     if progress:
@@ -256,16 +271,22 @@ def _round_record(r: int, metrics) -> dict[str, Any]:
   """One round's metrics as a JSON-ready record (``round`` counts from 0)."""
   record: dict[str, Any] = {
     "round": r,
-    "train_loss": float(metrics.train_loss),
+    "train_loss": _finite_or_none(metrics.train_loss),
     "excluded_clients": [
       int(i) for i in np.asarray(metrics.selected)[np.asarray(metrics.excluded)]
     ],
   }
   if bool(metrics.evaluated):
     record.update({f"test_{k}": v for k, v in summary_dict(summarize(metrics.test)).items()})
-  for name, value in getattr(metrics, "extra", {}).items():
-    record[name] = float(value)
+  for name, value in metrics.extra.items():
+    record[name] = _finite_or_none(value)
   return record
+
+
+def _finite_or_none(value: Any) -> float | None:
+  """JSON has no NaN: a non-finite number is written as null."""
+  number = float(value)
+  return number if math.isfinite(number) else None
 
 
 def run(
@@ -281,7 +302,8 @@ def run(
   Args:
     config: the run.
     run_dir: the run directory; must not exist unless ``overwrite``.
-    overwrite: replace an existing run directory.
+    overwrite: replace an existing run directory (one holding a ``config.json``), but only
+      once the new run's data and settings have been checked.
     progress: show a progress line on stderr.
     log: where human-readable lines go.
 
@@ -293,15 +315,23 @@ def run(
   """
   config.check()
   run_dir = Path(run_dir)
+  if run_dir.exists() and not overwrite:
+    raise ConfigError(
+      f"run directory {run_dir} already exists; choose another --out/--name or pass "
+      "--overwrite to replace it"
+    )
+  experiment = prepare(config)  # every input error surfaces before anything on disk changes
   if run_dir.exists():
-    if not overwrite:
+    if not (run_dir / "config.json").is_file():
       raise ConfigError(
-        f"run directory {run_dir} already exists; choose another --out/--name or pass "
-        "--overwrite to replace it"
+        f"{run_dir} exists but is not a run directory (it has no config.json); refusing to "
+        "replace it even with --overwrite"
       )
     shutil.rmtree(run_dir)
-  experiment = prepare(config)
-  run_dir.mkdir(parents=True)
+  try:
+    run_dir.mkdir(parents=True)
+  except OSError as err:
+    raise ConfigError(f"cannot create run directory {run_dir} (check --out): {err}") from err
   _write_json(run_dir / "config.json", _config_record(experiment))
   baselines = {
     k: summary_dict(v)
@@ -314,7 +344,9 @@ def run(
     f"test windows; {config.algo}, {config.model}, {config.total_rounds} rounds"
   )
   for name, b in baselines.items():
-    log(f"  baseline {name:18s} loss {b['loss']:.5f}  orthodromic {_degrees(b['orthodromic_deg'])}")
+    log(
+      f"  baseline {name:18s} loss {_fmt(b['loss'])}  orthodromic {_degrees(b['orthodromic_deg'])}"
+    )
 
   seeds = []
   for k in range(config.times):
@@ -332,20 +364,21 @@ def run(
     seeds.append(summary)
     final = summary["final"]
     log(
-      f"  seed {config.seed + k}: Average Global Loss {final['loss']:.5f}  orthodromic "
+      f"  seed {config.seed + k}: Average Global Loss {_fmt(final['loss'])}  orthodromic "
       f"{_degrees(final['orthodromic_deg'])}  ({summary['median_round_seconds'] or 0:.3f} s/round)"
     )
 
-  losses = np.array([s["final"]["loss"] for s in seeds])
-  degrees = np.array([s["final"]["orthodromic_deg"] for s in seeds])
-  result = {
+  losses = np.array([s["final"]["loss"] for s in seeds], dtype=float)  # None -> nan
+  degrees = np.array([s["final"]["orthodromic_deg"] for s in seeds], dtype=float)
+  ddof = 1 if len(seeds) > 1 else 0  # the sample std over seeds
+  result: dict[str, Any] = {
     "config": dataclasses.asdict(config),
     "baselines": baselines,
     "seeds": seeds,
-    "final_loss_mean": float(losses.mean()),
-    "final_loss_std": float(losses.std()),
-    "orthodromic_deg_mean": degrees.mean(axis=0).tolist(),
-    "orthodromic_deg_std": degrees.std(axis=0).tolist(),
+    "final_loss_mean": _finite_or_none(losses.mean()),
+    "final_loss_std": _finite_or_none(losses.std(ddof=ddof)),
+    "orthodromic_deg_mean": [_finite_or_none(d) for d in degrees.mean(axis=0)],
+    "orthodromic_deg_std": [_finite_or_none(d) for d in degrees.std(axis=0, ddof=ddof)],
     "beats_baselines": beats_baselines(degrees.mean(axis=0), baselines),
   }
   _write_json(run_dir / "summary.json", result)
@@ -377,7 +410,7 @@ class ProgressBar:
     rate = done / max(time.perf_counter() - self.started, 1e-9)
     loss = record.get("test_loss")
     loss_text = (
-      f"test loss {loss:.5f}" if loss is not None else f"train loss {record['train_loss']:.5f}"
+      f"test loss {_fmt(loss)}" if loss is not None else f"train loss {_fmt(record['train_loss'])}"
     )
     width = 24
     filled = width * done // total
@@ -422,8 +455,12 @@ def _write_json(path: Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _degrees(values: list[float]) -> str:
-  shown = (
-    values if len(values) <= 6 else [values[i] for i in (0, len(values) // 4, len(values) // 2, -1)]
-  )
-  return "[" + ", ".join(f"{v:.2f}" for v in shown) + "] deg"
+def _fmt(value: float | None, spec: str = ".5f") -> str:
+  return "nan" if value is None else format(value, spec)
+
+
+def _degrees(values: list[float | None]) -> str:
+  if len(values) <= 6:
+    return "[" + ", ".join(_fmt(v, ".2f") for v in values) + "] deg"
+  steps = sorted({1, len(values) // 4, len(values) // 2, len(values)})
+  return "[" + ", ".join(f"step {k}: {_fmt(values[k - 1], '.2f')}" for k in steps) + "] deg"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
 from pathlib import Path
 
@@ -68,9 +69,32 @@ def at_least(minimum: int):
 
 def positive_float(text: str) -> float:
   value = float(text)
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"{text}: must be positive")
+  if not 0 < value < math.inf:
+    raise argparse.ArgumentTypeError(f"{text}: must be a positive, finite number")
   return value
+
+
+def non_negative_float(text: str) -> float:
+  value = float(text)
+  if not 0 <= value < math.inf:
+    raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0")
+  return value
+
+
+def run_name(text: str) -> str:
+  """A run directory name: one plain path component, so --overwrite can only replace it."""
+  if not text or text in (".", "..") or "/" in text or "\\" in text:
+    raise argparse.ArgumentTypeError(
+      f"{text!r}: must be a plain folder name (no '/', not '.' or '..')"
+    )
+  return text
+
+
+def user_list(text: str) -> tuple[str, ...]:
+  users = tuple(u.strip() for u in text.split(",") if u.strip())
+  if not users:
+    raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated viewer names")
+  return users
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     help="viewers drawn as clients, seeded (default %(default)s)",
   )
   p.add_argument(
-    "--users", help="comma-separated viewer names to use as clients (overrides --num_users)"
+    "--users",
+    type=user_list,
+    help="comma-separated viewer names to use as clients (overrides --num_users)",
   )
   p.add_argument(
     "--clients-per-round",
@@ -198,14 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     default=1,
     help="repeat with seeds seed, seed+1, ...; reports mean ± std (default %(default)s)",
   )
-  p.add_argument("--seed", type=int, default=0, help="seed of the first run (default %(default)s)")
+  p.add_argument(
+    "--seed", type=at_least(0), default=0, help="seed of the first run (default %(default)s)"
+  )
   p.add_argument(
     "--device", default="cpu", help="cpu, or cuda/gpu (CPU with a warning when there is no GPU)"
   )
   p.add_argument(
     "--out", default="runs", help="folder that run directories are created in (default %(default)s)"
   )
-  p.add_argument("--name", help="run directory name (default: <algo>_<dataset>_<model>_<time>)")
+  p.add_argument(
+    "--name", type=run_name, help="run directory name (default: <algo>_<dataset>_<model>_<time>)"
+  )
   p.add_argument(
     "--overwrite", action="store_true", help="replace an existing run directory of the same name"
   )
@@ -267,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--alpha",
     "--generative_alpha",
     dest="alpha",
-    type=float,
+    type=non_negative_float,
     default=1.0,
     help="initial weight of the clients' generator term (FedGen: 10; default %(default)s)",
   )
@@ -275,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--latent-weight",
     "--generative_beta",
     dest="latent_weight",
-    type=float,
+    type=non_negative_float,
     default=0.0,
     help="initial weight of FedGen's latent term; 0 is off (default %(default)s)",
   )
@@ -283,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--diversity-weight",
     "--diversity_weight",
     dest="diversity_weight",
-    type=float,
+    type=non_negative_float,
     default=0.0,
     help="weight of FedGen's diversity loss (default %(default)s)",
   )
@@ -308,7 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-  users = tuple(u.strip() for u in args.users.split(",") if u.strip()) if args.users else None
   return RunConfig(
     algo=args.algo,
     dataset=args.dataset,
@@ -320,7 +349,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     learning_rate=args.learning_rate,
     optimizer=args.optimizer,
     num_users=args.num_users,
-    users=users,
+    users=args.users,
     clients_per_round=args.clients_per_round,
     beta=args.beta,
     split=args.split,

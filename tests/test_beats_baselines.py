@@ -1,5 +1,7 @@
 """A trained model must beat no-motion and constant velocity at every horizon on real traces."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,26 @@ def test_beats_baselines_compares_every_step():
     "a": [True, False],
     "b": [False, True],
   }
+
+
+def test_a_round_where_every_client_diverges_stops_the_run(tmp_path):
+  from fedvp_jax.errors import DivergenceError
+
+  config = RunConfig(
+    algo="fedavg",
+    dataset="Synthetic-m4-h2",
+    model="lstm",
+    rounds=3,
+    num_users=3,
+    local_epochs=1,
+    batch_size=4,
+    latent_dim=12,
+  )
+  experiment = prepare(config)
+  poisoned = experiment.data.replace(train_x=experiment.data.train_x * float("nan"))
+  records = []
+  with pytest.raises(
+    DivergenceError, match="round 0: every training client's update was non-finite"
+  ):
+    train(dataclasses.replace(experiment, data=poisoned), seed=0, on_round=records.append)
+  assert records[0]["train_loss"] is None and records[0]["excluded_clients"] == [0, 1, 2]

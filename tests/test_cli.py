@@ -126,12 +126,19 @@ class _Nothing:
   [
     (["--beta", "1.5"], "beta must be in (0, 1]"),
     (["--beta", "0"], "beta must be in (0, 1]"),
-    (["--clients-per-round", "5"], "--clients-per-round 5 exceeds --num_users 3"),
+    (["--clients-per-round", "5"], "--clients-per-round 5 exceeds the 3 clients of --num_users"),
     (["--algorithm", "FedProx"], "unknown algorithm 'FedProx'"),
     (["--model", "gru"], "unknown model 'gru'"),
     (["--dataset", "David-m0-h1"], "must be at least 1"),
     (["--rounds", "0"], "must be at least 1"),
     (["--grain", "15"], "grain"),
+    (["--seed", "-1"], "must be at least 0"),
+    (["--users", ","], "give comma-separated viewer names"),
+    (["--name", "."], "must be a plain folder name"),
+    (["--name", "a/b"], "must be a plain folder name"),
+    (["--learning_rate", "inf"], "positive, finite"),
+    (["--alpha", "inf"], "finite number >= 0"),
+    (["--users", "0,1", "--clients-per-round", "3"], "exceeds the 2 clients of --users"),
   ],
 )
 def test_impossible_flags_are_rejected(train_main, tmp_path, capsys, flags, message):
@@ -150,6 +157,46 @@ def test_existing_run_directory_is_kept(train_main, tmp_path, capsys):
   assert "already exists" in capsys.readouterr().err
   assert (tmp_path / "keep" / "summary.json").read_text() == before
   assert train_main(argv + ["--overwrite"]) == 0
+
+
+def test_a_failing_overwrite_keeps_the_old_run(train_main, tmp_path, capsys):
+  argv = TINY + ["--algo", "local", "--out", str(tmp_path), "--name", "keep", "--rounds", "1"]
+  assert train_main(argv) == 0
+  before = (tmp_path / "keep" / "summary.json").read_text()
+  bad = argv + ["--overwrite", "--dataset", "Nowhere-m4-h2", "--data-dir", str(tmp_path)]
+  assert train_main(bad) == 2
+  assert "unknown dataset 'Nowhere'" in capsys.readouterr().err
+  assert (tmp_path / "keep" / "summary.json").read_text() == before
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_run(train_main, tmp_path, capsys):
+  precious = tmp_path / "notes"
+  precious.mkdir()
+  (precious / "thesis.txt").write_text("years of work")
+  argv = TINY + ["--algo", "local", "--out", str(tmp_path), "--name", "notes", "--overwrite"]
+  assert train_main(argv) == 2
+  assert "not a run directory" in capsys.readouterr().err
+  assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_collapsed_model_is_reported_as_losing(train_main, tmp_path, capsys):
+  # lr 1e30 blows the params up (finite but huge): predictions collapse to zero vectors.
+  argv = TINY + [
+    "--algo",
+    "fedavg",
+    "--learning_rate",
+    "1e30",
+    "--out",
+    str(tmp_path),
+    "--name",
+    "d",
+  ]
+  assert train_main(argv) == 0
+  out = capsys.readouterr().out
+  assert "beats constant-velocity: NOT at steps [1, 2]" in out
+  summary, _ = read_run(tmp_path / "d")
+  np.testing.assert_allclose(summary["orthodromic_deg_mean"], [180.0, 180.0], rtol=1e-5)
+  assert summary["beats_baselines"]["no-motion"] == [False, False]
 
 
 def test_missing_data_root_says_how_to_set_it(train_main, tmp_path, capsys, monkeypatch):

@@ -185,12 +185,14 @@ def reference_fedgen_round(model, generator, cfg, config, state, data, key):
   grad = jax.jit(jax.grad(client_loss))
   server = state.clients.server_params
   clients = []
+  b = config.beta
+  mix = lambda s, o: jax.tree.map(lambda u, v: b * u + (1 - b) * v, s, o)
   for k in range(data.num_clients):
     own = jax.tree.map(lambda leaf: leaf[k], state.clients.client_params)
     if config.send == "full":
-      own = server
+      own = mix(server, own)
     elif config.send == "partial":
-      own = {"encoder": own["encoder"], "head": server["head"]}
+      own = {"encoder": own["encoder"], "head": mix(server["head"], own["head"])}
     clients.append(own)
   client_keys = jax.random.split(train_key, len(selected))
   trained = []
@@ -288,3 +290,18 @@ def test_fedgen_round_is_traced_once(setup):
     state, metrics = apply(state, data, jax.random.key(r))
   assert float(metrics.extra["generator_weight"]) > 0
   chex.assert_tree_all_finite(state)
+
+
+def test_a_poisoned_client_never_reaches_the_generator(setup):
+  data, model = setup
+  poisoned = data.replace(train_x=data.train_x.at[1].set(jnp.nan))
+  config = RoundConfig(local_steps=1, batch_size=4)
+  algorithm = build_algorithm("fedgen", model, optax.sgd(LR), config, SMALL)
+  state = algorithm.init(jax.random.key(0), data)
+  apply = jax.jit(algorithm.apply)
+  for r in range(3):
+    state, metrics = apply(state, poisoned, jax.random.key(r))
+    np.testing.assert_array_equal(metrics.excluded, [False, True, False])
+    chex.assert_tree_all_finite(state.generator_params)
+    chex.assert_tree_all_finite(state.clients.server_params)
+    assert np.isfinite(float(metrics.extra["teacher_loss"]))

@@ -149,7 +149,7 @@ def test_time_split_never_crosses_the_cut(length, m, h):
 def test_time_split_with_short_test_part_is_an_error():
   # 20 samples: cut at 16, so the test part has 4 samples, fewer than M + H = 5.
   ts = coded_set({("1_a", "0"): 20, ("2_b", "0"): 50})
-  with pytest.raises(DataError, match=r"Coded/sampled_dataset/1_a/0.*too short"):
+  with pytest.raises(DataError, match=r"dataset Coded, video .1_a., user .0.: .*too short"):
     viewer_windows(ts, "0", 3, 2, "time")
 
 
@@ -249,7 +249,7 @@ def test_too_short_trace_names_dataset_video_user():
   with pytest.raises(DataError) as info:
     viewer_windows(ts, "4", 5, 3, "video")
   message = str(info.value)
-  assert "Short_DS/sampled_dataset/2_b/4" in message
+  assert "Short_DS" in message and "'2_b'" in message and "'4'" in message
   assert "7" in message and "8" in message  # what it has and what it needs
 
 
@@ -257,3 +257,10 @@ def test_unknown_split():
   ts = coded_set({("1_a", "0"): 20, ("2_b", "0"): 20})
   with pytest.raises(DataError, match=r"unknown split 'user'.*video.*time"):
     viewer_windows(ts, "0", 3, 1, "user")
+
+
+def test_split_files_sharing_a_video_are_rejected():
+  split = {"train": (("4", "1_a"), ("4", "2_b")), "test": (("4", "2_b"),)}
+  ts = coded_set({("1_a", "4"): 20, ("2_b", "4"): 20}, split, name="Leaky")
+  with pytest.raises(DataError, match=r"Leaky.*train_set and test_set both name video\(s\) 2_b"):
+    viewer_windows(ts, "4", 5, 3, "video")

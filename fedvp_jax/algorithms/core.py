@@ -110,9 +110,14 @@ class RoundConfig:
   def check(self, num_clients: int | None = None) -> None:
     """Raises ConfigError for impossible settings."""
     check_send(self.send, self.beta)
-    for name in ("local_steps", "batch_size", "eval_every"):
+    flags = {
+      "local_steps": "--local_epochs",
+      "batch_size": "--batch_size",
+      "eval_every": "--eval-every",
+    }
+    for name, flag in flags.items():
       if getattr(self, name) < 1:
-        raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
+        raise ConfigError(f"{flag} {getattr(self, name)}: must be at least 1")
     k = self.clients_per_round
     if k is not None and (k < 1 or (num_clients is not None and k > num_clients)):
       raise ConfigError(
@@ -179,6 +184,7 @@ class TrainResult(NamedTuple):
     batches: the minibatches they trained on, ``(f32[K, S, B, M, 3], f32[K, S, B, H, 3])``
       (and the label batches, see :func:`train_clients`).
     losses: ``f32[K, S]`` every step's loss.
+    finite: ``bool[K]`` clients whose trained params and losses are all finite.
   """
 
   client_params: StackedParams
@@ -187,6 +193,7 @@ class TrainResult(NamedTuple):
   selected: jax.Array
   batches: tuple[jax.Array, ...]
   losses: jax.Array
+  finite: jax.Array
 
 
 def train_clients(
@@ -226,15 +233,25 @@ def train_clients(
     selected=selected,
     batches=batches,
     losses=losses,
+    finite=finite,
   )
 
 
 def mean_train_loss(losses: jax.Array, weights: jax.Array) -> jax.Array:
-  """Sample-weighted mean over clients of each client's mean step loss (finite ones only)."""
-  per_client = jnp.mean(losses, axis=1)
-  weights = jnp.where(jnp.isfinite(per_client), weights, 0.0)
-  return jnp.sum(jnp.where(weights > 0, per_client, 0.0) * weights) / jnp.maximum(
-    jnp.sum(weights), 1e-12
+  """Sample-weighted mean over clients of each client's mean step loss.
+
+  Args:
+    losses: ``f32[K, S]`` every step's loss.
+    weights: ``f32[K]`` sample counts, 0 for clients that do not count (non-finite ones).
+
+  Returns:
+    ``f32[]``; NaN when no client counts, so that a round in which every client diverged is
+    never reported as a loss of zero.
+  """
+  per_client = jnp.where(weights > 0, jnp.mean(losses, axis=1), 0.0)
+  total = jnp.sum(weights)
+  return jnp.where(
+    total > 0, jnp.sum(per_client * weights) / jnp.where(total > 0, total, 1.0), jnp.nan
   )
 
 
@@ -271,7 +288,8 @@ def clients_round(
   result = train_clients(
     config, update, params, state.client_opt_state, data, key, context, label_batch_size
   )
-  weights = data.train_counts[result.selected]
+  # A client whose loss diverged is left out even if its params still look finite.
+  weights = jnp.where(result.finite, data.train_counts[result.selected], 0.0)
   server, used = aggregate(state.server_params, result.trained, weights)
   metrics = RoundMetrics(
     train_loss=mean_train_loss(result.losses, weights),

@@ -42,6 +42,7 @@ def fedavg(
   update = local_update(prediction_loss(model), optimizer)
 
   def init(key: PRNGKey, data: ClientData) -> ClientsState:
+    config.check(data.num_clients)
     return init_clients(model, optimizer, key, data.num_clients)
 
   def apply(

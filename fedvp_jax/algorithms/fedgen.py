@@ -32,6 +32,7 @@ linearly from 0 over R rounds. P rounds are in addition to the run's ``--rounds`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from fedvp_jax.algorithms.aggregation import where_clients
 from fedvp_jax.algorithms.client import LossFn, local_update
 from fedvp_jax.algorithms.core import (
   ClientsState,
@@ -122,11 +124,11 @@ class FedGenConfig:
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 0")
     for name in ("alpha", "latent_weight", "diversity_weight"):
-      if not getattr(self, name) >= 0:
-        raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 0")
+      if not 0 <= getattr(self, name) < math.inf:
+        raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be finite, >= 0")
     for name in ("heatmap_sigma", "gen_learning_rate"):
-      if not getattr(self, name) > 0:
-        raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be positive")
+      if not 0 < getattr(self, name) < math.inf:
+        raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be finite, > 0")
     if self.server_batch_size is not None and self.server_batch_size < 1:
       raise ConfigError(f"--server-batch-size {self.server_batch_size}: must be at least 1")
 
@@ -275,13 +277,17 @@ def generator_update(
   ``lax.scan``, each on ``batch_size`` labels drawn from the clients' combined heatmap."""
 
   def train(g_params, g_opt, heads, usable, heat, key):
-    pool = combined(jnp.where(usable[:, None, None], heat, 0.0))
+    # An unusable client's head may hold NaN, and 0 * NaN is NaN in the gradient even where its
+    # error is masked: give those clients harmless zero params and no heat at all.
+    heads = where_clients(usable, heads, optax.tree.zeros_like(heads))
+    heat = jnp.where(usable[:, None, None], heat, 0.0)
+    pool = combined(heat)
 
     def step(carry, key):
       g_params, g_opt = carry
       label_key, noise_key = jax.random.split(key)
       labels = sample_labels(label_key, pool, batch_size)
-      weights = label_weights(jnp.where(usable[:, None, None], heat, 0.0), labels)
+      weights = label_weights(heat, labels)
       noise = jax.random.normal(noise_key, (batch_size, generator.noise_dim))
 
       def objective(g_params):
@@ -290,8 +296,13 @@ def generator_update(
         return teacher + diversity_weight * diversity, (teacher, diversity)
 
       grads, (teacher, diversity) = jax.grad(objective, has_aux=True)(g_params)
-      updates, g_opt = g_optimizer.update(grads, g_opt, g_params)
-      return (optax.apply_updates(g_params, updates), g_opt), (teacher, diversity)
+      updates, new_opt = g_optimizer.update(grads, g_opt, g_params)
+      new_params = optax.apply_updates(g_params, updates)
+      # A non-finite step (or no usable client) must never reach the generator: every client
+      # would train on it next round.
+      ok = jnp.any(usable) & tree_is_finite(new_params)
+      carry = optax.tree.where(ok, (new_params, new_opt), (g_params, g_opt))
+      return carry, (teacher, diversity)
 
     (g_params, g_opt), (teacher, diversity) = jax.lax.scan(
       step, (g_params, g_opt), jax.random.split(key, num_steps)
@@ -299,6 +310,11 @@ def generator_update(
     return g_params, g_opt, jnp.mean(teacher), jnp.mean(diversity)
 
   return train
+
+
+def tree_is_finite(tree: Any) -> jax.Array:
+  """``bool[]``: True when every leaf of ``tree`` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 def fedgen(
@@ -339,6 +355,7 @@ def fedgen(
   )
 
   def init(key: PRNGKey, data: ClientData) -> FedGenState:
+    config.check(data.num_clients)
     model_key, g_key = jax.random.split(key)
     g_params = generator.init(g_key)
     return FedGenState(

@@ -20,6 +20,7 @@ from fedvp_jax.data.federated import (
 )
 from fedvp_jax.data.synthetic import synthetic_traces
 from fedvp_jax.data.traces import (
+  SAMPLE_PERIOD,
   TraceSet,
   load_trace_dir,
   natural_key,
@@ -31,6 +32,7 @@ from fedvp_jax.data.windows import SPLITS, Windows, make_windows, split_videos, 
 __all__ = [
   "ALIASES",
   "DATA_ENV_VAR",
+  "SAMPLE_PERIOD",
   "SPLITS",
   "ClientData",
   "DatasetSpec",

@@ -180,7 +180,12 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
   sampled = dataset_dir / "sampled_dataset"
   if not sampled.is_dir():
     raise DataError(f"{dataset_dir}: no 'sampled_dataset' folder; not a trace dataset")
-  files = sorted(p for p in sampled.glob("*/*") if p.is_file())
+  # Dotfiles (.DS_Store and the like) are file-system clutter, not traces.
+  files = sorted(
+    p
+    for p in sampled.glob("*/*")
+    if p.is_file() and not p.name.startswith(".") and not p.parent.name.startswith(".")
+  )
   if not files:
     raise DataError(f"{sampled}: no trace files (expected sampled_dataset/<video>/<user>)")
   split_files = [dataset_dir / n for n in ("train_set", "test_set") if (dataset_dir / n).is_file()]
@@ -204,7 +209,9 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
 
 
 def _fingerprint(base: Path, files: list[Path]) -> str:
-  digest = hashlib.sha256(f"v{_CACHE_VERSION}".encode())
+  # The validation rules are part of the key: a cache parsed under other rules is stale too.
+  rules = f"v{_CACHE_VERSION} {SAMPLE_PERIOD} {UNIT_NORM_TOLERANCE} {TIMESTAMP_TOLERANCE}"
+  digest = hashlib.sha256(rules.encode())
   for p in files:
     st = p.stat()
     digest.update(f"{p.relative_to(base)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

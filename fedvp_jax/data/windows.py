@@ -89,6 +89,12 @@ def split_videos(traces: TraceSet, seed: int) -> tuple[tuple[str, ...], tuple[st
   if traces.split is not None:
     train = {v for _, v in traces.split["train"]}
     test = {v for _, v in traces.split["test"]}
+    shared = sorted(train & test)
+    if shared:
+      raise DataError(
+        f"dataset {traces.name}: its split files train_set and test_set both name video(s) "
+        f"{', '.join(shared)}; the video split would test viewers on traces they trained on"
+      )
     return tuple(v for v in traces.videos if v in train), tuple(
       v for v in traces.videos if v in test
     )
@@ -147,6 +153,6 @@ def viewer_windows(
 def _check_length(traces: TraceSet, video: str, user: str, length: int, needed: int) -> None:
   if length < needed:
     raise DataError(
-      f"{traces.name}/sampled_dataset/{video}/{user}: trace has {length} usable samples, "
-      f"too short for one window of M+H = {needed} samples"
+      f"dataset {traces.name}, video {video!r}, user {user!r}: the trace has {length} usable "
+      f"samples, too short for one window of M+H = {needed} samples"
     )
