@@ -32,6 +32,18 @@ def david_root() -> Path:
   return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """Tests build the same rounds from fresh closures; XLA's persistent cache, keyed on the
+  compiled program rather than the Python function, compiles each distinct program once per
+  session."""
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 @pytest.fixture(autouse=True)
 def private_trace_cache(tmp_path_factory, monkeypatch):
   """Every test session gets its own trace cache, so tests never see a user's cache."""
