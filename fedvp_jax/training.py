@@ -343,6 +343,12 @@ def run(
     f"{int(experiment.data.train_counts.sum())} train / {int(experiment.data.test_counts.sum())} "
     f"test windows; {config.algo}, {config.model}, {config.total_rounds} rounds"
   )
+  if ALGORITHMS[config.algo].generator:
+    g = config.fedgen
+    log(
+      f"  FedGen: alpha {g.alpha}, generator lr {g.gen_learning_rate}, {g.gen_steps} generator "
+      f"steps/round, {g.pretrain_epochs} stage-one rounds (FedGen's code: alpha 10, lr 1e-4)"
+    )
   for name, b in baselines.items():
     log(
       f"  baseline {name:18s} loss {_fmt(b['loss'])}  orthodromic {_degrees(b['orthodromic_deg'])}"
@@ -447,7 +453,8 @@ def _config_record(experiment: Experiment) -> dict[str, Any]:
     "train_windows": [int(c) for c in np.asarray(experiment.data.train_counts)],
     "test_windows": [int(c) for c in np.asarray(experiment.data.test_counts)],
     "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
-    "device": str(jax.devices()[0]),
+    # The device a `with jax.default_device(...)` block (the script's --device) selected.
+    "device": str(getattr(jax.config, "jax_default_device", None) or jax.devices()[0]),
   }
 
 
