@@ -121,6 +121,7 @@ class RunConfig:
     self.fedgen.check()
 
   def round_config(self) -> RoundConfig:
+    """The settings of a round, with what the algorithm's server sends."""
     return RoundConfig(
       send=ALGORITHMS[self.algo].send if self.algo in ALGORITHMS else "full",
       beta=self.beta,
@@ -131,6 +132,7 @@ class RunConfig:
     )
 
   def make_optimizer(self) -> optax.GradientTransformation:
+    """The clients' optax optimizer at ``learning_rate``."""
     return {"sgd": optax.sgd, "adam": optax.adam}[self.optimizer](self.learning_rate)
 
 
@@ -413,6 +415,7 @@ class ProgressBar:
     self.started = time.perf_counter()
 
   def __call__(self, done: int, total: int, record: dict[str, Any]) -> None:
+    """Shows ``done`` of ``total`` rounds and the last round's loss (a :data:`ProgressFn`)."""
     rate = done / max(time.perf_counter() - self.started, 1e-9)
     loss = record.get("test_loss")
     loss_text = (

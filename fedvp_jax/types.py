@@ -23,6 +23,10 @@ OptState = Any
 StackedOptState = Any
 """Every client's optimizer state, leaves ``[clients, ...]``."""
 
+State = Any
+"""An algorithm's state: a ``flax.struct`` dataclass whose docstring gives every field's
+shape (:class:`~fedvp_jax.algorithms.ClientsState`, :class:`~fedvp_jax.algorithms.FedGenState`)."""
+
 Batch = tuple[jax.Array, ...]
 """A minibatch ``(history: f32[batch, M, 3], future: f32[batch, H, 3], *extra)``; FedGen adds
 its clients' sampled labels ``f32[gen_batch, 3]``. With leading ``[clients, steps]`` axes when

@@ -30,7 +30,15 @@ def check_send(send: str, beta: float) -> None:
 
 
 def weighted_mean(stacked: StackedParams, weights: jax.Array) -> Params:
-  """``sum_k weights[k] * stacked[k] / sum_k weights[k]`` for ``weights: f32[clients]``."""
+  """The weighted mean of every client's params.
+
+  Args:
+    stacked: leaves ``f32[clients, ...]``.
+    weights: ``f32[clients]`` non-negative, not all zero (e.g. training-sample counts).
+
+  Returns:
+    ``sum_k weights[k] * stacked[k] / sum_k weights[k]``, leaves ``f32[...]``.
+  """
   normalized = weights / jnp.sum(weights)
   return jax.tree.map(lambda leaf: jnp.tensordot(normalized, leaf, axes=1), stacked)
 
@@ -69,14 +77,33 @@ def aggregate(
 
 
 def blend(server: Params, own: StackedParams, beta: float | jax.Array) -> StackedParams:
-  """``beta * server + (1 - beta) * own`` for every client (``server`` broadcast over clients)."""
+  """What every client keeps after receiving ``server``.
+
+  Args:
+    server: one model's params (or a subtree), leaves ``f32[...]``.
+    own: every client's matching params, leaves ``f32[clients, ...]``.
+    beta: the server's share, in (0, 1].
+
+  Returns:
+    ``beta * server + (1 - beta) * own``, leaves ``f32[clients, ...]``.
+  """
   return jax.tree.map(lambda s, o: beta * s[None] + (1.0 - beta) * o, server, own)
 
 
 def receive(
   server: Params, clients: StackedParams, send: str, beta: float | jax.Array
 ) -> StackedParams:
-  """Every client's params after taking what the server sends (see the module doc)."""
+  """Every client's params after taking what the server sends (see the module doc).
+
+  Args:
+    server: the server's model.
+    clients: every client's model, leaves ``f32[clients, ...]``.
+    send: ``"full"``, ``"partial"`` (the ``"head"`` subtree only) or ``"none"``.
+    beta: the server's share of each received layer.
+
+  Returns:
+    The clients' params, leaves ``f32[clients, ...]``.
+  """
   if send == "none":
     return clients
   if send == "full":

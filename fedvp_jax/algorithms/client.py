@@ -46,7 +46,15 @@ loss. ``key`` gives every client its own stream; ``context`` is shared by all.""
 
 
 def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> LocalUpdate:
-  """Builds the vmapped, scanned local update for ``loss_fn`` and ``optimizer``."""
+  """Builds the vmapped, scanned local update.
+
+  Args:
+    loss_fn: one client's loss on one minibatch.
+    optimizer: the clients' optax optimizer; its state is per client and persists.
+
+  Returns:
+    A :data:`LocalUpdate` training K clients at once.
+  """
 
   def one_client(
     params: Params, opt_state: OptState, batches: Batch, key: PRNGKey, context: Any

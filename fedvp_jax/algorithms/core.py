@@ -28,7 +28,7 @@ from fedvp_jax.data.federated import ClientData, sample_batches, sample_final_ta
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.metrics import ErrorSums, error_sums
 from fedvp_jax.models import Model
-from fedvp_jax.types import Params, PRNGKey, StackedOptState, StackedParams
+from fedvp_jax.types import Params, PRNGKey, StackedOptState, StackedParams, State
 
 
 @struct.dataclass
@@ -82,9 +82,9 @@ class FederatedAlgorithm(NamedTuple):
       receiving the server's) on every client's test windows.
   """
 
-  init: Callable[[PRNGKey, ClientData], Any]
-  apply: Callable[[Any, ClientData, PRNGKey], tuple[Any, RoundMetrics]]
-  evaluate: Callable[[Any, ClientData], ErrorSums]
+  init: Callable[[PRNGKey, ClientData], State]
+  apply: Callable[[State, ClientData, PRNGKey], tuple[State, RoundMetrics]]
+  evaluate: Callable[[State, ClientData], ErrorSums]
 
 
 @dataclasses.dataclass(frozen=True)

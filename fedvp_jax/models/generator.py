@@ -55,6 +55,8 @@ class SimpleGenerator(nnx.Module):
 
 
 class ResidualBlock(nnx.Module):
+  """Pre-norm residual MLP block: ``x + Dense(ReLU(Dense(LayerNorm(x))))``, width kept."""
+
   def __init__(self, width: int, *, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(width, rngs=rngs)
     self.inner = nnx.Linear(width, width, rngs=rngs)
