@@ -19,7 +19,7 @@ from fedvp_jax.algorithms import (
 from fedvp_jax.baselines import BASELINES, constant_velocity, no_motion
 from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
 from fedvp_jax.data.federated import ClientData, build_client_data, sample_batches, select_users
-from fedvp_jax.errors import ConfigError, DataError, FedVPError
+from fedvp_jax.errors import ConfigError, DataError, DivergenceError, FedVPError
 from fedvp_jax.geometry import lonlat_to_vec, normalize, orthodromic_distance, rotate, vec_to_lonlat
 from fedvp_jax.heatmap import heatmaps, label_weights, sample_labels
 from fedvp_jax.metrics import ErrorSums, Summary, error_sums, mse, summarize
@@ -47,6 +47,7 @@ __all__ = [
   "ConfigError",
   "DataError",
   "DatasetSpec",
+  "DivergenceError",
   "ErrorSums",
   "Experiment",
   "FedGenConfig",

@@ -300,7 +300,7 @@ def generator_update(
       new_params = optax.apply_updates(g_params, updates)
       # A non-finite step (or no usable client) must never reach the generator: every client
       # would train on it next round.
-      ok = jnp.any(usable) & tree_is_finite(new_params)
+      ok = jnp.any(usable) & _all_finite(new_params)
       carry = optax.tree.where(ok, (new_params, new_opt), (g_params, g_opt))
       return carry, (teacher, diversity)
 
@@ -312,7 +312,7 @@ def generator_update(
   return train
 
 
-def tree_is_finite(tree: Any) -> jax.Array:
+def _all_finite(tree: Any) -> jax.Array:
   """``bool[]``: True when every leaf of ``tree`` is finite."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
