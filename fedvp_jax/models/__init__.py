@@ -1,6 +1,6 @@
 """Viewport-prediction models as pure functions over parameter pytrees."""
 
-from fedvp_jax.models.functional import MODELS, Model, build_model, functional
+from fedvp_jax.models.functional import MODELS, Model, build_model, functional, split_once
 from fedvp_jax.models.generator import (
   GENERATORS,
   DeepGenerator,
@@ -33,4 +33,5 @@ __all__ = [
   "build_model",
   "functional",
   "motion_features",
+  "split_once",
 ]

@@ -8,7 +8,7 @@ subtree, so aggregation can treat the head (the model's last two layers) on its 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import jax
 from flax import nnx
@@ -20,6 +20,8 @@ from fedvp_jax.models.transformer import TransformerEncoder
 from fedvp_jax.types import Params
 
 MODELS = ("lstm", "transformer")
+
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 
 class Model(NamedTuple):
@@ -43,23 +45,37 @@ class Model(NamedTuple):
   horizon: int
 
 
-def functional(make: Callable[[nnx.Rngs], ViewportModel], latent_dim: int, horizon: int) -> Model:
-  """Splits the module that ``make(rngs)`` builds once and returns its pure functions."""
+def split_once(
+  make: Callable[[nnx.Rngs], ModuleT],
+) -> tuple[Callable[[jax.Array], Params], Callable[[Params], ModuleT]]:
+  """Splits the module that ``make(rngs)`` builds once, abstractly.
+
+  Returns:
+    ``(init, bind)``: ``init(key)`` builds the module's params as a plain nested dict;
+    ``bind(params)`` rebuilds the module from them (inside a traced function this is free).
+  """
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
 
   def init(key: jax.Array) -> Params:
     return nnx.to_pure_dict(nnx.state(make(nnx.Rngs(params=key))))
 
-  def apply(params: Params, history: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params)(history)
+  def bind(params: Params) -> ModuleT:
+    return nnx.merge(graphdef, params)
 
-  def encode(params: Params, history: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params).encode(history)
+  return init, bind
 
-  def head(params: Params, z: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params).head(z)
 
-  return Model(init, apply, encode, head, latent_dim, horizon)
+def functional(make: Callable[[nnx.Rngs], ViewportModel], latent_dim: int, horizon: int) -> Model:
+  """The pure functions of the :class:`ViewportModel` that ``make(rngs)`` builds."""
+  init, bind = split_once(make)
+  return Model(
+    init=init,
+    apply=lambda params, history: bind(params)(history),
+    encode=lambda params, history: bind(params).encode(history),
+    head=lambda params, z: bind(params).head(z),
+    latent_dim=latent_dim,
+    horizon=horizon,
+  )
 
 
 def build_model(

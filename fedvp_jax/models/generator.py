@@ -18,6 +18,7 @@ from flax import nnx
 
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.heatmap.grid import cell_index, check_grain
+from fedvp_jax.models.functional import split_once
 from fedvp_jax.types import Params
 
 GENERATORS = ("simple", "deep")
@@ -144,12 +145,6 @@ def build_generator(
     label = LabelEncoding(embedding, grain, embedding_dim, rngs=rngs)
     return classes[kind](label, noise_dim, hidden, latent_dim, rngs=rngs)
 
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-
-  def init(key: jax.Array) -> Params:
-    return nnx.to_pure_dict(nnx.state(make(nnx.Rngs(params=key))))
-
-  def apply(params: Params, noise: jax.Array, y: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params)(noise, y)
-
+  init, bind = split_once(make)
+  apply = lambda params, noise, y: bind(params)(noise, y)
   return Generator(init, apply, noise_dim)
