@@ -102,11 +102,7 @@ def run_rounds(
   Returns:
     ``(state, summary)``: the final state and the final evaluation of the deployed models.
   """
-  init_key, rounds_key = jax.random.split(jax.random.key(seed))
-  state = algorithm.init(init_key, data)
-  apply = jax.jit(algorithm.apply, donate_argnums=0)
-  for r in range(rounds):
-    state, _ = apply(state, data, jax.random.fold_in(rounds_key, r))
+  state = fv.run_rounds(algorithm, data, seed, rounds)
   return state, fv.summarize(jax.jit(algorithm.evaluate)(state, data))
 
 

@@ -117,11 +117,7 @@ def run_rounds(
 ) -> fv.Summary:
   """Runs ``rounds`` jitted rounds from ``seed`` (keys as in ``fedvp_jax.train``) and returns
   the final evaluation of the deployed models."""
-  init_key, rounds_key = jax.random.split(jax.random.key(seed))
-  state = algorithm.init(init_key, data)  # eager: its small ops compile once per process
-  apply = jax.jit(algorithm.apply, donate_argnums=0)
-  for r in range(rounds):
-    state, _ = apply(state, data, jax.random.fold_in(rounds_key, r))
+  state = fv.run_rounds(algorithm, data, seed, rounds)
   return fv.summarize(jax.jit(algorithm.evaluate)(state, data))
 
 

@@ -14,6 +14,7 @@ An existing run directory is never written into unless ``overwrite`` is set.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -21,7 +22,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,42 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 """``(rounds_done, rounds_total, last_round_record) -> None``."""
 
 
+def iterate_rounds(
+  algorithm: FederatedAlgorithm, data: ClientData, seed: int, rounds: int
+) -> Iterator[tuple[Any, Any]]:
+  """Runs ``rounds`` rounds of ``algorithm`` with its jitted ``apply``, yielding after each.
+
+  The keys are the ones every run uses: ``init`` gets the first half of
+  ``split(key(seed))`` and round r gets ``fold_in(second half, r)``, so the same seed gives
+  the same run whichever loop drives it.
+
+  Args:
+    algorithm: any :class:`~fedvp_jax.algorithms.FederatedAlgorithm`.
+    data: the clients' windows.
+    seed: the PRNG seed.
+    rounds: how many rounds.
+
+  Yields:
+    ``(state, metrics)`` after every round. A yielded state is valid until the next round
+    starts: its buffers are donated to that round to save device memory.
+  """
+  init_key, rounds_key = jax.random.split(jax.random.key(seed))
+  state = jax.jit(algorithm.init)(init_key, data)
+  apply = jax.jit(algorithm.apply, donate_argnums=0)
+  for r in range(rounds):
+    state, metrics = apply(state, data, jax.random.fold_in(rounds_key, r))
+    yield state, metrics
+
+
+def run_rounds(algorithm: FederatedAlgorithm, data: ClientData, seed: int, rounds: int) -> Any:
+  """The state after ``rounds`` rounds of ``algorithm``, keyed as :func:`iterate_rounds`."""
+  if rounds < 1:
+    raise ConfigError(f"rounds {rounds}: must be at least 1")
+  # Drain the iterator, keeping only the last (state, metrics).
+  ((state, _),) = collections.deque(iterate_rounds(algorithm, data, seed, rounds), maxlen=1)
+  return state
+
+
 def train(
   experiment: Experiment,
   seed: int,
@@ -226,15 +263,12 @@ def train(
   """
   rounds = experiment.config.total_rounds if rounds is None else rounds
   data, algorithm = experiment.data, experiment.algorithm
-  init_key, rounds_key = jax.random.split(jax.random.key(seed))
-  started = time.perf_counter()
-  state = jax.jit(algorithm.init)(init_key, data)
-  apply = jax.jit(algorithm.apply, donate_argnums=0)
+  started = t0 = time.perf_counter()
   best: dict[str, Any] = {"loss": math.inf, "round": None}
   round_times = []
-  for r in range(rounds):
-    t0 = time.perf_counter()
-    state, metrics = apply(state, data, jax.random.fold_in(rounds_key, r))
+  state = None
+  for r, outcome in enumerate(iterate_rounds(algorithm, data, seed, rounds)):
+    state, metrics = outcome
     record = _round_record(r, metrics)
     round_times.append(time.perf_counter() - t0)
     if len(record["excluded_clients"]) == len(metrics.selected):
@@ -253,6 +287,7 @@ def train(
       on_round(record)
     if progress:
       progress(r + 1, rounds, record)
+    t0 = time.perf_counter()
   final = summarize(jax.jit(algorithm.evaluate)(state, data))
   if float(final.loss) < best["loss"]:
     best = {"loss": float(final.loss), "round": rounds}

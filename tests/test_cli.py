@@ -9,33 +9,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-TINY = [
-  "--dataset",
-  "Synthetic-m4-h2",
-  "--num_users",
-  "3",
-  "--rounds",
-  "2",
-  "--local_epochs",
-  "2",
-  "--batch_size",
-  "8",
-  "--model",
-  "lstm",
-  "--latent-dim",
-  "12",
-  "--no-progress",
-]
-FEDGEN_TINY = [
-  "--grain",
-  "16",
-  "--heatmap-sigma",
-  "30",
-  "--gen_batch_size",
-  "8",
-  "--gen-steps",
-  "2",
-]
+TINY = (
+  "--dataset Synthetic-m4-h2 --num_users 3 --rounds 2 --local_epochs 2 --batch_size 8 "
+  "--model lstm --latent-dim 12 --no-progress"
+).split()
+FEDGEN_TINY = "--grain 16 --heatmap-sigma 30 --gen_batch_size 8 --gen-steps 2".split()
 
 
 def load_script():
@@ -244,29 +222,10 @@ def test_entry_point_runs_as_a_script(tmp_path):
 @pytest.mark.real_data
 @pytest.mark.parametrize("algo", ["partial-fedavg", "fedgen"])
 def test_real_data_run(train_main, tmp_path, david_root, algo):
-  argv = [
-    "--dataset",
-    "David-m10-h1",
-    "--data-dir",
-    str(david_root),
-    "--num_users",
-    "3",
-    "--rounds",
-    "2",
-    "--local_epochs",
-    "2",
-    "--batch_size",
-    "16",
-    "--model",
-    "lstm",
-    "--no-progress",
-    "--algo",
-    algo,
-    "--out",
-    str(tmp_path),
-    "--name",
-    "d",
-  ] + FEDGEN_TINY
+  argv = (
+    f"--dataset David-m10-h1 --data-dir {david_root} --num_users 3 --rounds 2 --local_epochs 2 "
+    f"--batch_size 16 --model lstm --no-progress --algo {algo} --out {tmp_path} --name d"
+  ).split() + FEDGEN_TINY
   assert train_main(argv) == 0
   summary, (metrics,) = read_run(tmp_path / "d")
   config = json.loads((tmp_path / "d" / "config.json").read_text())
