@@ -5,7 +5,9 @@ A run directory ``<out>/<name>/`` holds::
 
     config.json      the resolved configuration, the clients, library versions, the device
     baselines.json   no-motion and constant-velocity errors on the same test windows
-    seed<k>/metrics.jsonl   one JSON line per round, for every seed k of --times
+    seed<k>/metrics.jsonl   one JSON line per round, for every seed k of --times; round r's
+                     test_* are of the models deployed at the start of round r (after r
+                     aggregations), as in FedGen's code; non-finite numbers are null
     seed<k>/summary.json    final and best Average Global Loss, orthodromic error, timings
     summary.json     the seeds' final metrics, mean and std
 

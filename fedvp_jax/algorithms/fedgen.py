@@ -21,6 +21,12 @@ clients learned. Here the label is a viewpoint y on the sphere, and one round is
 
 For H > 1 the label is the final target position (index H) and heads are read at that step.
 
+The heads here (:mod:`fedvp_jax.models.head`) read the last position and displacement from
+the first six coordinates of z, so a generator can satisfy the teacher loss largely by
+writing y into those coordinates. That makes the y -> z inversion easy to learn (the
+researcher suspected FedGen's simple generator could not learn it), but it also limits how
+much the generator has to learn about the clients' heads beyond that.
+
 Schedules, as in FedGen's code: ``alpha_t = max(1e-4, alpha * 0.98^t)`` and likewise
 ``beta_t``, with t counting rounds since the generator was switched on; G's learning rate
 decays by 0.98 per round. The generator is off in the first round (it is untrained) and, with
