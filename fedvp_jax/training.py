@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from fedvp_jax.algorithms import ALGORITHMS, FedGenConfig, build_algorithm
 from fedvp_jax.algorithms.core import FederatedAlgorithm, RoundConfig
@@ -41,6 +42,7 @@ from fedvp_jax.data.windows import SPLITS
 from fedvp_jax.errors import ConfigError, DivergenceError
 from fedvp_jax.metrics import Summary, error_sums, summarize
 from fedvp_jax.models import MODELS, build_model
+from fedvp_jax.sharding import client_mesh, shard_data, shard_state
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -68,6 +70,7 @@ class RunConfig:
     eval_every: evaluate every this many rounds (the last round always).
     times: number of repeated runs with seeds ``seed, seed + 1, ...``.
     seed: seed of the first run; also draws the users.
+    devices: split the clients over this many devices (``None``: the default device only).
     fedgen: FedGen's settings (used by the FedGen family only; every algorithm accepts them).
   """
 
@@ -89,6 +92,7 @@ class RunConfig:
   eval_every: int = 1
   times: int = 1
   seed: int = 0
+  devices: int | None = None
   fedgen: FedGenConfig = dataclasses.field(default_factory=FedGenConfig)
 
   @property
@@ -118,6 +122,8 @@ class RunConfig:
       raise ConfigError(
         f"--clients-per-round {per_round} exceeds the {clients} clients of {source}"
       )
+    if self.devices is not None and self.devices < 1:
+      raise ConfigError(f"--devices {self.devices}: must be at least 1")
     if self.seed < 0:
       raise ConfigError(f"--seed {self.seed}: must be at least 0")
     self.round_config().check()
@@ -149,6 +155,7 @@ class Experiment:
     users: the viewers who are clients, client i being ``users[i]``.
     data: their windows on device.
     algorithm: the federated algorithm.
+    mesh: the ``"clients"`` device mesh ``data`` is split over, or ``None`` (one device).
   """
 
   config: RunConfig
@@ -156,6 +163,7 @@ class Experiment:
   users: tuple[str, ...]
   data: ClientData
   algorithm: FederatedAlgorithm
+  mesh: Mesh | None = None
 
 
 def prepare(config: RunConfig) -> Experiment:
@@ -173,7 +181,11 @@ def prepare(config: RunConfig) -> Experiment:
   algorithm = build_algorithm(
     config.algo, model, config.make_optimizer(), config.round_config(), config.fedgen
   )
-  return Experiment(config, spec, users, data, algorithm)
+  mesh = None
+  if config.devices is not None:
+    mesh = client_mesh(config.devices)
+    data = shard_data(data, mesh)
+  return Experiment(config, spec, users, data, algorithm, mesh)
 
 
 def baseline_summaries(data: ClientData, horizon: int) -> dict[str, Summary]:
@@ -207,7 +219,11 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
 
 def iterate_rounds(
-  algorithm: FederatedAlgorithm, data: ClientData, seed: int, rounds: int
+  algorithm: FederatedAlgorithm,
+  data: ClientData,
+  seed: int,
+  rounds: int,
+  mesh: Mesh | None = None,
 ) -> Iterator[tuple[Any, Any]]:
   """Runs ``rounds`` rounds of ``algorithm`` with its jitted ``apply``, yielding after each.
 
@@ -220,6 +236,8 @@ def iterate_rounds(
     data: the clients' windows.
     seed: the PRNG seed.
     rounds: how many rounds.
+    mesh: a ``"clients"`` mesh (see :mod:`fedvp_jax.sharding`) to split the clients' state
+      over, matching ``data`` already placed on it; ``None`` for the default device.
 
   Yields:
     ``(state, metrics)`` after every round. A yielded state is valid until the next round
@@ -227,14 +245,22 @@ def iterate_rounds(
   """
   init_key, rounds_key = jax.random.split(jax.random.key(seed))
   state = jax.jit(algorithm.init)(init_key, data)
+  if mesh is not None:
+    state = shard_state(state, mesh)
   apply = jax.jit(algorithm.apply, donate_argnums=0)
   for r in range(rounds):
     state, metrics = apply(state, data, jax.random.fold_in(rounds_key, r))
     yield state, metrics
 
 
-def run_rounds(algorithm: FederatedAlgorithm, data: ClientData, seed: int, rounds: int) -> Any:
-  """The state after ``rounds`` rounds of ``algorithm``, keyed as :func:`iterate_rounds`."""
+def run_rounds(
+  algorithm: FederatedAlgorithm,
+  data: ClientData,
+  seed: int,
+  rounds: int,
+  mesh: Mesh | None = None,
+) -> Any:
+  """The state after ``rounds`` rounds of ``algorithm`` (arguments as :func:`iterate_rounds`)."""
   if rounds < 1:
     raise ConfigError(f"rounds {rounds}: must be at least 1")
   # Drain the iterator, keeping only the last (state, metrics).
@@ -269,7 +295,8 @@ def train(
   best: dict[str, Any] = {"loss": math.inf, "round": None}
   round_times = []
   state = None
-  for r, outcome in enumerate(iterate_rounds(algorithm, data, seed, rounds)):
+  rounds_iter = iterate_rounds(algorithm, data, seed, rounds, experiment.mesh)
+  for r, outcome in enumerate(rounds_iter):
     state, metrics = outcome
     record = _round_record(r, metrics)
     round_times.append(time.perf_counter() - t0)

@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     "--device", default="cpu", help="cpu, or cuda/gpu (CPU with a warning when there is no GPU)"
   )
   p.add_argument(
+    "--devices",
+    type=at_least(1),
+    help="split the clients over this many devices of that kind (default: one device)",
+  )
+  p.add_argument(
     "--out", default="runs", help="folder that run directories are created in (default %(default)s)"
   )
   p.add_argument(
@@ -357,6 +362,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     eval_every=args.eval_every,
     times=args.times,
     seed=args.seed,
+    devices=args.devices,
     fedgen=FedGenConfig(
       generator=args.generator,
       embedding=args.embedding,
