@@ -24,6 +24,14 @@ from fedvp_jax.geometry import lonlat_to_vec, normalize, orthodromic_distance, r
 from fedvp_jax.heatmap import heatmaps, label_weights, sample_labels
 from fedvp_jax.metrics import ErrorSums, Summary, error_sums, mse, summarize
 from fedvp_jax.models import Model, build_model
+from fedvp_jax.sharding import (
+  CLIENTS_AXIS,
+  client_mesh,
+  replicate,
+  shard_data,
+  shard_state,
+  split_clients,
+)
 from fedvp_jax.training import (
   Experiment,
   ProgressBar,
@@ -44,6 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
   "ALGORITHMS",
   "BASELINES",
+  "CLIENTS_AXIS",
   "ClientData",
   "ClientsState",
   "ConfigError",
@@ -68,6 +77,7 @@ __all__ = [
   "build_algorithm",
   "build_client_data",
   "build_model",
+  "client_mesh",
   "constant_velocity",
   "data",
   "error_sums",
@@ -86,6 +96,7 @@ __all__ = [
   "orthodromic_distance",
   "parse_spec",
   "prepare",
+  "replicate",
   "resolve_device",
   "rotate",
   "run",
@@ -93,6 +104,9 @@ __all__ = [
   "sample_batches",
   "sample_labels",
   "select_users",
+  "shard_data",
+  "shard_state",
+  "split_clients",
   "summarize",
   "summary_dict",
   "train",
