@@ -6,9 +6,7 @@ are split along a one-dimensional ``"clients"`` mesh, everything else (the serve
 generator, round counters) is replicated, and ``jax.jit`` propagates the placement through the
 round (GSPMD). Results equal single-device results up to float reduction order.
 
-On several hosts, call ``jax.distributed.initialize()`` in every process first (see
-``docs/architecture.md``); ``jax.devices()`` then lists every host's devices and the same mesh
-spans them.
+Several hosts are not tested yet; ``docs/architecture.md`` says how a launch would go.
 """
 
 from __future__ import annotations
