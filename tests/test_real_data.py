@@ -26,7 +26,10 @@ pytestmark = pytest.mark.real_data
 
 DAVID = "David_MMSys_18"
 
-# Seconds ahead -> published mean orthodromic distance (radians) of no-motion.
+# Seconds ahead -> published mean orthodromic distance (radians) of no-motion on David's test
+# split, M = 5, windows from t = 30: the reference figures of the head-motion-prediction
+# evaluation framework (Romero Rondon et al., MMSys 2020), as listed in the data folder's
+# README.md; 0.2 s and 5 s are also quoted in the project's issue 2.
 PUBLISHED_NO_MOTION = {0.2: 0.117, 1.0: 0.509, 2.0: 0.839, 3.0: 1.051, 4.0: 1.188, 5.0: 1.267}
 
 

@@ -153,10 +153,14 @@ def evaluate_deployed(
 
 
 def evaluate_on_schedule(
-  model: Model, config: RoundConfig, params: StackedParams, data: ClientData, round: jax.Array
+  model: Model,
+  config: RoundConfig,
+  params: StackedParams,
+  data: ClientData,
+  round_index: jax.Array,
 ) -> tuple[ErrorSums, jax.Array]:
   """Evaluates on rounds ``0, eval_every, 2 * eval_every, ...``; zeros (not computed) otherwise."""
-  due = round % config.eval_every == 0
+  due = round_index % config.eval_every == 0
   evaluate = lambda: evaluate_clients(model, params, data)
   skip = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(evaluate))
   sums = jax.lax.cond(due, evaluate, skip)

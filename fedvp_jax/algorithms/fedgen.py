@@ -168,13 +168,13 @@ class GeneratorContext(NamedTuple):
   latent_weight: jax.Array
 
 
-def generator_weights(config: FedGenConfig, round: jax.Array) -> tuple[jax.Array, jax.Array]:
+def generator_weights(config: FedGenConfig, round_index: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(alpha_t, beta_t)`` of a round (0 while the generator is off); see the module doc."""
   start = max(config.pretrain_epochs, 1)
-  t = (round - start).astype(jnp.float32)
+  t = (round_index - start).astype(jnp.float32)
   decay = SCHEDULE_DECAY**t
   ramp = jnp.clip((t + 1) / config.gen_warmup, 0.0, 1.0) if config.gen_warmup else 1.0
-  on = round >= start
+  on = round_index >= start
 
   def weight(initial: float) -> jax.Array:
     if initial == 0:
