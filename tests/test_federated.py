@@ -141,7 +141,7 @@ def test_build_client_data_time_split(uneven):
   np.testing.assert_array_equal(data.test_counts, [3])
   np.testing.assert_array_equal(data.test_x[0, 0], uneven.traces["1_a", "1"][24:27])
   # User 0: traces of 20 samples leave 4 test samples, fewer than M + H = 5.
-  with pytest.raises(DataError, match="Uneven/sampled_dataset/1_a/0"):
+  with pytest.raises(DataError, match="dataset Uneven, video '1_a', user '0'"):
     build_client_data(uneven, DatasetSpec("Uneven", M, H), ("0", "1"), split="time")
 
 
