@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 import fedvp_jax as fv
-from fedvp_jax.data.traces import SAMPLE_PERIOD
+from fedvp_jax.data import SAMPLE_PERIOD
 from fedvp_jax.models import MOTION_DIM, Head, ViewportModel, functional, motion_features
 
 INPUT_FEATURES = 6

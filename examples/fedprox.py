@@ -37,7 +37,7 @@ from fedvp_jax.algorithms import (
   local_update,
   prediction_loss,
 )
-from fedvp_jax.data.traces import SAMPLE_PERIOD
+from fedvp_jax.data import SAMPLE_PERIOD
 
 # ---- FedProx: the algorithm ------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import matplotlib
 import numpy as np
 
 import fedvp_jax as fv
-from fedvp_jax.data.traces import SAMPLE_PERIOD
+from fedvp_jax.data import SAMPLE_PERIOD
 
 matplotlib.use("Agg")  # files only, no display needed
 from matplotlib import pyplot as plt

@@ -476,11 +476,15 @@ class ProgressBar:
     self.label = label
     self.stream = stream or sys.stderr
     self.tty = self.stream.isatty()
-    self.started = time.perf_counter()
+    self.first_done: float | None = None
 
   def __call__(self, done: int, total: int, record: dict[str, Any]) -> None:
     """Shows ``done`` of ``total`` rounds and the last round's loss (a :data:`ProgressFn`)."""
-    rate = done / max(time.perf_counter() - self.started, 1e-9)
+    # Rounds per second from the end of the first round on: the first one includes compiling.
+    now = time.perf_counter()
+    if self.first_done is None:
+      self.first_done = now
+    rate = (done - 1) / max(now - self.first_done, 1e-9)
     loss = record.get("test_loss")
     loss_text = (
       f"test loss {_fmt(loss)}" if loss is not None else f"train loss {_fmt(record['train_loss'])}"
