@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from fedvp_jax.algorithms import ALGORITHMS, FedGenConfig, build_algorithm
@@ -224,6 +225,7 @@ def iterate_rounds(
   seed: int,
   rounds: int,
   mesh: Mesh | None = None,
+  start: tuple[int, Any] | None = None,
 ) -> Iterator[tuple[Any, Any]]:
   """Runs ``rounds`` rounds of ``algorithm`` with its jitted ``apply``, yielding after each.
 
@@ -238,17 +240,19 @@ def iterate_rounds(
     rounds: how many rounds.
     mesh: a ``"clients"`` mesh (see :mod:`fedvp_jax.sharding`) to split the clients' state
       over, matching ``data`` already placed on it; ``None`` for the default device.
+    start: ``(round, state)`` to continue from (a restored checkpoint) instead of ``init``;
+      the remaining rounds get the same keys as in an uninterrupted run.
 
   Yields:
     ``(state, metrics)`` after every round. A yielded state is valid until the next round
     starts: its buffers are donated to that round to save device memory.
   """
   init_key, rounds_key = jax.random.split(jax.random.key(seed))
-  state = jax.jit(algorithm.init)(init_key, data)
+  first, state = start if start is not None else (0, jax.jit(algorithm.init)(init_key, data))
   if mesh is not None:
     state = shard_state(state, mesh)
   apply = jax.jit(algorithm.apply, donate_argnums=0)
-  for r in range(rounds):
+  for r in range(first, rounds):
     state, metrics = apply(state, data, jax.random.fold_in(rounds_key, r))
     yield state, metrics
 
@@ -264,7 +268,7 @@ def run_rounds(
   if rounds < 1:
     raise ConfigError(f"rounds {rounds}: must be at least 1")
   # Drain the iterator, keeping only the last (state, metrics).
-  ((state, _),) = collections.deque(iterate_rounds(algorithm, data, seed, rounds), maxlen=1)
+  ((state, _),) = collections.deque(iterate_rounds(algorithm, data, seed, rounds, mesh), maxlen=1)
   return state
 
 
@@ -275,6 +279,9 @@ def train(
   rounds: int | None = None,
   on_round: Callable[[dict[str, Any]], None] | None = None,
   progress: ProgressFn | None = None,
+  start: tuple[int, Any] | None = None,
+  earlier: list[dict[str, Any]] | None = None,
+  on_state: Callable[[int, Any], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
   """Runs one seed's rounds with the experiment's jitted round function.
 
@@ -284,6 +291,10 @@ def train(
     rounds: how many rounds (the config's by default).
     on_round: called with every round's metrics record.
     progress: called after every round.
+    start: ``(round, state)`` to continue from, see :func:`iterate_rounds`.
+    earlier: the records of the rounds before ``start`` (for the best round).
+    on_state: called with ``(rounds_done, state)`` after every round, before the next one
+      reuses the state's buffers (this is where checkpoints are written).
 
   Returns:
     ``(final_state, summary)``: the summary has the final evaluation of the deployed models
@@ -293,10 +304,14 @@ def train(
   data, algorithm = experiment.data, experiment.algorithm
   started = t0 = time.perf_counter()
   best: dict[str, Any] = {"loss": math.inf, "round": None}
+  for record in earlier or []:
+    if record.get("test_loss") is not None and record["test_loss"] < best["loss"]:
+      best = {"loss": record["test_loss"], "round": record["round"]}
   round_times = []
-  state = None
-  rounds_iter = iterate_rounds(algorithm, data, seed, rounds, experiment.mesh)
-  for r, outcome in enumerate(rounds_iter):
+  state = None if start is None else start[1]
+  first = 0 if start is None else start[0]
+  rounds_iter = iterate_rounds(algorithm, data, seed, rounds, experiment.mesh, start)
+  for r, outcome in enumerate(rounds_iter, start=first):
     state, metrics = outcome
     record = _round_record(r, metrics)
     round_times.append(time.perf_counter() - t0)
@@ -316,6 +331,8 @@ def train(
       on_round(record)
     if progress:
       progress(r + 1, rounds, record)
+    if on_state:
+      on_state(r + 1, state)
     t0 = time.perf_counter()
   final = summarize(jax.jit(algorithm.evaluate)(state, data))
   if float(final.loss) < best["loss"]:
@@ -327,7 +344,7 @@ def train(
     "best_loss": best["loss"],
     "best_round": best["round"],
     "first_round_seconds": round_times[0] if round_times else None,
-    "median_round_seconds": float(np.median(round_times[1:])) if rounds > 1 else None,
+    "median_round_seconds": float(np.median(round_times[1:])) if len(round_times) > 1 else None,
     "wall_seconds": time.perf_counter() - started,
   }
   return state, summary
@@ -360,6 +377,7 @@ def run(
   run_dir: str | Path,
   *,
   overwrite: bool = False,
+  checkpoint_every: int | None = None,
   progress: bool = True,
   log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -370,6 +388,8 @@ def run(
     run_dir: the run directory; must not exist unless ``overwrite``.
     overwrite: replace an existing run directory (one holding a ``config.json``), but only
       once the new run's data and settings have been checked.
+    checkpoint_every: save every seed's whole state every this many rounds (orbax, the two
+      newest kept), so that :func:`resume` can continue the run after a crash.
     progress: show a progress line on stderr.
     log: where human-readable lines go.
 
@@ -398,7 +418,7 @@ def run(
     run_dir.mkdir(parents=True)
   except OSError as err:
     raise ConfigError(f"cannot create run directory {run_dir} (check --out): {err}") from err
-  _write_json(run_dir / "config.json", _config_record(experiment))
+  _write_json(run_dir / "config.json", _config_record(experiment, checkpoint_every))
   baselines = {
     k: summary_dict(v)
     for k, v in baseline_summaries(experiment.data, experiment.spec.horizon).items()
@@ -420,26 +440,21 @@ def run(
       f"  baseline {name:18s} loss {_fmt(b['loss'])}  orthodromic {_degrees(b['orthodromic_deg'])}"
     )
 
-  seeds = []
-  for k in range(config.times):
-    seed_dir = run_dir / f"seed{config.seed + k}"
-    seed_dir.mkdir()
-    with (seed_dir / "metrics.jsonl").open("w") as metrics_file:
+  seeds = [
+    _run_seed(experiment, run_dir, config.seed + k, checkpoint_every, progress, log)
+    for k in range(config.times)
+  ]
+  return _finish(config, run_dir, baselines, seeds, log)
 
-      def write(record: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
 
-      bar = ProgressBar(f"seed {config.seed + k}") if progress else None
-      _, summary = train(experiment, config.seed + k, on_round=write, progress=bar)
-    _write_json(seed_dir / "summary.json", summary)
-    seeds.append(summary)
-    final = summary["final"]
-    log(
-      f"  seed {config.seed + k}: Average Global Loss {_fmt(final['loss'])}  orthodromic "
-      f"{_degrees(final['orthodromic_deg'])}  ({summary['median_round_seconds'] or 0:.3f} s/round)"
-    )
-
+def _finish(
+  config: RunConfig,
+  run_dir: Path,
+  baselines: dict[str, Any],
+  seeds: list[dict[str, Any]],
+  log: Callable[[str], None],
+) -> dict[str, Any]:
+  """Writes the run's summary.json from its seeds' summaries and logs it."""
   losses = np.array([s["final"]["loss"] for s in seeds], dtype=float)  # None -> nan
   degrees = np.array([s["final"]["orthodromic_deg"] for s in seeds], dtype=float)
   ddof = 1 if len(seeds) > 1 else 0  # the sample std over seeds
@@ -467,6 +482,123 @@ def run(
     log(f"  beats {name}: {verdict}")
   log(f"run directory: {run_dir}")
   return result
+
+
+def _run_seed(
+  experiment: Experiment,
+  run_dir: Path,
+  seed: int,
+  checkpoint_every: int | None,
+  progress: bool,
+  log: Callable[[str], None],
+) -> dict[str, Any]:
+  """Runs (or continues, from its newest good checkpoint) one seed of a run."""
+  seed_dir = run_dir / f"seed{seed}"
+  if (seed_dir / "summary.json").is_file():  # finished before an interruption
+    return json.loads((seed_dir / "summary.json").read_text())
+  seed_dir.mkdir(exist_ok=True)
+  has_checkpoints = (seed_dir / "checkpoints").is_dir()
+  manager = _checkpoints(seed_dir) if checkpoint_every or has_checkpoints else None
+  start = _restore_newest(manager, experiment, seed, log) if has_checkpoints and manager else None
+  metrics_path = seed_dir / "metrics.jsonl"
+  earlier: list[dict[str, Any]] = []
+  if start is not None and metrics_path.is_file():
+    # Rounds after the checkpoint are recomputed: drop their records (and a torn last line).
+    for line in metrics_path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        break
+      if record["round"] < start[0]:
+        earlier.append(record)
+  with metrics_path.open("w") as metrics_file:
+    for record in earlier:
+      metrics_file.write(json.dumps(record) + "\n")
+
+    def write(record: dict[str, Any]) -> None:
+      metrics_file.write(json.dumps(record) + "\n")
+      metrics_file.flush()
+
+    def save(rounds_done: int, state: Any) -> None:
+      if manager and checkpoint_every and rounds_done % checkpoint_every == 0:
+        manager.save(rounds_done, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()  # the next round reuses the state's buffers
+
+    bar = ProgressBar(f"seed {seed}") if progress else None
+    _, summary = train(
+      experiment, seed, on_round=write, progress=bar, start=start, earlier=earlier, on_state=save
+    )
+  _write_json(seed_dir / "summary.json", summary)
+  final = summary["final"]
+  log(
+    f"  seed {seed}: Average Global Loss {_fmt(final['loss'])}  orthodromic "
+    f"{_degrees(final['orthodromic_deg'])}  ({summary['median_round_seconds'] or 0:.3f} s/round)"
+  )
+  return summary
+
+
+def _checkpoints(seed_dir: Path) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+  return ocp.CheckpointManager((seed_dir / "checkpoints").resolve(), options=options)
+
+
+def _restore_newest(
+  manager: ocp.CheckpointManager, experiment: Experiment, seed: int, log: Callable[[str], None]
+) -> tuple[int, Any] | None:
+  """The newest checkpoint that restores, as ``(round, state)``; a corrupt one is reported and
+  the one before it used."""
+  init_key = jax.random.split(jax.random.key(seed))[0]
+  abstract = jax.eval_shape(experiment.algorithm.init, init_key, experiment.data)
+  if not manager.all_steps():
+    return None
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as err:
+      log(
+        f"  seed {seed}: checkpoint at round {step} is unreadable ({type(err).__name__}); "
+        "trying the one before"
+      )
+      continue
+    log(f"  seed {seed}: resuming from the checkpoint at round {step}")
+    return step, state
+  log(f"  seed {seed}: no readable checkpoint; starting over")
+  return None
+
+
+def resume(
+  run_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+  """Continues an interrupted run from its checkpoints, with its own saved configuration.
+
+  Seeds that finished are kept; the others continue from their newest readable checkpoint
+  (or start over without one). The final metrics equal an uninterrupted run's.
+
+  Raises:
+    ConfigError: when ``run_dir`` is not a run directory.
+  """
+  run_dir = Path(run_dir)
+  record_path = run_dir / "config.json"
+  if not record_path.is_file():
+    raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
+  record = json.loads(record_path.read_text())
+  config = _config_from_dict(record["config"])
+  experiment = prepare(config)
+  baselines = json.loads((run_dir / "baselines.json").read_text())
+  log(f"resuming {run_dir}: {experiment.spec}, {config.algo}, {config.total_rounds} rounds")
+  seeds = [
+    _run_seed(experiment, run_dir, config.seed + k, record.get("checkpoint_every"), progress, log)
+    for k in range(config.times)
+  ]
+  return _finish(config, run_dir, baselines, seeds, log)
+
+
+def _config_from_dict(fields: dict[str, Any]) -> RunConfig:
+  fields = dict(fields)
+  fields["fedgen"] = FedGenConfig(**fields["fedgen"])
+  if fields.get("users") is not None:
+    fields["users"] = tuple(fields["users"])
+  return RunConfig(**fields)
 
 
 class ProgressBar:
@@ -514,11 +646,12 @@ def resolve_device(name: str) -> jax.Device:
   raise ConfigError(f"--device {name!r}: choose cpu, cuda or gpu")
 
 
-def _config_record(experiment: Experiment) -> dict[str, Any]:
+def _config_record(experiment: Experiment, checkpoint_every: int | None) -> dict[str, Any]:
   import flax
 
   return {
     "config": dataclasses.asdict(experiment.config),
+    "checkpoint_every": checkpoint_every,
     "dataset": str(experiment.spec),
     "users": list(experiment.users),
     "train_windows": [int(c) for c in np.asarray(experiment.data.train_counts)],

@@ -28,7 +28,7 @@ from fedvp_jax.data.windows import SPLITS
 from fedvp_jax.errors import FedVPError
 from fedvp_jax.models import MODELS
 from fedvp_jax.models.generator import GENERATORS
-from fedvp_jax.training import OPTIMIZERS, RunConfig, resolve_device, run
+from fedvp_jax.training import OPTIMIZERS, RunConfig, resolve_device, resume, run
 
 
 def algorithm_name(text: str) -> str:
@@ -245,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     "--overwrite", action="store_true", help="replace an existing run directory of the same name"
   )
   p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
+  p.add_argument(
+    "--checkpoint-every",
+    "--checkpoint_every",
+    dest="checkpoint_every",
+    type=at_least(1),
+    help="save the whole state every K rounds (orbax), so that --resume can continue the run",
+  )
+  p.add_argument(
+    "--resume",
+    metavar="RUN_DIR",
+    help="continue an interrupted run from its checkpoints, with its saved settings "
+    "(the other training flags are ignored)",
+  )
 
   g = p.add_argument_group(
     "FedGen", "used by fedgen, local-fedgen and partial-fedgen; accepted by every algorithm"
@@ -392,7 +405,16 @@ def main(argv: list[str] | None = None) -> int:
   name = args.name or f"{config.algo}_{config.dataset}_{config.model}_{stamp}"
   try:
     with jax.default_device(resolve_device(args.device)):
-      run(config, Path(args.out) / name, overwrite=args.overwrite, progress=args.progress)
+      if args.resume:
+        resume(args.resume, progress=args.progress)
+      else:
+        run(
+          config,
+          Path(args.out) / name,
+          overwrite=args.overwrite,
+          checkpoint_every=args.checkpoint_every,
+          progress=args.progress,
+        )
   except FedVPError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
