@@ -9,9 +9,11 @@ A run directory ``<out>/<name>/`` holds::
                      test_* are of the models deployed at the start of round r (after r
                      aggregations), as in FedGen's code; non-finite numbers are null
     seed<k>/summary.json    final and best Average Global Loss, orthodromic error, timings
+    seed<k>/checkpoints/    with checkpoint_every: orbax checkpoints of the whole state
     summary.json     the seeds' final metrics, mean and std
 
-An existing run directory is never written into unless ``overwrite`` is set.
+An existing run directory is never written into unless ``overwrite`` is set, or by
+:func:`resume`, which continues an interrupted run from its checkpoints.
 """
 
 from __future__ import annotations
