@@ -278,7 +278,6 @@ def train(
   experiment: Experiment,
   seed: int,
   *,
-  rounds: int | None = None,
   on_round: Callable[[dict[str, Any]], None] | None = None,
   progress: ProgressFn | None = None,
   start: tuple[int, Any] | None = None,
@@ -290,7 +289,6 @@ def train(
   Args:
     experiment: what to run.
     seed: the PRNG seed; the same seed gives the same run.
-    rounds: how many rounds (the config's by default).
     on_round: called with every round's metrics record.
     progress: called after every round.
     start: ``(round, state)`` to continue from, see :func:`iterate_rounds`.
@@ -302,7 +300,7 @@ def train(
     ``(final_state, summary)``: the summary has the final evaluation of the deployed models
     and the best evaluated round.
   """
-  rounds = experiment.config.total_rounds if rounds is None else rounds
+  rounds = experiment.config.total_rounds
   data, algorithm = experiment.data, experiment.algorithm
   started = t0 = time.perf_counter()
   best: dict[str, Any] = {"loss": math.inf, "round": None}

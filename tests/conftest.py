@@ -89,3 +89,15 @@ def tiny_root(tmp_path) -> Path:
   videos 1-2 for training and 3 for testing."""
   write_dataset(tmp_path, split=(["1_video", "2_video"], ["3_video"]))
   return tmp_path
+
+
+def tiny_client_data(root: Path, users: int, length: int):
+  """``(spec, ClientData)`` of dataset ``Tiny-m4-h2`` written under ``root``: 3 videos, the
+  first two for training, every user a client."""
+  from fedvp_jax.data.datasets import load_traces, parse_spec
+  from fedvp_jax.data.federated import build_client_data
+
+  write_dataset(root, users=users, length=length, split=(["1_video", "2_video"], ["3_video"]))
+  spec = parse_spec("Tiny-m4-h2")
+  traces = load_traces(spec, root)
+  return spec, build_client_data(traces, spec, traces.users)

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_client_data
 
 from fedvp_jax.algorithms import ALGORITHMS, build_algorithm
 from fedvp_jax.algorithms.core import RoundConfig, select_clients
-from fedvp_jax.data.datasets import load_traces, parse_spec
-from fedvp_jax.data.federated import build_client_data, sample_batches
+from fedvp_jax.data.federated import sample_batches
 from fedvp_jax.metrics import error_sums
 from fedvp_jax.models import build_model
 
@@ -19,13 +19,7 @@ LR = 0.05
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  from conftest import write_dataset
-
-  root = tmp_path_factory.mktemp("fedavg")
-  write_dataset(root, users=4, length=30, split=(["1_video", "2_video"], ["3_video"]))
-  spec = parse_spec("Tiny-m4-h2")
-  traces = load_traces(spec, root)
-  data = build_client_data(traces, spec, traces.users)
+  spec, data = tiny_client_data(tmp_path_factory.mktemp("fedavg"), users=4, length=30)
   # Ragged clients: client 2 loses half of its train windows to padding.
   n = data.train_mask.shape[1]
   data = data.replace(train_mask=data.train_mask.at[2, n // 2 :].set(False))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_client_data
 
 from fedvp_jax.algorithms import build_algorithm
 from fedvp_jax.algorithms.core import RoundConfig, select_clients
@@ -19,8 +20,7 @@ from fedvp_jax.algorithms.fedgen import (
   generator_weights,
   teacher_loss,
 )
-from fedvp_jax.data.datasets import load_traces, parse_spec
-from fedvp_jax.data.federated import build_client_data, sample_batches, sample_final_targets
+from fedvp_jax.data.federated import sample_batches, sample_final_targets
 from fedvp_jax.geometry import normalize
 from fedvp_jax.heatmap import combined, heatmaps, label_weights, sample_labels
 from fedvp_jax.models import build_model
@@ -34,13 +34,7 @@ SMALL = FedGenConfig(
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  from conftest import write_dataset
-
-  root = tmp_path_factory.mktemp("fedgen")
-  write_dataset(root, users=3, length=24, split=(["1_video", "2_video"], ["3_video"]))
-  spec = parse_spec("Tiny-m4-h2")
-  traces = load_traces(spec, root)
-  data = build_client_data(traces, spec, traces.users)
+  spec, data = tiny_client_data(tmp_path_factory.mktemp("fedgen"), users=3, length=24)
   model = build_model("lstm", spec.history, spec.horizon, latent_dim=10)
   return data, model
 

@@ -225,11 +225,17 @@ def train_clients(
     label_key = jax.random.fold_in(batch_key, 1)
     labels = sample_final_targets(label_key, data, config.local_steps, label_batch_size, selected)
     batches = (*batches, labels)
-  take = lambda tree: jax.tree.map(lambda leaf: leaf[selected], tree)
+  # When every client trains (the default) the selection is the identity: skip the gather and
+  # scatter, which would copy every client's params and optimizer state each round.
+  everyone = config.clients_per_round in (None, data.num_clients)
+  take = lambda tree: tree if everyone else jax.tree.map(lambda leaf: leaf[selected], tree)
   start_params, start_opt = take(params), take(opt_state)
   trained, trained_opt, losses = update(start_params, start_opt, batches, train_key, context)
   finite = is_finite(trained) & jnp.all(jnp.isfinite(losses), axis=1)
-  put = lambda full, part: jax.tree.map(lambda f, p: f.at[selected].set(p), full, part)
+
+  def put(full: Any, part: Any) -> Any:
+    return part if everyone else jax.tree.map(lambda f, p: f.at[selected].set(p), full, part)
+
   return TrainResult(
     client_params=put(params, where_clients(finite, trained, start_params)),
     client_opt_state=put(opt_state, where_clients(finite, trained_opt, start_opt)),
