@@ -59,7 +59,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
 
   final_whole, records_whole = final_metrics(tmp_path / "whole")
   final_resumed, records_resumed = final_metrics(tmp_path / "killed")
-  assert final_resumed == pytest.approx(final_whole, rel=1e-6)
+  for field in ("loss", "orthodromic_deg"):
+    assert final_resumed[field] == pytest.approx(final_whole[field], rel=1e-6)
   assert records_resumed == records_whole
   assert [r["round"] for r in records_resumed] == list(range(10))
 
@@ -83,4 +84,5 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
   assert resumed.returncode == 0, err
   assert f"checkpoint at round {newest.name} is unreadable" in out
   after, _ = final_metrics(tmp_path / "r")
-  assert after == pytest.approx(before, rel=1e-6)
+  for field in ("loss", "orthodromic_deg"):
+    assert after[field] == pytest.approx(before[field], rel=1e-6)
