@@ -27,7 +27,6 @@ from fedvp_jax.models import Model, build_model
 from fedvp_jax.sharding import (
   CLIENTS_AXIS,
   client_mesh,
-  replicate,
   shard_data,
   shard_state,
   split_clients,
@@ -97,7 +96,6 @@ __all__ = [
   "orthodromic_distance",
   "parse_spec",
   "prepare",
-  "replicate",
   "resolve_device",
   "resume",
   "rotate",

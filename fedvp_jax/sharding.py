@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from fedvp_jax.algorithms.core import ClientsState
 from fedvp_jax.data.federated import ClientData
@@ -47,12 +47,6 @@ def split_clients(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda leaf: jax.device_put(leaf, sharding), tree)
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a full copy of every leaf of ``tree`` on every device of ``mesh``."""
-  sharding = NamedSharding(mesh, PartitionSpec())
-  return jax.tree.map(lambda leaf: jax.device_put(leaf, sharding), tree)
-
-
 def shard_data(data: ClientData, mesh: Mesh) -> ClientData:
   """Splits every client array of ``data`` over ``mesh``.
 
@@ -68,21 +62,42 @@ def shard_data(data: ClientData, mesh: Mesh) -> ClientData:
   return split_clients(data, mesh)
 
 
-def shard_state(state: Any, mesh: Mesh) -> Any:
-  """Splits the per-client parts of an algorithm's state over ``mesh``, replicates the rest.
+def state_shardings(state: Any, mesh: Mesh | None, *, seeds_axis: bool = False) -> Any:
+  """Where every leaf of an algorithm's state goes: a tree of shardings shaped like ``state``.
 
-  Works for any state that holds a :class:`~fedvp_jax.algorithms.ClientsState` (FedAvg's is
-  one, FedGen's holds one beside the generator).
+  The per-client parts of every :class:`~fedvp_jax.algorithms.ClientsState` (FedAvg's state
+  is one, FedGen's holds one beside the generator) are split over ``mesh``'s clients axis and
+  the rest is replicated; with ``mesh=None`` everything sits on the default device. ``state``
+  may be abstract (``jax.ShapeDtypeStruct`` leaves), which is how a checkpoint is restored
+  straight onto the devices of the run that reads it, whatever devices wrote it.
+
+  Args:
+    state: an algorithm's state, concrete or abstract.
+    mesh: a ``"clients"`` mesh from :func:`client_mesh`, or ``None``.
+    seeds_axis: the leaves have a leading seeds axis before the clients axis (see
+      :func:`~fedvp_jax.algorithms.over_seeds`); it is never split.
   """
+  if mesh is None:
+    default = getattr(jax.config, "jax_default_device", None) or jax.devices()[0]
+    single = SingleDeviceSharding(default)
+    return jax.tree.map(lambda _: single, state)
+  seeds = (None,) if seeds_axis else ()
+  split = NamedSharding(mesh, PartitionSpec(*seeds, CLIENTS_AXIS))
+  whole = NamedSharding(mesh, PartitionSpec())
 
   def place(node: Any) -> Any:
     if isinstance(node, ClientsState):
       return ClientsState(
-        server_params=replicate(node.server_params, mesh),
-        client_params=split_clients(node.client_params, mesh),
-        client_opt_state=split_clients(node.client_opt_state, mesh),
-        round=replicate(node.round, mesh),
+        server_params=jax.tree.map(lambda _: whole, node.server_params),
+        client_params=jax.tree.map(lambda _: split, node.client_params),
+        client_opt_state=jax.tree.map(lambda _: split, node.client_opt_state),
+        round=jax.tree.map(lambda _: whole, node.round),
       )
-    return replicate(node, mesh)
+    return jax.tree.map(lambda _: whole, node)
 
   return jax.tree.map(place, state, is_leaf=lambda node: isinstance(node, ClientsState))
+
+
+def shard_state(state: Any, mesh: Mesh, *, seeds_axis: bool = False) -> Any:
+  """Places ``state`` as :func:`state_shardings` says."""
+  return jax.device_put(state, state_shardings(state, mesh, seeds_axis=seeds_axis))

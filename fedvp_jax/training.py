@@ -9,7 +9,7 @@ A run directory ``<out>/<name>/`` holds::
                      test_* are of the models deployed at the start of round r (after r
                      aggregations), as in FedGen's code; non-finite numbers are null
     seed<k>/summary.json    final and best Average Global Loss, orthodromic error, timings
-    seed<k>/checkpoints/    with checkpoint_every: orbax checkpoints of the whole state
+    checkpoints/     with checkpoint_every: orbax checkpoints of the whole state of every seed
     summary.json     the seeds' final metrics, mean and std
 
 An existing run directory is never written into unless ``overwrite`` is set, or by
@@ -26,18 +26,19 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from fedvp_jax.algorithms import ALGORITHMS, FedGenConfig, build_algorithm
-from fedvp_jax.algorithms.core import FederatedAlgorithm, RoundConfig
+from fedvp_jax.algorithms.core import FederatedAlgorithm, RoundConfig, over_seeds
 from fedvp_jax.baselines import BASELINES
 from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
 from fedvp_jax.data.federated import ClientData, build_client_data, select_users
@@ -45,7 +46,8 @@ from fedvp_jax.data.windows import SPLITS
 from fedvp_jax.errors import ConfigError, DivergenceError
 from fedvp_jax.metrics import Summary, error_sums, summarize
 from fedvp_jax.models import MODELS, build_model
-from fedvp_jax.sharding import client_mesh, shard_data, shard_state
+from fedvp_jax.sharding import client_mesh, shard_data, shard_state, state_shardings
+from fedvp_jax.types import PRNGKey
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -221,24 +223,47 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 """``(rounds_done, rounds_total, last_round_record) -> None``."""
 
 
+Seeds = int | Sequence[int]
+"""One seed, or several run as one vmapped program (state and metrics gain a seeds axis)."""
+
+
+def seed_keys(seeds: Seeds) -> tuple[PRNGKey, PRNGKey]:
+  """``(init_key, rounds_key)`` of every run: the two halves of ``split(key(seed))``; round r
+  uses ``fold_in(rounds_key, r)``. With several seeds, both are ``key[seeds]``."""
+  if isinstance(seeds, int):
+    init_key, rounds_key = jax.random.split(jax.random.key(seeds))
+    return init_key, rounds_key
+  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(seeds))
+  return keys[:, 0], keys[:, 1]
+
+
+def round_key(rounds_key: PRNGKey, r: int) -> PRNGKey:
+  """Round ``r``'s key, for one ``rounds_key`` or a ``key[seeds]`` of them."""
+  if rounds_key.ndim == 0:
+    return jax.random.fold_in(rounds_key, r)
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rounds_key, r)
+
+
 def iterate_rounds(
   algorithm: FederatedAlgorithm,
   data: ClientData,
-  seed: int,
+  seed: Seeds,
   rounds: int,
   mesh: Mesh | None = None,
   start: tuple[int, Any] | None = None,
 ) -> Iterator[tuple[Any, Any]]:
   """Runs ``rounds`` rounds of ``algorithm`` with its jitted ``apply``, yielding after each.
 
-  The keys are the ones every run uses: ``init`` gets the first half of
-  ``split(key(seed))`` and round r gets ``fold_in(second half, r)``, so the same seed gives
-  the same run whichever loop drives it.
+  The keys are the ones every run uses (:func:`seed_keys`), so the same seed gives the same
+  run whichever loop drives it, and seed s of a vmapped group equals seed s run alone (up to
+  float rounding).
 
   Args:
     algorithm: any :class:`~fedvp_jax.algorithms.FederatedAlgorithm`.
     data: the clients' windows.
-    seed: the PRNG seed.
+    seed: the PRNG seed, or a sequence of seeds to run together with
+      :func:`~fedvp_jax.algorithms.over_seeds` (state and metrics then have a leading seeds
+      axis).
     rounds: how many rounds.
     mesh: a ``"clients"`` mesh (see :mod:`fedvp_jax.sharding`) to split the clients' state
       over, matching ``data`` already placed on it; ``None`` for the default device.
@@ -249,20 +274,23 @@ def iterate_rounds(
     ``(state, metrics)`` after every round. A yielded state is valid until the next round
     starts: its buffers are donated to that round to save device memory.
   """
-  init_key, rounds_key = jax.random.split(jax.random.key(seed))
+  seeds_axis = not isinstance(seed, int)
+  if seeds_axis:
+    algorithm = over_seeds(algorithm)
+  init_key, rounds_key = seed_keys(seed)
   first, state = start if start is not None else (0, jax.jit(algorithm.init)(init_key, data))
   if mesh is not None:
-    state = shard_state(state, mesh)
+    state = shard_state(state, mesh, seeds_axis=seeds_axis)
   apply = jax.jit(algorithm.apply, donate_argnums=0)
   for r in range(first, rounds):
-    state, metrics = apply(state, data, jax.random.fold_in(rounds_key, r))
+    state, metrics = apply(state, data, round_key(rounds_key, r))
     yield state, metrics
 
 
 def run_rounds(
   algorithm: FederatedAlgorithm,
   data: ClientData,
-  seed: int,
+  seed: Seeds,
   rounds: int,
   mesh: Mesh | None = None,
 ) -> Any:
@@ -276,78 +304,110 @@ def run_rounds(
 
 def train(
   experiment: Experiment,
-  seed: int,
+  seeds: Sequence[int],
   *,
-  on_round: Callable[[dict[str, Any]], None] | None = None,
+  on_round: Callable[[int, dict[str, Any]], None] | None = None,
   progress: ProgressFn | None = None,
   start: tuple[int, Any] | None = None,
-  earlier: list[dict[str, Any]] | None = None,
+  earlier: Sequence[Sequence[dict[str, Any]]] | None = None,
   on_state: Callable[[int, Any], None] | None = None,
-) -> tuple[Any, dict[str, Any]]:
-  """Runs one seed's rounds with the experiment's jitted round function.
+) -> tuple[Any, list[dict[str, Any]]]:
+  """Runs the experiment for ``seeds``, all at once as one vmapped program.
 
   Args:
     experiment: what to run.
-    seed: the PRNG seed; the same seed gives the same run.
-    on_round: called with every round's metrics record.
-    progress: called after every round.
-    start: ``(round, state)`` to continue from, see :func:`iterate_rounds`.
-    earlier: the records of the rounds before ``start`` (for the best round).
+    seeds: the PRNG seeds; the same seed gives the same run.
+    on_round: called with ``(seed, record)`` for every seed's metrics record of every round.
+    progress: called after every round, with the seeds' mean losses.
+    start: ``(round, state)`` to continue from, see :func:`iterate_rounds` (the state has the
+      seeds axis).
+    earlier: per seed, the records of the rounds before ``start`` (for the best round).
     on_state: called with ``(rounds_done, state)`` after every round, before the next one
       reuses the state's buffers (this is where checkpoints are written).
 
   Returns:
-    ``(final_state, summary)``: the summary has the final evaluation of the deployed models
-    and the best evaluated round.
+    ``(final_state, summaries)``: per seed, the final evaluation of the deployed models and
+    the best evaluated round; the state has the seeds axis.
+
+  Raises:
+    DivergenceError: when every training client of some seed had a non-finite update.
   """
+  seeds = tuple(seeds)
   rounds = experiment.config.total_rounds
   data, algorithm = experiment.data, experiment.algorithm
   started = t0 = time.perf_counter()
-  best: dict[str, Any] = {"loss": math.inf, "round": None}
-  for record in earlier or []:
-    if record.get("test_loss") is not None and record["test_loss"] < best["loss"]:
-      best = {"loss": record["test_loss"], "round": record["round"]}
+  best = [_best_round(records) for records in earlier or [[] for _ in seeds]]
   round_times = []
   state = None if start is None else start[1]
   first = 0 if start is None else start[0]
-  rounds_iter = iterate_rounds(algorithm, data, seed, rounds, experiment.mesh, start)
+  rounds_iter = iterate_rounds(algorithm, data, seeds, rounds, experiment.mesh, start)
   for r, outcome in enumerate(rounds_iter, start=first):
     state, metrics = outcome
-    record = _round_record(r, metrics)
+    metrics = jax.device_get(metrics)
     round_times.append(time.perf_counter() - t0)
-    if len(record["excluded_clients"]) == len(metrics.selected):
+    per_seed = [jax.tree.map(lambda x, k=k: x[k], metrics) for k in range(len(seeds))]
+    records = [_round_record(r, m) for m in per_seed]
+    for k, record in enumerate(records):
+      if len(record["excluded_clients"]) == len(per_seed[k].selected):
+        if on_round:
+          on_round(seeds[k], record)
+        raise DivergenceError(
+          f"round {r}, seed {seeds[k]}: every training client's update was non-finite (NaN or "
+          "inf), so there is nothing to aggregate; the learning rate is probably too high "
+          f"(--learning_rate {experiment.config.learning_rate})"
+        )
+    for k, record in enumerate(records):
+      record["seconds"] = round_times[-1]
+      test_loss = record.get("test_loss")
+      if test_loss is not None and test_loss < best[k]["loss"]:
+        best[k] = {"loss": test_loss, "round": r}
       if on_round:
-        on_round(record)
-      raise DivergenceError(
-        f"round {r}: every training client's update was non-finite (NaN or inf), so there is "
-        "nothing to aggregate; the learning rate is probably too high "
-        f"(--learning_rate {experiment.config.learning_rate})"
-      )
-    record["seconds"] = round_times[-1]
-    test_loss = record.get("test_loss")
-    if test_loss is not None and test_loss < best["loss"]:
-      best = {"loss": test_loss, "round": r}
-    if on_round:
-      on_round(record)
+        on_round(seeds[k], record)
     if progress:
-      progress(r + 1, rounds, record)
+      progress(r + 1, rounds, _mean_record(records))
     if on_state:
       on_state(r + 1, state)
     t0 = time.perf_counter()
-  final = summarize(jax.jit(algorithm.evaluate)(state, data))
-  if float(final.loss) < best["loss"]:
-    best = {"loss": float(final.loss), "round": rounds}
-  summary = {
-    "seed": seed,
-    "rounds": rounds,
-    "final": summary_dict(final),
-    "best_loss": best["loss"],
-    "best_round": best["round"],
-    "first_round_seconds": round_times[0] if round_times else None,
-    "median_round_seconds": float(np.median(round_times[1:])) if len(round_times) > 1 else None,
-    "wall_seconds": time.perf_counter() - started,
-  }
-  return state, summary
+  evaluate = over_seeds(algorithm).evaluate
+  finals = jax.device_get(jax.jit(evaluate)(state, data))
+  wall = time.perf_counter() - started
+  summaries = []
+  for k, seed in enumerate(seeds):
+    final = summarize(jax.tree.map(lambda x, k=k: x[k], finals))
+    if float(final.loss) < best[k]["loss"]:
+      best[k] = {"loss": float(final.loss), "round": rounds}
+    summaries.append(
+      {
+        "seed": seed,
+        "rounds": rounds,
+        "final": summary_dict(final),
+        "best_loss": best[k]["loss"],
+        "best_round": best[k]["round"],
+        "first_round_seconds": round_times[0] if round_times else None,
+        "median_round_seconds": float(np.median(round_times[1:])) if len(round_times) > 1 else None,
+        "wall_seconds": wall,
+        "seeds_together": len(seeds),
+      }
+    )
+  return state, summaries
+
+
+def _best_round(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """The evaluated round with the lowest test loss among ``records``."""
+  best: dict[str, Any] = {"loss": math.inf, "round": None}
+  for record in records:
+    if record.get("test_loss") is not None and record["test_loss"] < best["loss"]:
+      best = {"loss": record["test_loss"], "round": record["round"]}
+  return best
+
+
+def _mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """The seeds' records as one, for the progress line: losses averaged, None if any is."""
+  mean: dict[str, Any] = {}
+  for name in ("train_loss", "test_loss"):
+    values = [record[name] for record in records if record.get(name) is not None]
+    mean[name] = sum(values) / len(values) if len(values) == len(records) else None
+  return mean
 
 
 def _round_record(r: int, metrics) -> dict[str, Any]:
@@ -440,10 +500,7 @@ def run(
       f"  baseline {name:18s} loss {_fmt(b['loss'])}  orthodromic {_degrees(b['orthodromic_deg'])}"
     )
 
-  seeds = [
-    _run_seed(experiment, run_dir, config.seed + k, checkpoint_every, progress, log)
-    for k in range(config.times)
-  ]
+  seeds = _run_seeds(experiment, run_dir, checkpoint_every, progress, log)
   return _finish(config, run_dir, baselines, seeds, log)
 
 
@@ -484,95 +541,146 @@ def _finish(
   return result
 
 
-def _run_seed(
+def _run_seeds(
   experiment: Experiment,
   run_dir: Path,
-  seed: int,
   checkpoint_every: int | None,
   progress: bool,
   log: Callable[[str], None],
-) -> dict[str, Any]:
-  """Runs (or continues, from its newest good checkpoint) one seed of a run."""
-  seed_dir = run_dir / f"seed{seed}"
-  if (seed_dir / "summary.json").is_file():  # finished before an interruption
-    return json.loads((seed_dir / "summary.json").read_text())
-  seed_dir.mkdir(exist_ok=True)
-  has_checkpoints = (seed_dir / "checkpoints").is_dir()
-  manager = _checkpoints(seed_dir) if checkpoint_every or has_checkpoints else None
-  start = _restore_newest(manager, experiment, seed, log) if has_checkpoints and manager else None
-  metrics_path = seed_dir / "metrics.jsonl"
-  earlier: list[dict[str, Any]] = []
-  if start is not None and metrics_path.is_file():
-    # Rounds after the checkpoint are recomputed: drop their records (and a torn last line).
-    for line in metrics_path.read_text().splitlines():
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        break
-      if record["round"] < start[0]:
-        earlier.append(record)
-  with metrics_path.open("w") as metrics_file:
-    for record in earlier:
-      metrics_file.write(json.dumps(record) + "\n")
+) -> list[dict[str, Any]]:
+  """Runs (or continues, from the newest good checkpoint) every seed of a run, together."""
+  config = experiment.config
+  seeds = [config.seed + k for k in range(config.times)]
+  seed_dirs = [run_dir / f"seed{seed}" for seed in seeds]
+  if all((d / "summary.json").is_file() for d in seed_dirs):  # finished before an interruption
+    return [json.loads((d / "summary.json").read_text()) for d in seed_dirs]
+  has_checkpoints = (run_dir / "checkpoints").is_dir()
+  manager = _checkpoints(run_dir) if checkpoint_every or has_checkpoints else None
+  start = _restore_newest(manager, experiment, seeds, log) if has_checkpoints and manager else None
+  first = start[0] if start is not None else 0
+  earlier = [_records_before(d / "metrics.jsonl", first) for d in seed_dirs]
+  files = []
+  for seed_dir, records in zip(seed_dirs, earlier, strict=True):
+    seed_dir.mkdir(exist_ok=True)
+    files.append((seed_dir / "metrics.jsonl").open("w"))
+    files[-1].writelines(json.dumps(record) + "\n" for record in records)
+  by_seed = dict(zip(seeds, files, strict=True))
 
-    def write(record: dict[str, Any]) -> None:
-      metrics_file.write(json.dumps(record) + "\n")
-      metrics_file.flush()
+  def write(seed: int, record: dict[str, Any]) -> None:
+    by_seed[seed].write(json.dumps(record) + "\n")
+    by_seed[seed].flush()
 
-    def save(rounds_done: int, state: Any) -> None:
-      if manager and checkpoint_every and rounds_done % checkpoint_every == 0:
-        manager.save(rounds_done, args=ocp.args.StandardSave(state))
-        manager.wait_until_finished()  # the next round reuses the state's buffers
+  saved = [first] if start is not None else []
 
-    bar = ProgressBar(f"seed {seed}") if progress else None
-    _, summary = train(
-      experiment, seed, on_round=write, progress=bar, start=start, earlier=earlier, on_state=save
+  def save(rounds_done: int, state: Any) -> None:
+    if manager and checkpoint_every and rounds_done % checkpoint_every == 0:
+      manager.save(rounds_done, args=ocp.args.StandardSave(state))
+      manager.wait_until_finished()  # the next round reuses the state's buffers
+      saved.append(rounds_done)
+
+  label = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+  bar = ProgressBar(label) if progress else None
+  try:
+    _, summaries = train(
+      experiment, seeds, on_round=write, progress=bar, start=start, earlier=earlier, on_state=save
     )
-  _write_json(seed_dir / "summary.json", summary)
-  final = summary["final"]
-  log(
-    f"  seed {seed}: Average Global Loss {_fmt(final['loss'])}  orthodromic "
-    f"{_degrees(final['orthodromic_deg'])}  ({summary['median_round_seconds'] or 0:.3f} s/round)"
-  )
-  return summary
+  except DivergenceError as err:
+    kept = (
+      f"the last good checkpoint, of round {saved[-1]}, is kept in {run_dir / 'checkpoints'}"
+      if saved
+      else "no checkpoint was written (see --checkpoint-every)"
+    )
+    raise DivergenceError(f"{err}; {kept}") from err
+  finally:
+    for file in files:
+      file.close()
+  for seed_dir, summary in zip(seed_dirs, summaries, strict=True):
+    _write_json(seed_dir / "summary.json", summary)
+    final = summary["final"]
+    log(
+      f"  seed {summary['seed']}: Average Global Loss {_fmt(final['loss'])}  orthodromic "
+      f"{_degrees(final['orthodromic_deg'])}"
+    )
+  median = summaries[0]["median_round_seconds"] or 0.0
+  log(f"  {median:.3f} s/round for {len(seeds)} seed(s) together")
+  return summaries
 
 
-def _checkpoints(seed_dir: Path) -> ocp.CheckpointManager:
+def _records_before(metrics_path: Path, first: int) -> list[dict[str, Any]]:
+  """The metrics records of rounds before ``first``; rounds after a checkpoint are recomputed,
+  so their records (and a torn last line) are dropped."""
+  if first == 0 or not metrics_path.is_file():
+    return []
+  records = []
+  for line in metrics_path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      break
+    if record["round"] < first:
+      records.append(record)
+  return records
+
+
+def _checkpoints(run_dir: Path) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-  return ocp.CheckpointManager((seed_dir / "checkpoints").resolve(), options=options)
+  return ocp.CheckpointManager((run_dir / "checkpoints").resolve(), options=options)
 
 
 def _restore_newest(
-  manager: ocp.CheckpointManager, experiment: Experiment, seed: int, log: Callable[[str], None]
+  manager: ocp.CheckpointManager,
+  experiment: Experiment,
+  seeds: Sequence[int],
+  log: Callable[[str], None],
 ) -> tuple[int, Any] | None:
   """The newest checkpoint that restores, as ``(round, state)``; a corrupt one is reported and
-  the one before it used."""
-  init_key = jax.random.split(jax.random.key(seed))[0]
-  abstract = jax.eval_shape(experiment.algorithm.init, init_key, experiment.data)
+  the one before it used.
+
+  The state is restored against an abstract tree that carries this run's shardings, so a
+  checkpoint written on any number of devices lands directly on this run's devices.
+  """
   if not manager.all_steps():
     return None
+  init_keys, _ = seed_keys(seeds)
+  shapes = jax.eval_shape(over_seeds(experiment.algorithm).init, init_keys, experiment.data)
+  shardings = state_shardings(shapes, experiment.mesh, seeds_axis=True)
+  abstract = jax.tree.map(
+    lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+    shapes,
+    shardings,
+  )
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as err:
       log(
-        f"  seed {seed}: checkpoint at round {step} is unreadable ({type(err).__name__}); "
-        "trying the one before"
+        f"  checkpoint at round {step} is unreadable ({type(err).__name__}); trying the one before"
       )
       continue
-    log(f"  seed {seed}: resuming from the checkpoint at round {step}")
+    log(f"  resuming from the checkpoint at round {step}")
     return step, state
-  log(f"  seed {seed}: no readable checkpoint; starting over")
+  log("  no readable checkpoint; starting over")
   return None
 
 
 def resume(
-  run_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print
+  run_dir: str | Path,
+  *,
+  devices: int | None = None,
+  progress: bool = True,
+  log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """Continues an interrupted run from its checkpoints, with its own saved configuration.
 
-  Seeds that finished are kept; the others continue from their newest readable checkpoint
-  (or start over without one). The final metrics equal an uninterrupted run's.
+  Finished runs are left as they are; otherwise every seed continues from the newest readable
+  checkpoint (or starts over without one). The final metrics equal an uninterrupted run's.
+
+  Args:
+    run_dir: the run directory.
+    devices: split the clients over this many devices instead of the saved ``devices`` (a
+      checkpoint written on any number of devices restores on any other).
+    progress: show a progress line on stderr.
+    log: where human-readable lines go.
 
   Raises:
     ConfigError: when ``run_dir`` is not a run directory.
@@ -583,13 +691,12 @@ def resume(
     raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
   record = json.loads(record_path.read_text())
   config = _config_from_dict(record["config"])
+  if devices is not None:
+    config = dataclasses.replace(config, devices=devices)
   experiment = prepare(config)
   baselines = json.loads((run_dir / "baselines.json").read_text())
   log(f"resuming {run_dir}: {experiment.spec}, {config.algo}, {config.total_rounds} rounds")
-  seeds = [
-    _run_seed(experiment, run_dir, config.seed + k, record.get("checkpoint_every"), progress, log)
-    for k in range(config.times)
-  ]
+  seeds = _run_seeds(experiment, run_dir, record.get("checkpoint_every"), progress, log)
   return _finish(config, run_dir, baselines, seeds, log)
 
 

@@ -27,7 +27,7 @@ def test_fedavg_lstm_beats_both_baselines_at_every_horizon_on_david(david_root):
     eval_every=40,
   )
   experiment = prepare(config)
-  _, summary = train(experiment, seed=0)
+  _, (summary,) = train(experiment, seeds=[0])
   baselines = {k: summary_dict(v) for k, v in baseline_summaries(experiment.data, 5).items()}
   wins = beats_baselines(np.array(summary["final"]["orthodromic_deg"]), baselines)
   assert wins == {"no-motion": [True] * 5, "constant-velocity": [True] * 5}, (
@@ -61,7 +61,11 @@ def test_a_round_where_every_client_diverges_stops_the_run(tmp_path):
   poisoned = experiment.data.replace(train_x=experiment.data.train_x * float("nan"))
   records = []
   with pytest.raises(
-    DivergenceError, match="round 0: every training client's update was non-finite"
+    DivergenceError, match="round 0, seed 0: every training client's update was non-finite"
   ):
-    train(dataclasses.replace(experiment, data=poisoned), seed=0, on_round=records.append)
+    train(
+      dataclasses.replace(experiment, data=poisoned),
+      seeds=[0],
+      on_round=lambda seed, record: records.append(record),
+    )
   assert records[0]["train_loss"] is None and records[0]["excluded_clients"] == [0, 1, 2]

@@ -37,7 +37,7 @@ def final_metrics(run_dir):
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
   whole = train_script(*FLAGS, "--out", str(tmp_path), "--name", "whole")
   killed = train_script(*FLAGS, "--out", str(tmp_path), "--name", "killed")
-  checkpoints = tmp_path / "killed" / "seed0" / "checkpoints"
+  checkpoints = tmp_path / "killed" / "checkpoints"
   deadline = time.monotonic() + 300
   while not (
     checkpoints.is_dir()
@@ -70,11 +70,11 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
   _, err = run.communicate(timeout=300)
   assert run.returncode == 0, err
   before, _ = final_metrics(tmp_path / "r")
-  seed_dir = tmp_path / "r" / "seed0"
-  (seed_dir / "summary.json").unlink()  # as if killed after the last checkpoint
+  (tmp_path / "r" / "seed0" / "summary.json").unlink()  # as if killed after the last checkpoint
   (tmp_path / "r" / "summary.json").unlink()
   newest = max(
-    (p for p in (seed_dir / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    (p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit()),
+    key=lambda p: int(p.name),
   )
   for f in newest.rglob("*"):
     if f.is_file():

@@ -31,6 +31,7 @@ from fedvp_jax.algorithms.core import (
   evaluate_on_schedule,
   init_clients,
   mean_train_loss,
+  over_seeds,
   select_clients,
   train_clients,
 )
@@ -141,6 +142,7 @@ __all__ = [
   "is_finite",
   "local_update",
   "mean_train_loss",
+  "over_seeds",
   "prediction_loss",
   "receive",
   "select_clients",

@@ -87,6 +87,21 @@ class FederatedAlgorithm(NamedTuple):
   evaluate: Callable[[State, ClientData], ErrorSums]
 
 
+def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
+  """``algorithm`` run for several seeds at once, as one vmapped program.
+
+  The keys and the state gain a leading seeds axis (``key[seeds]``, state leaves
+  ``[seeds, ...]``) and so do the round's metrics and the evaluation; every seed shares
+  ``data``. Seed s of the result equals ``algorithm`` run alone with seed s's keys, up to float
+  rounding.
+  """
+  return FederatedAlgorithm(
+    init=jax.vmap(algorithm.init, in_axes=(0, None)),
+    apply=jax.vmap(algorithm.apply, in_axes=(0, None, 0)),
+    evaluate=jax.vmap(algorithm.evaluate, in_axes=(0, None)),
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundConfig:
   """The settings of a round that every algorithm shares.
