@@ -1,0 +1,88 @@
+"""Repeats over seeds: one vmapped program equals the seeds run one after another; a run that
+diverges keeps, and names, its last good checkpoint."""
+
+import dataclasses
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedvp_jax import training
+from fedvp_jax.algorithms import FederatedAlgorithm, FedGenConfig
+from fedvp_jax.errors import DivergenceError
+from fedvp_jax.training import RunConfig, prepare, run, run_rounds
+
+TINY = RunConfig(
+  dataset="Synthetic-m4-h2",
+  model="lstm",
+  num_users=3,
+  rounds=3,
+  local_epochs=2,
+  batch_size=8,
+  latent_dim=12,
+  fedgen=FedGenConfig(grain=16, heatmap_sigma=30.0, gen_batch_size=8, gen_steps=2),
+)
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "partial-fedgen"])
+def test_vmapped_seeds_equal_seeds_run_one_by_one(algo):
+  experiment = prepare(dataclasses.replace(TINY, algo=algo, clients_per_round=2))
+  together = run_rounds(experiment.algorithm, experiment.data, (4, 7), 3)
+  for k, seed in enumerate((4, 7)):
+    alone = run_rounds(experiment.algorithm, experiment.data, seed, 3)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda x, k=k: x[k], together), alone, rtol=1e-4, atol=1e-6
+    )
+  # The seeds really differ, so the comparison above is not between copies of one run.
+  first = jax.tree.leaves(together.client_params if algo == "fedavg" else together)[0]
+  assert not np.allclose(first[0], first[1])
+
+
+def test_times_writes_every_seed_and_their_spread(tmp_path):
+  summary = run(dataclasses.replace(TINY, times=3), tmp_path / "r", progress=False, log=lambda _: 0)
+  losses = [s["final"]["loss"] for s in summary["seeds"]]
+  assert [s["seed"] for s in summary["seeds"]] == [0, 1, 2]
+  assert len(set(losses)) == 3
+  assert summary["final_loss_mean"] == pytest.approx(np.mean(losses))
+  assert summary["final_loss_std"] == pytest.approx(np.std(losses, ddof=1))
+  for seed in range(3):
+    lines = (tmp_path / "r" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [0, 1, 2]
+
+
+def poisoned_from(algorithm: FederatedAlgorithm, first_bad_round: int) -> FederatedAlgorithm:
+  """``algorithm`` whose clients all get NaN inputs from round ``first_bad_round`` on."""
+
+  def apply(state, data, key):
+    bad = state.round >= first_bad_round
+    data = data.replace(train_x=jnp.where(bad, jnp.nan, data.train_x))
+    return algorithm.apply(state, data, key)
+
+  return algorithm._replace(apply=apply)
+
+
+def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(tmp_path):
+  experiment = prepare(dataclasses.replace(TINY, rounds=6))
+  experiment = dataclasses.replace(experiment, algorithm=poisoned_from(experiment.algorithm, 3))
+  run_dir = tmp_path / "r"
+  run_dir.mkdir()
+  with pytest.raises(DivergenceError) as caught:
+    training._run_seeds(experiment, run_dir, 2, progress=False, log=lambda _: 0)
+  message = str(caught.value)
+  assert "round 3, seed 0: every training client's update was non-finite" in message
+  assert f"the last good checkpoint, of round 2, is kept in {run_dir / 'checkpoints'}" in message
+  assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+  records = [json.loads(line) for line in (run_dir / "seed0" / "metrics.jsonl").open()]
+  assert [r["round"] for r in records] == [0, 1, 2, 3]
+  assert records[3]["train_loss"] is None and records[2]["train_loss"] is not None
+
+
+def test_divergence_without_checkpoints_says_so(tmp_path):
+  experiment = prepare(TINY)
+  experiment = dataclasses.replace(experiment, algorithm=poisoned_from(experiment.algorithm, 1))
+  (tmp_path / "r").mkdir()
+  with pytest.raises(DivergenceError, match="no checkpoint was written"):
+    training._run_seeds(experiment, tmp_path / "r", None, progress=False, log=lambda _: 0)
