@@ -15,6 +15,7 @@ from fedvp_jax.algorithms import (
   build_algorithm,
   fedavg,
   fedgen,
+  over_seeds,
 )
 from fedvp_jax.baselines import BASELINES, constant_velocity, no_motion
 from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
@@ -24,13 +25,16 @@ from fedvp_jax.geometry import lonlat_to_vec, normalize, orthodromic_distance, r
 from fedvp_jax.heatmap import heatmaps, label_weights, sample_labels
 from fedvp_jax.metrics import ErrorSums, Summary, error_sums, mse, summarize
 from fedvp_jax.models import Model, build_model
+from fedvp_jax.report import write_report
 from fedvp_jax.sharding import (
   CLIENTS_AXIS,
   client_mesh,
   shard_data,
   shard_state,
   split_clients,
+  state_shardings,
 )
+from fedvp_jax.sweep import expand_spec, read_spec, run_sweep
 from fedvp_jax.training import (
   Experiment,
   ProgressBar,
@@ -41,8 +45,10 @@ from fedvp_jax.training import (
   prepare,
   resolve_device,
   resume,
+  round_key,
   run,
   run_rounds,
+  seed_keys,
   summary_dict,
   train,
 )
@@ -81,6 +87,7 @@ __all__ = [
   "constant_velocity",
   "data",
   "error_sums",
+  "expand_spec",
   "fedavg",
   "fedgen",
   "heatmap",
@@ -94,21 +101,28 @@ __all__ = [
   "no_motion",
   "normalize",
   "orthodromic_distance",
+  "over_seeds",
   "parse_spec",
   "prepare",
+  "read_spec",
   "resolve_device",
   "resume",
   "rotate",
+  "round_key",
   "run",
   "run_rounds",
+  "run_sweep",
   "sample_batches",
   "sample_labels",
+  "seed_keys",
   "select_users",
   "shard_data",
   "shard_state",
   "split_clients",
+  "state_shardings",
   "summarize",
   "summary_dict",
   "train",
   "vec_to_lonlat",
+  "write_report",
 ]

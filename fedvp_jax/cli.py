@@ -345,11 +345,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def config_overrides(argv: Sequence[str]) -> dict[str, Any]:
   """The settings that ``argv`` gives explicitly (validated as the flags are), by name."""
-  parser = argparse.ArgumentParser(add_help=False)
+  # No abbreviations: other scripts' flags pass through here, and --device must not be read
+  # as --devices.
+  parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
   add_config_arguments(parser)
-  parser.set_defaults(**dict.fromkeys(SETTINGS, argparse.SUPPRESS))
-  given, _ = parser.parse_known_args(argv)
-  return vars(given)
+  # argparse fills in a default only where the namespace lacks the name, so a namespace that
+  # starts with a marker everywhere tells given settings from defaults.
+  absent = object()
+  given, _ = parser.parse_known_args(argv, argparse.Namespace(**dict.fromkeys(SETTINGS, absent)))
+  return {name: value for name, value in vars(given).items() if value is not absent}
 
 
 def with_settings(config: RunConfig, settings: Mapping[str, Any], source: str) -> RunConfig:
@@ -360,11 +364,16 @@ def with_settings(config: RunConfig, settings: Mapping[str, Any], source: str) -
   """
   run_fields: dict[str, Any] = {}
   fedgen_fields: dict[str, Any] = {}
-  for name, value in settings.items():
+  for name, given in settings.items():
     if name not in SETTINGS:
       close = difflib.get_close_matches(name, SETTINGS, n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       raise ConfigError(f"{source}: unknown setting {name!r}{hint}")
+    default = getattr(config.fedgen if name in FEDGEN_FIELDS else config, name)
+    integer = isinstance(given, int) and not isinstance(given, bool)
+    value = float(given) if isinstance(default, float) and integer else given  # TOML's `beta = 1`
+    if default is not None and not isinstance(value, type(default)):
+      raise ConfigError(f"{source}: {name} = {value!r} should be of type {type(default).__name__}")
     (fedgen_fields if name in FEDGEN_FIELDS else run_fields)[name] = value
   if run_fields.get("users") is not None:
     run_fields["users"] = tuple(run_fields["users"])
@@ -375,3 +384,22 @@ def with_settings(config: RunConfig, settings: Mapping[str, Any], source: str) -
   except (ConfigError, TypeError, ValueError) as err:
     raise ConfigError(f"{source}: {err}") from err
   return changed
+
+
+__all__ = [
+  "FEDGEN_FIELDS",
+  "RUN_FIELDS",
+  "SETTINGS",
+  "add_config_arguments",
+  "algorithm_name",
+  "at_least",
+  "beta_value",
+  "config_from_args",
+  "config_overrides",
+  "model_name",
+  "non_negative_float",
+  "positive_float",
+  "run_name",
+  "user_list",
+  "with_settings",
+]

@@ -19,6 +19,9 @@ PACKAGES = (
   "fedvp_jax.models",
   "fedvp_jax.algorithms",
   "fedvp_jax.heatmap",
+  "fedvp_jax.cli",
+  "fedvp_jax.sweep",
+  "fedvp_jax.report",
 )
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 

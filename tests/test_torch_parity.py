@@ -149,9 +149,9 @@ def test_label_sampling_and_weights_follow_the_heatmap():
 )
 def test_vmap_round_equals_seed_loops(tiny, name, algo, send):
   spec, data = tiny
-  init = _randomised(build_model(name, spec.history, spec.horizon, latent_dim=LATENT).init(
-    jax.random.key(0)
-  ), 3)
+  init = _randomised(
+    build_model(name, spec.history, spec.horizon, latent_dim=LATENT).init(jax.random.key(0)), 3
+  )
   g_init = build_generator("simple", LATENT).init(jax.random.key(1))
   settings = dict(
     model=name, algo=algo, learning_rate=LR, local_steps=STEPS, batch_size=BATCH, send=send,
@@ -169,7 +169,9 @@ def test_vmap_round_equals_seed_loops(tiny, name, algo, send):
     assert seed_metrics["train_loss"] == pytest.approx(vmap_metrics["train_loss"], rel=1e-5)
     if algo == "fedgen":
       break  # the generators then differ: their heatmaps and label draws do
-  torch.testing.assert_close(seed_style.server_state(), vectorised.server_state(), atol=1e-6, rtol=0)
+  torch.testing.assert_close(
+    seed_style.server_state(), vectorised.server_state(), atol=1e-6, rtol=0
+  )
   for k in range(data.num_clients):
     torch.testing.assert_close(
       seed_style.client_state(k), vectorised.client_state(k), atol=1e-6, rtol=0

@@ -1,0 +1,343 @@
+"""Tables and plots of finished runs, from what their run directories hold and nothing else.
+
+For a set of run directories (a sweep folder's, or any), :func:`write_report` writes
+
+* ``results.md`` and ``results.csv``: per configuration the final and best Average Global Loss
+  (with the round of the best) and the orthodromic error per horizon step, each as mean ± std
+  over seeds, the wall time, and whether it beats the no-motion and constant-velocity
+  baselines at every step; the baselines as rows of their own;
+* ``loss.png``: test loss against round for every configuration (mean over seeds, a band of
+  ± one std), and ``loss_<group>.png`` per group;
+* ``orthodromic.png``: orthodromic error per horizon step, every configuration and baseline.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedvp_jax.algorithms import ALGORITHMS
+from fedvp_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """What one run directory holds.
+
+  Attributes:
+    name: the run's label (its directory's name).
+    group: its group (from the sweep's ``sweep.json``; the algorithm otherwise).
+    config: its configuration, as saved.
+    summary: its ``summary.json``, or ``None`` when it did not finish.
+    curves: ``f32[seeds, rounds]`` test loss of every seed at every round (NaN where a round
+      was not evaluated).
+    baselines: its ``baselines.json``.
+  """
+
+  name: str
+  group: str
+  config: dict[str, Any]
+  summary: dict[str, Any] | None
+  curves: np.ndarray
+  baselines: dict[str, Any]
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+  """The run directories among ``paths`` (a sweep folder stands for its runs, in sweep order),
+  each with its sweep group if known.
+
+  Raises:
+    ConfigError: for a path that is neither a run directory nor a folder holding some.
+  """
+  found: list[tuple[Path, str | None]] = []
+  for path in map(Path, paths):
+    if (path / "config.json").is_file():
+      found.append((path, None))
+    elif (path / "sweep.json").is_file():
+      for entry in json.loads((path / "sweep.json").read_text()):
+        if (path / entry["name"] / "config.json").is_file():
+          found.append((path / entry["name"], entry["group"]))
+    elif path.is_dir() and any((p / "config.json").is_file() for p in path.iterdir()):
+      found.extend((p, None) for p in sorted(path.iterdir()) if (p / "config.json").is_file())
+    else:
+      raise ConfigError(f"{path}: not a run directory or a folder of them (no config.json)")
+  return found
+
+
+def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
+  """Reads one run directory (see :mod:`fedvp_jax.training` for its layout)."""
+  run_dir = Path(run_dir)
+  config = json.loads((run_dir / "config.json").read_text())["config"]
+  summary_path = run_dir / "summary.json"
+  summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+  seeds = [config["seed"] + k for k in range(config["times"])]
+  rounds = config["rounds"] + _pretrain(config)
+  curves = np.full((len(seeds), rounds), np.nan)
+  for k, seed in enumerate(seeds):
+    metrics = run_dir / f"seed{seed}" / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a torn last line of a killed run
+        break
+      if record.get("test_loss") is not None and record["round"] < rounds:
+        curves[k, record["round"]] = record["test_loss"]
+  baselines = json.loads((run_dir / "baselines.json").read_text())
+  return RunResult(run_dir.name, group or config["algo"], config, summary, curves, baselines)
+
+
+def _pretrain(config: dict[str, Any]) -> int:
+  """Stage-one rounds of a saved configuration (only the FedGen family has them)."""
+  return config["fedgen"]["pretrain_epochs"] if ALGORITHMS[config["algo"]].generator else 0
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+  array = np.array([np.nan if v is None else v for v in values], dtype=float)
+  std = float(array.std(ddof=1)) if len(array) > 1 else math.nan
+  return float(array.mean()), std
+
+
+def _pm(mean_std: tuple[float, float], spec: str) -> str:
+  mean, std = mean_std
+  if math.isnan(mean):
+    return "—"
+  return format(mean, spec) + ("" if math.isnan(std) else f" ± {format(std, spec)}")
+
+
+def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+  """One row of numbers per run (finished or not), then one per baseline of the first run."""
+  rows = []
+  for result in results:
+    config = result.config
+    row: dict[str, Any] = {
+      "run": result.name,
+      "group": result.group,
+      "algorithm": config["algo"],
+      "beta": config["beta"],
+      "pretrain": _pretrain(config),
+      "rounds": result.curves.shape[1],
+      "seeds": config["times"],
+    }
+    summary = result.summary
+    if summary is None:
+      rows.append({**row, "status": "unfinished"})
+      continue
+    seeds = summary["seeds"]
+    row["status"] = "done"
+    row["final_loss"] = _mean_std([s["final"]["loss"] for s in seeds])
+    row["best_loss"] = _mean_std([s["best_loss"] for s in seeds])
+    row["best_round"] = [s["best_round"] for s in seeds]
+    degrees = np.array([s["final"]["orthodromic_deg"] for s in seeds], dtype=float)
+    ddof_std = degrees.std(axis=0, ddof=1) if len(seeds) > 1 else np.full(degrees.shape[1], np.nan)
+    row["orthodromic_deg"] = list(zip(degrees.mean(axis=0), ddof_std, strict=True))
+    row["wall_seconds"] = max(s["wall_seconds"] for s in seeds)
+    row["beats"] = {name: all(wins) for name, wins in summary["beats_baselines"].items()}
+    rows.append(row)
+  if results:
+    for name, baseline in results[0].baselines.items():
+      rows.append(
+        {
+          "run": f"baseline: {name}",
+          "status": "baseline",
+          "final_loss": (baseline["loss"], math.nan),
+          "orthodromic_deg": [(d, math.nan) for d in baseline["orthodromic_deg"]],
+        }
+      )
+  return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+  """The rows as a Markdown table (orthodromic error at every step up to 4, else a summary)."""
+  steps = max((len(r["orthodromic_deg"]) for r in rows if "orthodromic_deg" in r), default=0)
+  shown = list(range(steps)) if steps <= 4 else [0, steps // 2 - 1, steps - 1]
+  head = [
+    "run",
+    "algorithm",
+    "beta",
+    "pretrain",
+    "rounds",
+    "seeds",
+    "Average Global Loss (final)",
+    "best (round)",
+    *[f"orthodromic deg, step {k + 1}" for k in shown],
+    "wall time",
+    "beats NM / CV",
+  ]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in rows:
+    cells = [row["run"]]
+    if row["status"] == "baseline":
+      cells += [""] * 5
+    else:
+      cells += [row["algorithm"], f"{row['beta']:g}", str(row["pretrain"] or "")]
+      cells += [str(row["rounds"]), str(row["seeds"])]
+    if row["status"] == "unfinished":
+      cells += ["unfinished"] + [""] * (len(head) - len(cells) - 1)
+      lines.append("| " + " | ".join(cells) + " |")
+      continue
+    cells.append(_pm(row["final_loss"], ".5f"))
+    if row["status"] == "baseline":
+      cells.append("")
+    else:
+      rounds = "/".join(str(r) for r in sorted({r for r in row["best_round"] if r is not None}))
+      cells.append(f"{_pm(row['best_loss'], '.5f')} ({rounds})")
+    cells += [_pm(row["orthodromic_deg"][k], ".3f") for k in shown]
+    if row["status"] == "baseline":
+      cells += ["", ""]
+    else:
+      beats = row["beats"]
+      verdict = " / ".join(
+        "yes" if beats.get(b) else "NO" for b in ("no-motion", "constant-velocity")
+      )
+      cells += [f"{row['wall_seconds'] / 60:.1f} min", verdict]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+  """The rows as CSV, one column per number (orthodromic error per step, means and stds)."""
+  steps = max((len(r["orthodromic_deg"]) for r in rows if "orthodromic_deg" in r), default=0)
+  fields = ["run", "group", "status", "algorithm", "beta", "pretrain", "rounds", "seeds"]
+  fields += ["final_loss_mean", "final_loss_std", "best_loss_mean", "best_loss_std", "best_rounds"]
+  fields += [f"orthodromic_deg_step{k + 1}_{s}" for k in range(steps) for s in ("mean", "std")]
+  fields += ["wall_seconds", "beats_no_motion", "beats_constant_velocity"]
+  with path.open("w", newline="") as file:
+    writer = csv.DictWriter(file, fields)
+    writer.writeheader()
+    for row in rows:
+      out = {k: row[k] for k in fields if k in row}
+      for name in ("final_loss", "best_loss"):
+        if name in row:
+          out[f"{name}_mean"], out[f"{name}_std"] = row[name]
+      if "best_round" in row:
+        out["best_rounds"] = " ".join(str(r) for r in row["best_round"])
+      for k, (mean, std) in enumerate(row.get("orthodromic_deg", [])):
+        out[f"orthodromic_deg_step{k + 1}_mean"] = mean
+        out[f"orthodromic_deg_step{k + 1}_std"] = std
+      if "beats" in row:
+        out["beats_no_motion"] = row["beats"].get("no-motion")
+        out["beats_constant_velocity"] = row["beats"].get("constant-velocity")
+      writer.writerow(
+        {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
+      )
+
+
+def plot_loss(results: Sequence[RunResult], path: Path, title: str) -> None:
+  """Test loss against round, mean over seeds with a ± std band, log scale; baselines dashed."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(9, 5.5))
+  for result in results:
+    rounds = np.arange(result.curves.shape[1])
+    evaluated = ~np.all(np.isnan(result.curves), axis=0)
+    mean = np.nanmean(result.curves[:, evaluated], axis=0)
+    (line,) = ax.plot(rounds[evaluated], mean, label=result.name, linewidth=1.2)
+    if result.curves.shape[0] > 1:
+      std = np.nanstd(result.curves[:, evaluated], axis=0, ddof=1)
+      ax.fill_between(rounds[evaluated], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+  if results:
+    for name, baseline in results[0].baselines.items():
+      if baseline["loss"] is not None:
+        ax.axhline(baseline["loss"], linestyle="--", color="gray", linewidth=1)
+        ax.annotate(name, (0, baseline["loss"]), fontsize=8, color="gray", va="bottom")
+  ax.set_yscale("log")
+  ax.set_xlabel("round")
+  ax.set_ylabel("Average Global Loss (test MSE)")
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_orthodromic(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+  """Orthodromic error per horizon step: grouped bars, one bar per run and baseline."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  shown = [r for r in rows if "orthodromic_deg" in r]
+  steps = max((len(r["orthodromic_deg"]) for r in shown), default=0)
+  fig, ax = plt.subplots(figsize=(max(6, 1.5 + 0.35 * len(shown) * steps), 5))
+  width = 0.8 / max(len(shown), 1)
+  for i, row in enumerate(shown):
+    means = np.array([m for m, _ in row["orthodromic_deg"]])
+    stds = np.array([0.0 if math.isnan(s) else s for _, s in row["orthodromic_deg"]])
+    x = np.arange(len(means)) + (i - (len(shown) - 1) / 2) * width
+    hatch = "//" if row["status"] == "baseline" else None
+    ax.bar(x, means, width, yerr=stds, label=row["run"], hatch=hatch)
+  ax.set_xticks(np.arange(steps), [f"step {k + 1}" for k in range(steps)])
+  ax.set_ylabel("orthodromic error (degrees)")
+  ax.set_title(title)
+  ax.legend(fontsize=7, ncol=2)
+  ax.grid(True, axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_report(
+  *paths: str | Path, out_dir: str | Path | None = None, log: Callable[[str], None] = print
+) -> list[dict[str, Any]]:
+  """Writes the table and plots of the runs in ``paths`` into ``out_dir``.
+
+  Args:
+    paths: run directories and folders of them (a sweep folder keeps its order and groups).
+    out_dir: where the files go; by default the single folder given.
+    log: where the table and the files' names go.
+
+  Returns:
+    The table's rows.
+
+  Raises:
+    ConfigError: when ``paths`` hold no run, or ``out_dir`` is needed but not given.
+  """
+  if out_dir is None:
+    if len(paths) != 1 or (Path(paths[0]) / "config.json").is_file():
+      raise ConfigError("give --out: the report of several folders, or of one run, needs one")
+    out_dir = paths[0]
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  results = [load_run(run_dir, group) for run_dir, group in find_runs(paths)]
+  if not results:
+    raise ConfigError(f"no runs in {', '.join(map(str, paths))}")
+  rows = table_rows(results)
+  dataset = results[0].config["dataset"]
+  (out_dir / "results.md").write_text(markdown_table(rows))
+  write_csv(rows, out_dir / "results.csv")
+  plot_loss(results, out_dir / "loss.png", f"{dataset}: test loss per round")
+  for group in dict.fromkeys(r.group for r in results):
+    members = [r for r in results if r.group == group]
+    if len(members) < len(results):
+      safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
+      plot_loss(members, out_dir / f"loss_{safe}.png", f"{dataset}: {group}")
+  plot_orthodromic(rows, out_dir / "orthodromic.png", f"{dataset}: orthodromic error")
+  log(markdown_table(rows))
+  log(f"table and plots written to {out_dir}")
+  return rows
+
+
+__all__ = [
+  "RunResult",
+  "find_runs",
+  "load_run",
+  "markdown_table",
+  "plot_loss",
+  "plot_orthodromic",
+  "table_rows",
+  "write_csv",
+  "write_report",
+]

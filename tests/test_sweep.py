@@ -1,0 +1,238 @@
+"""Sweeps: spec files and the weekly-table preset, overrides, skipping finished runs,
+resuming interrupted ones, refusing to overwrite; reports from saved metrics alone."""
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from fedvp_jax.cli import add_config_arguments, config_from_args, config_overrides
+from fedvp_jax.errors import ConfigError
+from fedvp_jax.report import write_report
+from fedvp_jax.sweep import PRESETS, expand_spec, run_sweep
+from fedvp_jax.training import RunConfig
+
+TINY = """
+[shared]
+dataset = "Synthetic-m4-h2"
+model = "lstm"
+num_users = 3
+rounds = 3
+times = 2
+local_epochs = 2
+batch_size = 8
+latent_dim = 12
+grain = 16
+heatmap_sigma = 30.0
+gen_batch_size = 8
+gen_steps = 2
+
+[[run]]
+name = "avg"
+group = "plain"
+algo = "fedavg"
+
+[[run]]
+name = "gen"
+algo = "fedgen"
+pretrain_epochs = 1
+"""
+
+
+def quiet(_):
+  return None
+
+
+def test_the_weekly_table_is_the_researchers_table():
+  runs = expand_spec(PRESETS["weekly-table"], "preset")
+  described = {("local", 1.0, False)}
+  for algo in ("fedavg", "partial-fedavg"):
+    described |= {(algo, beta, False) for beta in (1.0, 0.5)}
+  for algo in ("fedgen", "partial-fedgen"):
+    described |= {(algo, beta, p) for beta in (1.0, 0.5) for p in (False, True)}
+  described |= {("local-fedgen", 1.0, p) for p in (False, True)}  # no model to blend
+  got = [(r.config.algo, r.config.beta, r.config.fedgen.pretrain_epochs > 0) for r in runs]
+  assert sorted(got) == sorted(described) and len(got) == len(set(got))
+  for r in runs:
+    assert (r.config.dataset, r.config.model, r.config.num_users) == (
+      "David-m10-h1",
+      "transformer",
+      10,
+    )
+
+
+def test_grid_runs_every_combination_with_overrides_on_top():
+  spec = TINY + "\n[grid]\nlearning_rate = [0.01, 0.03]\nbeta = [1.0, 0.5]\n"
+  runs = expand_spec(spec, "spec.toml", {"rounds": 5, "model": "transformer"})
+  assert [r.name for r in runs[:4]] == [
+    "avg learning_rate=0.01 beta=1.0",
+    "avg learning_rate=0.01 beta=0.5",
+    "avg learning_rate=0.03 beta=1.0",
+    "avg learning_rate=0.03 beta=0.5",
+  ]
+  assert len(runs) == 8
+  assert {(r.config.learning_rate, r.config.beta) for r in runs[4:]} == {
+    (lr, b) for lr in (0.01, 0.03) for b in (1.0, 0.5)
+  }
+  assert all(r.config.rounds == 5 and r.config.model == "transformer" for r in runs)
+  assert {r.group for r in runs} == {"plain", "fedgen"}
+  assert runs[4].config.fedgen.pretrain_epochs == 1 and runs[4].config.fedgen.grain == 16
+
+
+@pytest.mark.parametrize(
+  ("spec", "overrides", "message"),
+  [
+    (
+      TINY.replace("rounds = 3", "roundz = 3"),
+      {},
+      r"\[shared\]: unknown setting 'roundz' \(did you mean 'rounds'",
+    ),
+    (TINY.replace('algo = "fedgen"', 'algo = "fedgan"'), {}, "spec.toml run 2: --algo 'fedgan'"),
+    (TINY + "\n[[run]]\nname = 'avg'\n", {}, "two runs are named 'avg'"),
+    (TINY.replace('name = "avg"', 'name = "a/b"'), {}, "must be a plain folder name"),
+    (TINY + "\n[[run]]\nbeta = 2.0\n", {}, "run 3: --beta 2.0: must be in"),
+    (TINY.replace("rounds = 3", 'rounds = "3"'), {}, "rounds = '3' should be of type int"),
+    (TINY + "\n[grid]\nbeta = 0.5\n", {}, "grid.*beta must be a non-empty list"),
+    (TINY + "\n[extra]\n", {}, "unknown section"),
+    ("[shared\n", {}, "not valid TOML"),
+    (TINY, {"pretrain_epochs": 5}, "sets pretrain_epochs per run"),
+  ],
+)
+def test_bad_specs_name_the_spec_and_what_is_wrong(spec, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    expand_spec(spec, "spec.toml", overrides)
+
+
+def test_overrides_are_the_flags_given_and_defaults_match_run_config():
+  import argparse
+
+  parser = argparse.ArgumentParser()
+  add_config_arguments(parser)
+  assert config_from_args(parser.parse_args([])) == RunConfig()
+  argv = ["weekly-table", "--out", "x", "--device", "cpu", "--rounds", "7", "--algorithm", "FedAvg"]
+  assert config_overrides([*argv, "--beta", "1", "--alpha", "2"]) == {
+    "rounds": 7,
+    "algo": "fedavg",
+    "beta": 1.0,
+    "alpha": 2.0,
+  }
+
+
+def folder_state(folder):
+  return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+  out = tmp_path_factory.mktemp("sweep") / "s"
+  runs = expand_spec(TINY, "tiny")
+  outcomes = run_sweep(runs, out, checkpoint_every=2, progress=False, log=quiet)
+  return runs, out, outcomes
+
+
+def test_a_sweep_runs_everything_once_then_reuses_it(finished_sweep):
+  runs, out, outcomes = finished_sweep
+  assert outcomes == {"avg": "done", "gen": "done"}
+  index = json.loads((out / "sweep.json").read_text())
+  assert [(e["name"], e["group"]) for e in index] == [("avg", "plain"), ("gen", "fedgen")]
+  before = {p: t for p, t in folder_state(out).items() if p.name != "sweep.json"}
+  assert run_sweep(runs, out, progress=False, log=quiet) == {"avg": "reused", "gen": "reused"}
+  assert {p: t for p, t in folder_state(out).items() if p.name != "sweep.json"} == before
+
+
+def test_other_settings_in_the_same_folder_are_refused_unless_overwrite(finished_sweep, tmp_path):
+  runs, out, _ = finished_sweep
+  changed = [dataclasses.replace(r, config=dataclasses.replace(r.config, rounds=4)) for r in runs]
+  before = folder_state(out)
+  with pytest.raises(ConfigError, match=r"other settings \(rounds: 3 there, 4 now"):
+    run_sweep(changed, out, progress=False, log=quiet)
+  assert folder_state(out) == before
+  # Where the data lives changes nothing computed: such runs are reused.
+  moved = [
+    dataclasses.replace(r, config=dataclasses.replace(r.config, data_dir=str(tmp_path)))
+    for r in runs
+  ]
+  assert set(run_sweep(moved, out, progress=False, log=quiet).values()) == {"reused"}
+
+
+def test_an_interrupted_sweep_resumes_its_unfinished_run(tmp_path):
+  runs = expand_spec(TINY, "tiny")[:1]
+  out = tmp_path / "s"
+  run_sweep(runs, out, checkpoint_every=2, progress=False, log=quiet)
+  summary = json.loads((out / "avg" / "summary.json").read_text())
+  for path in (out / "avg").rglob("summary.json"):
+    path.unlink()
+  lines = []
+  assert run_sweep(runs, out, progress=False, log=lines.append) == {"avg": "done"}
+  assert any("resuming from the checkpoint at round 2" in line for line in lines)
+  again = json.loads((out / "avg" / "summary.json").read_text())
+  for before, after in zip(summary["seeds"], again["seeds"], strict=True):
+    assert after["final"]["loss"] == pytest.approx(before["final"]["loss"], rel=1e-6)
+
+
+def test_the_report_is_computed_from_the_saved_metrics(finished_sweep, tmp_path):
+  _, out, _ = finished_sweep
+  rows = write_report(out, log=quiet)
+  with (out / "results.csv").open() as file:
+    table = {row["run"]: row for row in csv.DictReader(file)}
+  for name in ("avg", "gen"):
+    summary = json.loads((out / name / "summary.json").read_text())
+    finals = [s["final"]["loss"] for s in summary["seeds"]]
+    assert float(table[name]["final_loss_mean"]) == pytest.approx(np.mean(finals))
+    assert float(table[name]["final_loss_std"]) == pytest.approx(np.std(finals, ddof=1))
+    bests = [s["best_loss"] for s in summary["seeds"]]
+    assert float(table[name]["best_loss_mean"]) == pytest.approx(np.mean(bests))
+    step1 = [s["final"]["orthodromic_deg"][0] for s in summary["seeds"]]
+    assert float(table[name]["orthodromic_deg_step1_mean"]) == pytest.approx(np.mean(step1))
+  baselines = json.loads((out / "avg" / "baselines.json").read_text())
+  assert float(table["baseline: constant-velocity"]["final_loss_mean"]) == pytest.approx(
+    baselines["constant-velocity"]["loss"]
+  )
+  assert [r["run"] for r in rows][:2] == ["avg", "gen"]
+  markdown = (out / "results.md").read_text()
+  assert "| avg | fedavg | 1 |" in markdown and "| gen | fedgen | 1 | 1 | 4 | 2 |" in markdown
+  for png in ("loss.png", "loss_plain.png", "loss_fedgen.png", "orthodromic.png"):
+    data = (out / png).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+
+
+def test_report_script_on_run_dirs_and_its_errors(finished_sweep, tmp_path):
+  _, out, _ = finished_sweep
+  script = [sys.executable, str(REPO / "scripts" / "report.py")]
+  done = subprocess.run(
+    [*script, str(out / "avg"), str(out / "gen"), "--out", str(tmp_path / "r")],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert done.returncode == 0, done.stderr
+  assert "| avg |" in (tmp_path / "r" / "results.md").read_text()
+  bad = subprocess.run(
+    [*script, str(tmp_path / "nothing")], capture_output=True, text=True, check=False
+  )
+  assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def load_sweep_script():
+  spec = importlib.util.spec_from_file_location("sweep_script", REPO / "scripts" / "sweep.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_sweep_script_prints_the_preset_and_rejects_unknown_specs(capsys, tmp_path):
+  sweep = load_sweep_script()
+  assert sweep.main(["weekly-table", "--print-spec"]) == 0
+  printed = capsys.readouterr().out
+  (tmp_path / "copy.toml").write_text(printed)
+  assert sweep.main([str(tmp_path / "copy.toml"), "--dry-run", "--rounds", "9"]) == 0
+  listing = capsys.readouterr().out.splitlines()
+  assert len(listing) == 15 and all("rounds x2" in line for line in listing)
+  assert sweep.main(["weekly-tabel"]) == 2
+  assert "not a preset (presets: weekly-table)" in capsys.readouterr().err
