@@ -356,6 +356,40 @@ def config_overrides(argv: Sequence[str]) -> dict[str, Any]:
   return {name: value for name, value in vars(given).items() if value is not absent}
 
 
+# Settings whose default is None, so their type cannot be read off the default.
+_OPTIONAL_TYPES: dict[str, type] = {
+  "data_dir": str,
+  "num_users": int,
+  "users": tuple,
+  "clients_per_round": int,
+  "devices": int,
+  "server_batch_size": int,
+}
+
+
+def _typed(name: str, given: Any, source: str) -> Any:
+  """``given`` as setting ``name`` holds it: names as the flags read them (``FedAvg``,
+  ``Transformer``), ints where floats go, lists as tuples; a wrong type is a ConfigError."""
+  if name == "algo" and isinstance(given, str):
+    given = RESEARCHER_NAMES.get(given, given.lower())
+  if name == "model" and isinstance(given, str):
+    given = given.lower()
+  if isinstance(given, list):
+    given = tuple(given)
+  default = getattr(RunConfig(), name, None) if name in RUN_FIELDS else None
+  if name in FEDGEN_FIELDS:
+    default = getattr(FedGenConfig(), name)
+  expected = _OPTIONAL_TYPES.get(name, type(default))
+  integer = isinstance(given, int) and not isinstance(given, bool)
+  if expected is float and integer:
+    return float(given)  # TOML's `beta = 1`
+  if given is not None and (not isinstance(given, expected) or (integer and expected is bool)):
+    raise ConfigError(f"{source}: {name} = {given!r} should be of type {expected.__name__}")
+  if isinstance(given, tuple) and not all(isinstance(item, str) for item in given):
+    raise ConfigError(f"{source}: {name} = {given!r} should be a list of names")
+  return given
+
+
 def with_settings(config: RunConfig, settings: Mapping[str, Any], source: str) -> RunConfig:
   """``config`` with ``settings`` (names from :data:`SETTINGS`) replaced.
 
@@ -369,14 +403,8 @@ def with_settings(config: RunConfig, settings: Mapping[str, Any], source: str) -
       close = difflib.get_close_matches(name, SETTINGS, n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       raise ConfigError(f"{source}: unknown setting {name!r}{hint}")
-    default = getattr(config.fedgen if name in FEDGEN_FIELDS else config, name)
-    integer = isinstance(given, int) and not isinstance(given, bool)
-    value = float(given) if isinstance(default, float) and integer else given  # TOML's `beta = 1`
-    if default is not None and not isinstance(value, type(default)):
-      raise ConfigError(f"{source}: {name} = {value!r} should be of type {type(default).__name__}")
+    value = _typed(name, given, source)
     (fedgen_fields if name in FEDGEN_FIELDS else run_fields)[name] = value
-  if run_fields.get("users") is not None:
-    run_fields["users"] = tuple(run_fields["users"])
   try:
     fedgen = dataclasses.replace(config.fedgen, **fedgen_fields)
     changed = dataclasses.replace(config, **run_fields, fedgen=fedgen)

@@ -37,9 +37,12 @@ class RunResult:
     group: its group (from the sweep's ``sweep.json``; the algorithm otherwise).
     config: its configuration, as saved.
     summary: its ``summary.json``, or ``None`` when it did not finish.
-    curves: ``f32[seeds, rounds]`` test loss of every seed at every round (NaN where a round
-      was not evaluated).
+    curves: ``f32[seeds, rounds + 1]`` test loss of every seed after every number of
+      aggregations, 0 to ``rounds`` (NaN where it was not evaluated).
     baselines: its ``baselines.json``.
+    seconds: the time its rounds took (their ``seconds`` in ``metrics.jsonl``: compilation
+      included, and every process of a resumed run counted).
+    diverged: the message of a run that stopped because it diverged, else ``None``.
   """
 
   name: str
@@ -48,6 +51,8 @@ class RunResult:
   summary: dict[str, Any] | None
   curves: np.ndarray
   baselines: dict[str, Any]
+  seconds: float
+  diverged: str | None
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
@@ -73,14 +78,24 @@ def find_runs(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
 
 
 def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
-  """Reads one run directory (see :mod:`fedvp_jax.training` for its layout)."""
+  """Reads one run directory (see :mod:`fedvp_jax.training` for its layout).
+
+  Raises:
+    ConfigError: naming the file, when ``config.json`` or ``baselines.json`` is unreadable.
+  """
   run_dir = Path(run_dir)
-  config = json.loads((run_dir / "config.json").read_text())["config"]
-  summary_path = run_dir / "summary.json"
+  try:
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    baselines = json.loads((run_dir / "baselines.json").read_text())
+  except (OSError, ValueError, KeyError) as err:
+    raise ConfigError(f"{run_dir}: unreadable config.json or baselines.json ({err})") from err
+  summary_path, diverged_path = run_dir / "summary.json", run_dir / "diverged.json"
   summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+  diverged = json.loads(diverged_path.read_text())["message"] if diverged_path.is_file() else None
   seeds = [config["seed"] + k for k in range(config["times"])]
   rounds = config["rounds"] + _pretrain(config)
-  curves = np.full((len(seeds), rounds), np.nan)
+  curves = np.full((len(seeds), rounds + 1), np.nan)
+  seconds = 0.0
   for k, seed in enumerate(seeds):
     metrics = run_dir / f"seed{seed}" / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.is_file() else []:
@@ -90,8 +105,14 @@ def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
         break
       if record.get("test_loss") is not None and record["round"] < rounds:
         curves[k, record["round"]] = record["test_loss"]
-  baselines = json.loads((run_dir / "baselines.json").read_text())
-  return RunResult(run_dir.name, group or config["algo"], config, summary, curves, baselines)
+      if k == 0:  # the seeds of a run share their rounds
+        seconds += record.get("seconds") or 0.0
+  if summary is not None:
+    finals = [s["final"]["loss"] for s in summary["seeds"]]
+    curves[:, rounds] = [np.nan if f is None else f for f in finals]
+  return RunResult(
+    run_dir.name, group or config["algo"], config, summary, curves, baselines, seconds, diverged
+  )
 
 
 def _pretrain(config: dict[str, Any]) -> int:
@@ -123,22 +144,22 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
       "algorithm": config["algo"],
       "beta": config["beta"],
       "pretrain": _pretrain(config),
-      "rounds": result.curves.shape[1],
+      "rounds": result.curves.shape[1] - 1,
       "seeds": config["times"],
     }
     summary = result.summary
     if summary is None:
-      rows.append({**row, "status": "unfinished"})
+      rows.append({**row, "status": "diverged" if result.diverged else "unfinished"})
       continue
     seeds = summary["seeds"]
     row["status"] = "done"
     row["final_loss"] = _mean_std([s["final"]["loss"] for s in seeds])
     row["best_loss"] = _mean_std([s["best_loss"] for s in seeds])
-    row["best_round"] = [s["best_round"] for s in seeds]
+    row["best_round"] = sorted({s["best_round"] for s in seeds if s["best_round"] is not None})
     degrees = np.array([s["final"]["orthodromic_deg"] for s in seeds], dtype=float)
     ddof_std = degrees.std(axis=0, ddof=1) if len(seeds) > 1 else np.full(degrees.shape[1], np.nan)
     row["orthodromic_deg"] = list(zip(degrees.mean(axis=0), ddof_std, strict=True))
-    row["wall_seconds"] = max(s["wall_seconds"] for s in seeds)
+    row["wall_seconds"] = result.seconds
     row["beats"] = {name: all(wins) for name, wins in summary["beats_baselines"].items()}
     rows.append(row)
   if results:
@@ -179,15 +200,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     else:
       cells += [row["algorithm"], f"{row['beta']:g}", str(row["pretrain"] or "")]
       cells += [str(row["rounds"]), str(row["seeds"])]
-    if row["status"] == "unfinished":
-      cells += ["unfinished"] + [""] * (len(head) - len(cells) - 1)
+    if row["status"] in ("unfinished", "diverged"):
+      cells += [row["status"]] + [""] * (len(head) - len(cells) - 1)
       lines.append("| " + " | ".join(cells) + " |")
       continue
     cells.append(_pm(row["final_loss"], ".5f"))
     if row["status"] == "baseline":
       cells.append("")
     else:
-      rounds = "/".join(str(r) for r in sorted({r for r in row["best_round"] if r is not None}))
+      rounds = "/".join(str(r) for r in row["best_round"])
       cells.append(f"{_pm(row['best_loss'], '.5f')} ({rounds})")
     cells += [_pm(row["orthodromic_deg"][k], ".3f") for k in shown]
     if row["status"] == "baseline":
@@ -309,11 +330,11 @@ def write_report(
     if len(paths) != 1 or (Path(paths[0]) / "config.json").is_file():
       raise ConfigError("give --out: the report of several folders, or of one run, needs one")
     out_dir = paths[0]
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   results = [load_run(run_dir, group) for run_dir, group in find_runs(paths)]
   if not results:
     raise ConfigError(f"no runs in {', '.join(map(str, paths))}")
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   rows = table_rows(results)
   dataset = results[0].config["dataset"]
   (out_dir / "results.md").write_text(markdown_table(rows))

@@ -212,6 +212,8 @@ def expand_spec(
   shared = spec.get("shared", {})
   entries = spec.get("run", [{}])
   grid = spec.get("grid", {})
+  if not isinstance(entries, list):
+    raise ConfigError(f"{label}: write each run as [[run]] (a list of tables), not [run]")
   for key, values in grid.items():
     if not isinstance(values, list) or not values:
       raise ConfigError(f"{label}: [grid] {key} must be a non-empty list of values")
@@ -227,6 +229,8 @@ def expand_spec(
   for index, entry in enumerate(entries):
     own = {key: value for key, value in entry.items() if key not in ("name", "group")}
     where = f"{label} run {index + 1}"
+    if set(own) & set(grid):
+      raise ConfigError(f"{where} sets {sorted(set(own) & set(grid))}, which the grid varies")
     name = str(entry.get("name", own.get("algo", base.algo)))
     group = str(entry.get("group", own.get("algo", base.algo)))
     for combination in itertools.product(*grid.values()):
@@ -264,7 +268,9 @@ def run_sweep(
     log: where human-readable lines go.
 
   Returns:
-    Every run's outcome by name: ``"done"``, ``"reused"`` or ``"diverged: <message>"``.
+    Every run's outcome by name: ``"done"``, ``"reused"``, ``"diverged: <message>"``, or
+    ``"diverged before"`` (a run that diverged in an earlier sweep is not repeated unless
+    ``overwrite``).
 
   Raises:
     ConfigError: when a folder holds a run with other settings and not ``overwrite`` (checked
@@ -273,19 +279,27 @@ def run_sweep(
   out_dir = Path(out_dir)
   plans = {r.name: _plan(r, out_dir / r.name, overwrite) for r in runs}
   out_dir.mkdir(parents=True, exist_ok=True)
-  index = [{"name": r.name, "group": r.group, "config": dataclasses.asdict(r.config)} for r in runs]
-  (out_dir / "sweep.json").write_text(json.dumps(index, indent=2) + "\n")
+  _update_index(out_dir / "sweep.json", runs)
   outcomes = {}
   for number, sweep_run in enumerate(runs, start=1):
     run_dir, plan = out_dir / sweep_run.name, plans[sweep_run.name]
     log(f"[{number}/{len(runs)}] {sweep_run.name}: {plan}")
     try:
-      if plan == "reuse":
-        outcomes[sweep_run.name] = "reused"
+      if plan in ("reuse", "diverged"):
+        outcomes[sweep_run.name] = "reused" if plan == "reuse" else "diverged before"
         continue
       if plan == "resume":
-        resume(run_dir, progress=progress, log=log)
+        resume(
+          run_dir,
+          devices=sweep_run.config.devices,
+          data_dir=sweep_run.config.data_dir,
+          checkpoint_every=checkpoint_every,
+          progress=progress,
+          log=log,
+        )
       else:
+        if plan == "run" and run_dir.exists():
+          run_dir.rmdir()  # empty, as _plan checked
         run(
           sweep_run.config,
           run_dir,
@@ -301,14 +315,32 @@ def run_sweep(
   return outcomes
 
 
+def _update_index(path: Path, runs: Sequence[SweepRun]) -> None:
+  """Adds ``runs`` to the sweep's index (a run of the same name is replaced; the index of runs
+  from earlier invocations is kept, as their folders are)."""
+  index = {}
+  if path.is_file():
+    try:
+      index = {entry["name"]: entry for entry in json.loads(path.read_text())}
+    except (ValueError, KeyError, TypeError) as err:
+      raise ConfigError(f"{path} is not a sweep index ({err}); move it out of the way") from err
+  for r in runs:
+    index[r.name] = {"name": r.name, "group": r.group, "config": dataclasses.asdict(r.config)}
+  path.write_text(json.dumps(list(index.values()), indent=2) + "\n")
+
+
 def _plan(sweep_run: SweepRun, run_dir: Path, overwrite: bool) -> str:
-  """What to do with one configuration: ``run``, ``reuse``, ``resume`` or ``overwrite``."""
+  """What to do with one configuration: ``run``, ``reuse``, ``resume``, ``diverged`` (it did
+  before; rerun with ``overwrite``) or ``overwrite``."""
   record_path = run_dir / "config.json"
   if not record_path.is_file():
     if run_dir.exists() and any(run_dir.iterdir()):
       raise ConfigError(f"{run_dir} exists and is not a run directory; move it out of the way")
     return "run"
-  saved = json.loads(record_path.read_text())["config"]
+  try:
+    saved = json.loads(record_path.read_text())["config"]
+  except (ValueError, KeyError) as err:
+    raise ConfigError(f"{record_path} is unreadable ({err}); move {run_dir} aside") from err
   wanted = json.loads(json.dumps(dataclasses.asdict(sweep_run.config)))
   differences = [
     f"{key}: {saved.get(key)!r} there, {wanted[key]!r} now"
@@ -322,7 +354,11 @@ def _plan(sweep_run: SweepRun, run_dir: Path, overwrite: bool) -> str:
       f"{run_dir} holds a run with other settings ({'; '.join(differences)}); pass --overwrite "
       "to replace it, or choose another --out"
     )
-  return "reuse" if (run_dir / "summary.json").is_file() else "resume"
+  if (run_dir / "summary.json").is_file():
+    return "reuse"
+  if (run_dir / "diverged.json").is_file():
+    return "overwrite" if overwrite else "diverged"
+  return "resume"
 
 
 __all__ = [

@@ -118,6 +118,10 @@ class RunConfig:
         raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
     if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
       raise ConfigError(f"--learning_rate {self.learning_rate}: must be a positive number")
+    if self.latent_dim < 7:
+      raise ConfigError(f"--latent-dim {self.latent_dim}: must be at least 7 (6 hold the motion)")
+    if self.num_users is not None and self.num_users < 1:
+      raise ConfigError(f"--num_users {self.num_users}: must be at least 1")
     if self.users is not None and not self.users:
       raise ConfigError("--users: the list of viewers is empty")
     clients = len(self.users) if self.users is not None else self.num_users
@@ -230,8 +234,8 @@ Seeds = int | Sequence[int]
 def seed_keys(seeds: Seeds) -> tuple[PRNGKey, PRNGKey]:
   """``(init_key, rounds_key)`` of every run: the two halves of ``split(key(seed))``; round r
   uses ``fold_in(rounds_key, r)``. With several seeds, both are ``key[seeds]``."""
-  if isinstance(seeds, int):
-    init_key, rounds_key = jax.random.split(jax.random.key(seeds))
+  if np.ndim(seeds) == 0:
+    init_key, rounds_key = jax.random.split(jax.random.key(int(seeds)))  # type: ignore[arg-type]
     return init_key, rounds_key
   keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(seeds))
   return keys[:, 0], keys[:, 1]
@@ -274,7 +278,7 @@ def iterate_rounds(
     ``(state, metrics)`` after every round. A yielded state is valid until the next round
     starts: its buffers are donated to that round to save device memory.
   """
-  seeds_axis = not isinstance(seed, int)
+  seeds_axis = np.ndim(seed) > 0
   if seeds_axis:
     algorithm = over_seeds(algorithm)
   init_key, rounds_key = seed_keys(seed)
@@ -381,7 +385,7 @@ def train(
         "seed": seed,
         "rounds": rounds,
         "final": summary_dict(final),
-        "best_loss": best[k]["loss"],
+        "best_loss": _finite_or_none(best[k]["loss"]),
         "best_round": best[k]["round"],
         "first_round_seconds": round_times[0] if round_times else None,
         "median_round_seconds": float(np.median(round_times[1:])) if len(round_times) > 1 else None,
@@ -527,7 +531,7 @@ def _finish(
   }
   _write_json(run_dir / "summary.json", result)
   log(
-    f"Average Global Loss {result['final_loss_mean']:.5f} ± {result['final_loss_std']:.5f} "
+    f"Average Global Loss {_fmt(result['final_loss_mean'])} ± {_fmt(result['final_loss_std'])} "
     f"over {config.times} seed(s); orthodromic {_degrees(result['orthodromic_deg_mean'])}"
   )
   for name, wins in result["beats_baselines"].items():
@@ -554,6 +558,12 @@ def _run_seeds(
   seed_dirs = [run_dir / f"seed{seed}" for seed in seeds]
   if all((d / "summary.json").is_file() for d in seed_dirs):  # finished before an interruption
     return [json.loads((d / "summary.json").read_text()) for d in seed_dirs]
+  if any((d / "checkpoints").is_dir() for d in seed_dirs):
+    raise ConfigError(
+      f"{run_dir} has checkpoints in seed<k>/checkpoints, the layout of fedvp_jax before "
+      "seeds ran together; this version cannot resume it (start the run again)"
+    )
+  (run_dir / "diverged.json").unlink(missing_ok=True)  # this attempt decides anew
   has_checkpoints = (run_dir / "checkpoints").is_dir()
   manager = _checkpoints(run_dir) if checkpoint_every or has_checkpoints else None
   start = _restore_newest(manager, experiment, seeds, log) if has_checkpoints and manager else None
@@ -574,9 +584,10 @@ def _run_seeds(
 
   def save(rounds_done: int, state: Any) -> None:
     if manager and checkpoint_every and rounds_done % checkpoint_every == 0:
-      manager.save(rounds_done, args=ocp.args.StandardSave(state))
+      written = manager.save(rounds_done, args=ocp.args.StandardSave(state))
       manager.wait_until_finished()  # the next round reuses the state's buffers
-      saved.append(rounds_done)
+      if written:
+        saved.append(rounds_done)
 
   label = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
   bar = ProgressBar(label) if progress else None
@@ -590,7 +601,9 @@ def _run_seeds(
       if saved
       else "no checkpoint was written (see --checkpoint-every)"
     )
-    raise DivergenceError(f"{err}; {kept}") from err
+    message = f"{err}; {kept}"
+    _write_json(run_dir / "diverged.json", {"message": message, "checkpoint": saved[-1:]})
+    raise DivergenceError(message) from err
   finally:
     for file in files:
       file.close()
@@ -653,8 +666,13 @@ def _restore_newest(
     try:
       state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as err:
+      # Set aside, not deleted; orbax would not write this round again while it is there.
+      aside = Path(manager.directory) / f"unreadable-{step}"
+      (Path(manager.directory) / str(step)).rename(aside)
+      manager.reload()
       log(
-        f"  checkpoint at round {step} is unreadable ({type(err).__name__}); trying the one before"
+        f"  checkpoint at round {step} is unreadable ({type(err).__name__}); moved to {aside}; "
+        "trying the one before"
       )
       continue
     log(f"  resuming from the checkpoint at round {step}")
@@ -667,36 +685,46 @@ def resume(
   run_dir: str | Path,
   *,
   devices: int | None = None,
+  data_dir: str | None = None,
+  checkpoint_every: int | None = None,
   progress: bool = True,
   log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """Continues an interrupted run from its checkpoints, with its own saved configuration.
 
-  Finished runs are left as they are; otherwise every seed continues from the newest readable
-  checkpoint (or starts over without one). The final metrics equal an uninterrupted run's.
+  Every seed continues from the newest readable checkpoint (or starts over without one), and
+  the final metrics equal an uninterrupted run's. A finished run is only summarised again.
 
   Args:
     run_dir: the run directory.
     devices: split the clients over this many devices instead of the saved ``devices`` (a
       checkpoint written on any number of devices restores on any other).
+    data_dir: read the data from here instead of the saved ``data_dir`` (it moved).
+    checkpoint_every: checkpoint at this interval instead of the saved one.
     progress: show a progress line on stderr.
     log: where human-readable lines go.
 
   Raises:
-    ConfigError: when ``run_dir`` is not a run directory.
+    ConfigError: when ``run_dir`` is not a readable run directory.
   """
   run_dir = Path(run_dir)
-  record_path = run_dir / "config.json"
-  if not record_path.is_file():
-    raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
-  record = json.loads(record_path.read_text())
-  config = _config_from_dict(record["config"])
+  try:
+    record = json.loads((run_dir / "config.json").read_text())
+    config = _config_from_dict(record["config"])
+    baselines = json.loads((run_dir / "baselines.json").read_text())
+  except (OSError, ValueError, KeyError, TypeError) as err:
+    raise ConfigError(
+      f"--resume {run_dir}: not a readable run directory (config.json and baselines.json): "
+      f"{type(err).__name__}: {err}"
+    ) from err
   if devices is not None:
     config = dataclasses.replace(config, devices=devices)
+  if data_dir is not None:
+    config = dataclasses.replace(config, data_dir=data_dir)
   experiment = prepare(config)
-  baselines = json.loads((run_dir / "baselines.json").read_text())
   log(f"resuming {run_dir}: {experiment.spec}, {config.algo}, {config.total_rounds} rounds")
-  seeds = _run_seeds(experiment, run_dir, record.get("checkpoint_every"), progress, log)
+  every = checkpoint_every or record.get("checkpoint_every")
+  seeds = _run_seeds(experiment, run_dir, every, progress, log)
   return _finish(config, run_dir, baselines, seeds, log)
 
 

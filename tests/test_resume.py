@@ -83,6 +83,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err
   assert f"checkpoint at round {newest.name} is unreadable" in out
+  # The unreadable one is set aside, and the resumed run writes that round's checkpoint anew.
+  assert (newest.parent / f"unreadable-{newest.name}").is_dir()
+  assert (newest.parent / newest.name).is_dir()
   after, _ = final_metrics(tmp_path / "r")
   for field in ("loss", "orthodromic_deg"):
     assert after[field] == pytest.approx(before[field], rel=1e-6)

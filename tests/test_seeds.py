@@ -78,6 +78,7 @@ def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(tmp_path):
   records = [json.loads(line) for line in (run_dir / "seed0" / "metrics.jsonl").open()]
   assert [r["round"] for r in records] == [0, 1, 2, 3]
   assert records[3]["train_loss"] is None and records[2]["train_loss"] is not None
+  assert json.loads((run_dir / "diverged.json").read_text())["message"] == message
 
 
 def test_divergence_without_checkpoints_says_so(tmp_path):

@@ -14,7 +14,7 @@ from conftest import REPO
 
 from fedvp_jax.cli import add_config_arguments, config_from_args, config_overrides
 from fedvp_jax.errors import ConfigError
-from fedvp_jax.report import write_report
+from fedvp_jax.report import load_run, markdown_table, table_rows, write_report
 from fedvp_jax.sweep import PRESETS, expand_spec, run_sweep
 from fedvp_jax.training import RunConfig
 
@@ -100,6 +100,8 @@ def test_grid_runs_every_combination_with_overrides_on_top():
     (TINY.replace("rounds = 3", 'rounds = "3"'), {}, "rounds = '3' should be of type int"),
     (TINY + "\n[grid]\nbeta = 0.5\n", {}, "grid.*beta must be a non-empty list"),
     (TINY + "\n[extra]\n", {}, "unknown section"),
+    ("[run]\nalgo = 'fedavg'\n", {}, r"write each run as \[\[run\]\]"),
+    (TINY + "\n[grid]\npretrain_epochs = [0, 2]\n", {}, r"run 2 sets \['pretrain_epochs'\]"),
     ("[shared\n", {}, "not valid TOML"),
     (TINY, {"pretrain_epochs": 5}, "sets pretrain_epochs per run"),
   ],
@@ -159,6 +161,40 @@ def test_other_settings_in_the_same_folder_are_refused_unless_overwrite(finished
     for r in runs
   ]
   assert set(run_sweep(moved, out, progress=False, log=quiet).values()) == {"reused"}
+
+
+def test_overwrite_replaces_only_the_runs_whose_settings_changed(tmp_path):
+  runs = expand_spec(TINY, "tiny")
+  out = tmp_path / "s"
+  run_sweep(runs, out, progress=False, log=quiet)
+  kept = folder_state(out / "gen")
+  changed = [dataclasses.replace(runs[0], config=dataclasses.replace(runs[0].config, rounds=2))]
+  assert run_sweep([*changed, runs[1]], out, overwrite=True, progress=False, log=quiet) == {
+    "avg": "done",
+    "gen": "reused",
+  }
+  assert folder_state(out / "gen") == kept
+  assert json.loads((out / "avg" / "summary.json").read_text())["seeds"][0]["rounds"] == 2
+  # The index keeps every run that has a folder; a run of the same name is replaced.
+  index = json.loads((out / "sweep.json").read_text())
+  assert [(e["name"], e["config"]["rounds"]) for e in index] == [("avg", 2), ("gen", 3)]
+  run_sweep(changed, out, progress=False, log=quiet)
+  assert [e["name"] for e in json.loads((out / "sweep.json").read_text())] == ["avg", "gen"]
+
+
+def test_a_run_that_diverged_is_reported_and_not_repeated(tmp_path):
+  runs = expand_spec(TINY, "tiny")[:1]
+  out = tmp_path / "s"
+  run_sweep(runs, out, progress=False, log=quiet)
+  for path in (out / "avg").rglob("summary.json"):  # as training leaves a diverged run
+    path.unlink()
+  (out / "avg" / "diverged.json").write_text(json.dumps({"message": "round 1: NaN"}))
+  before = folder_state(out / "avg")
+  assert run_sweep(runs, out, progress=False, log=quiet) == {"avg": "diverged before"}
+  assert folder_state(out / "avg") == before
+  assert "| avg | fedavg | 1 |  | 3 | 2 | diverged |" in markdown_table(
+    table_rows([load_run(out / "avg")])
+  )
 
 
 def test_an_interrupted_sweep_resumes_its_unfinished_run(tmp_path):
@@ -233,6 +269,8 @@ def test_sweep_script_prints_the_preset_and_rejects_unknown_specs(capsys, tmp_pa
   (tmp_path / "copy.toml").write_text(printed)
   assert sweep.main([str(tmp_path / "copy.toml"), "--dry-run", "--rounds", "9"]) == 0
   listing = capsys.readouterr().out.splitlines()
-  assert len(listing) == 15 and all("rounds x2" in line for line in listing)
+  assert len(listing) == 15
+  assert sum(line.endswith(" 9 rounds x2") for line in listing) == 10
+  assert sum(line.endswith(" 59 rounds x2") for line in listing) == 5  # 50 pretraining rounds
   assert sweep.main(["weekly-tabel"]) == 2
   assert "not a preset (presets: weekly-table)" in capsys.readouterr().err

@@ -27,6 +27,10 @@ import torch_models as tm  # noqa: E402
 import torch_seed  # noqa: E402
 import torch_vmap  # noqa: E402
 
+# The tensors here are tiny: threads buy nothing, and on a busy machine PyTorch's OpenMP
+# workers spin against other processes (10x slower rounds were seen on 2 shared cores).
+torch.set_num_threads(1)
+
 LATENT = 12
 LR = 0.05
 STEPS, BATCH = 3, 8
@@ -52,6 +56,11 @@ def _randomised(params, seed):
   )
 
 
+def _init(model, seed):
+  """``model``'s params; jitted, since op-by-op initialisation compiles every op on its own."""
+  return jax.jit(model.init)(jax.random.key(seed))
+
+
 def _unit(rng, shape):
   v = rng.standard_normal(shape).astype(np.float32)
   return v / np.linalg.norm(v, axis=-1, keepdims=True)
@@ -64,26 +73,26 @@ def _unit(rng, shape):
 @pytest.mark.parametrize("fused", [True, False])
 def test_model_outputs_match_jax(name, fused):
   model = build_model(name, 10, 3)
-  params = _randomised(model.init(jax.random.key(0)), 1)
+  params = _randomised(_init(model, 0), 1)
   history = _unit(np.random.default_rng(2), (5, 10, 3))
   twin = tm.load_from_jax(tm.build_torch_model(name, 10, 3, fused=fused), params)
   with torch.no_grad():
     x = torch.from_numpy(history)
     out, z = twin(x).numpy(), twin.encode(x).numpy()
-  np.testing.assert_allclose(z, model.encode(params, history), atol=1e-5)
-  np.testing.assert_allclose(out, model.apply(params, history), atol=1e-5)
+  np.testing.assert_allclose(z, jax.jit(model.encode)(params, history), atol=1e-5)
+  np.testing.assert_allclose(out, jax.jit(model.apply)(params, history), atol=1e-5)
 
 
 def test_generator_outputs_match_jax():
   generator = build_generator("simple", 32)
-  params = _randomised(generator.init(jax.random.key(0)), 1)
+  params = _randomised(_init(generator, 0), 1)
   rng = np.random.default_rng(2)
   noise = rng.standard_normal((7, 32)).astype(np.float32)
   y = _unit(rng, (7, 3))
   twin = tm.load_from_jax(tm.build_torch_generator(32), params)
   with torch.no_grad():
     out = twin(torch.from_numpy(noise), torch.from_numpy(y)).numpy()
-  np.testing.assert_allclose(out, generator.apply(params, noise, y), atol=1e-5)
+  np.testing.assert_allclose(out, jax.jit(generator.apply)(params, noise, y), atol=1e-5)
 
 
 def test_flax_like_init_is_a_constant_velocity_predictor():
@@ -113,7 +122,8 @@ def _clients(seed, n=40):
 def test_heatmaps_match_jax(normalize):
   grain, sigma = 32, 15.0
   points = _clients(0)
-  reference = np.asarray(heatmaps(points, grain, sigma, normalize=normalize))
+  jitted = jax.jit(heatmaps, static_argnames=("grain", "normalize"))
+  reference = np.asarray(jitted(points, grain=grain, sigma_deg=sigma, normalize=normalize))
   scale = reference.max()
   # torch_vmap reproduces fedvp_jax's splat-and-blur: equal up to float32 round-off.
   vectorised = torch_vmap.heatmaps(points, grain, sigma, normalize=normalize).numpy()
@@ -149,10 +159,8 @@ def test_label_sampling_and_weights_follow_the_heatmap():
 )
 def test_vmap_round_equals_seed_loops(tiny, name, algo, send):
   spec, data = tiny
-  init = _randomised(
-    build_model(name, spec.history, spec.horizon, latent_dim=LATENT).init(jax.random.key(0)), 3
-  )
-  g_init = build_generator("simple", LATENT).init(jax.random.key(1))
+  init = _randomised(_init(build_model(name, spec.history, spec.horizon, latent_dim=LATENT), 0), 3)
+  g_init = _init(build_generator("simple", LATENT), 1)
   settings = dict(
     model=name, algo=algo, learning_rate=LR, local_steps=STEPS, batch_size=BATCH, send=send,
     beta=0.5, init_params=init, generator_params=g_init, latent_dim=LATENT,
@@ -196,7 +204,7 @@ def test_one_fedavg_round_equals_jax_on_jax_batches(tiny):
   """fedvp_jax's own minibatches, injected into both torch federations: same server model."""
   spec, data = tiny
   _, algorithm = _jax_fedavg(spec)
-  state = algorithm.init(jax.random.key(0), data)
+  state = jax.jit(algorithm.init)(jax.random.key(0), data)
   key = jax.random.key(5)
   new_state, _ = jax.jit(algorithm.apply)(state, data, key)
   # clients_round's key split: (select, batches, train).
@@ -223,7 +231,7 @@ def test_fedavg_training_matches_jax(tiny):
   spec, data = tiny
   rounds = 6
   model, algorithm = _jax_fedavg(spec)
-  state = algorithm.init(jax.random.key(0), data)
+  state = jax.jit(algorithm.init)(jax.random.key(0), data)
   initial = float(summarize(algorithm.evaluate(state, data)).loss)
   apply = jax.jit(algorithm.apply)
   for r in range(rounds):
@@ -231,7 +239,7 @@ def test_fedavg_training_matches_jax(tiny):
   jax_loss = float(summarize(algorithm.evaluate(state, data)).loss)
   fed = torch_seed.make_federation(
     data, model="lstm", learning_rate=LR, local_steps=JAX_STEPS, batch_size=JAX_BATCH,
-    init_params=model.init(jax.random.key(0)), latent_dim=LATENT,
+    init_params=_init(model, 0), latent_dim=LATENT,
   )  # fmt: skip
   assert fed.evaluate() == pytest.approx(initial, rel=1e-5)
   for _ in range(rounds):

@@ -94,6 +94,13 @@ def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
   ``[seeds, ...]``) and so do the round's metrics and the evaluation; every seed shares
   ``data``. Seed s of the result equals ``algorithm`` run alone with seed s's keys, up to float
   rounding.
+
+  Args:
+    algorithm: any :class:`FederatedAlgorithm`.
+
+  Returns:
+    A :class:`FederatedAlgorithm` whose ``init(key[seeds], data)``, ``apply(state, data,
+    key[seeds])`` and ``evaluate(state, data)`` work on every seed at once.
   """
   return FederatedAlgorithm(
     init=jax.vmap(algorithm.init, in_axes=(0, None)),
