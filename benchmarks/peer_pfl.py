@@ -66,39 +66,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # torch_models beside this file
 
-
-def client_arrays(client_data: Any) -> list[dict[str, np.ndarray]]:
-  """Every client's real (unpadded) train and test windows as float32 numpy arrays."""
-  arrays = {
-    name: np.asarray(getattr(client_data, name))
-    for name in ("train_x", "train_y", "train_mask", "test_x", "test_y", "test_mask")
-  }
-  clients = []
-  for i in range(arrays["train_x"].shape[0]):
-    train, test = arrays["train_mask"][i], arrays["test_mask"][i]
-    clients.append(
-      {
-        "train_x": arrays["train_x"][i][train].astype(np.float32),
-        "train_y": arrays["train_y"][i][train].astype(np.float32),
-        "test_x": arrays["test_x"][i][test].astype(np.float32),
-        "test_y": arrays["test_y"][i][test].astype(np.float32),
-      }
-    )
-  return clients
-
-
-def build_torch_model(name: str, history: int, horizon: int, seed: int) -> Any:
-  """``torch_models``' PyTorch twin of fedvp_jax's ``name`` model (PyTorch's fused kernels),
-  holding the very parameters fedvp_jax's run with ``seed`` starts from (``init`` gets the
-  first half of ``split(key(seed))``, as in :func:`fedvp_jax.training.iterate_rounds`)."""
-  import jax
-  import torch_models
-
-  from fedvp_jax.models import build_model
-
-  init_key = jax.random.split(jax.random.key(seed))[0]
-  params = jax.tree.map(np.array, build_model(name, history, horizon).init(init_key))
-  return torch_models.load_from_jax(torch_models.build_torch_model(name, history, horizon), params)
+from peer_common import client_arrays, initial_torch_model, test_mse
 
 
 def torch_loss(prediction: Any, target: Any) -> Any:
@@ -106,21 +74,6 @@ def torch_loss(prediction: Any, target: Any) -> Any:
   import torch_models
 
   return torch_models.mse(prediction, target)
-
-
-def test_mse(net: Any, clients: list[dict[str, np.ndarray]]) -> float:
-  """The Average Global Loss: MSE over every client's test windows, each window once."""
-  import torch
-
-  net.eval()
-  with torch.no_grad():
-    squared, count = 0.0, 0
-    for c in clients:
-      prediction = net(torch.from_numpy(c["test_x"]))
-      squared += float(torch.sum(torch.square(prediction - torch.from_numpy(c["test_y"]))))
-      count += c["test_y"].size
-  net.train()
-  return squared / count
 
 
 def time_fedavg(
@@ -176,7 +129,7 @@ def time_fedavg(
   clients = client_arrays(client_data)
   history, horizon = clients[0]["train_x"].shape[1], clients[0]["train_y"].shape[1]
   np.random.seed(seed)  # pfl's algorithm and dataset seeds come from numpy's global state
-  net = build_torch_model(model, history, horizon, seed)
+  net = initial_torch_model(model, history, horizon, seed)
 
   class Module(torch.nn.Module):
     """pfl's PyTorch model contract: the network plus ``loss`` and ``metrics``."""

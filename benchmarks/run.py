@@ -11,7 +11,8 @@ Needs the ``bench`` extra (torch). Sections:
 1. Rounds: FedAvg and FedGen (the researcher's configuration: 10 users of David-m10-h1, 10
    local steps of batch 64, 256 generated labels per step, grain 256, 50 generator steps) with
    the Transformer and the LSTM, for fedvp_jax, the seed-style PyTorch (``torch_seed.py``: the
-   researcher's loops) and the optimised PyTorch (``torch_vmap.py``: ``torch.func.vmap``).
+   researcher's loops) and the optimised PyTorch (``torch_vmap.py``: ``torch.func.vmap``, also
+   under ``torch.compile``, whose first round includes compiling, as fedvp_jax's does).
    The first round (fedvp_jax: tracing + compilation + one round) is reported apart from the
    median of the following rounds. Every implementation starts from the same initial params
    and reports its test loss afterwards, to show that they do the same learning. Rounds do
@@ -92,8 +93,9 @@ def jax_rounds(config: RunConfig, repeats: int) -> dict[str, Any]:
   return {"first_s": first, "median_s": median, "test_loss": loss}
 
 
-def torch_rounds(module: Any, config: RunConfig, repeats: int) -> dict[str, Any]:
-  """A PyTorch implementation (``torch_seed`` or ``torch_vmap``) on the same data and start."""
+def torch_rounds(module: Any, config: RunConfig, repeats: int, **options: Any) -> dict[str, Any]:
+  """A PyTorch implementation (``torch_seed`` or ``torch_vmap``) on the same data and start;
+  ``options`` go to its ``make_federation`` (``compile=True``)."""
   experiment = prepare(config)
   state = jax.jit(experiment.algorithm.init)(jax.random.key(0), experiment.data)
   clients = state.clients if hasattr(state, "clients") else state
@@ -109,6 +111,7 @@ def torch_rounds(module: Any, config: RunConfig, repeats: int) -> dict[str, Any]
     init_params=jax.device_get(clients.server_params),
     generator_params=jax.device_get(getattr(state, "generator_params", None)),
     latent_dim=config.latent_dim,
+    **options,
   )
   first, median, _ = timed(federation.round, repeats)
   return {"first_s": first, "median_s": median, "test_loss": federation.evaluate()}
@@ -130,6 +133,7 @@ def rounds_section(base: RunConfig, repeats: int, log: Callable[[str], None]) ->
         "fedvp_jax": jax_rounds(config, repeats),
         "PyTorch, seed-style": torch_rounds(torch_seed, config, repeats),
         "PyTorch, torch.func.vmap": torch_rounds(torch_vmap, config, repeats),
+        "PyTorch, vmap + torch.compile": torch_rounds(torch_vmap, config, repeats, compile=True),
       }
       seed = results["PyTorch, seed-style"]["median_s"]
       for name, r in results.items():
