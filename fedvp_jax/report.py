@@ -204,12 +204,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
       cells += [row["status"]] + [""] * (len(head) - len(cells) - 1)
       lines.append("| " + " | ".join(cells) + " |")
       continue
-    cells.append(_pm(row["final_loss"], ".5f"))
+    cells.append(_pm(row["final_loss"], ".6f"))
     if row["status"] == "baseline":
       cells.append("")
     else:
       rounds = "/".join(str(r) for r in row["best_round"])
-      cells.append(f"{_pm(row['best_loss'], '.5f')} ({rounds})")
+      cells.append(f"{_pm(row['best_loss'], '.6f')} ({rounds})")
     cells += [_pm(row["orthodromic_deg"][k], ".3f") for k in shown]
     if row["status"] == "baseline":
       cells += ["", ""]
@@ -252,32 +252,64 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def plot_loss(results: Sequence[RunResult], path: Path, title: str) -> None:
-  """Test loss against round, mean over seeds with a ± std band, log scale; baselines dashed."""
+  """Test loss against round: every run's mean over seeds with a ± std band.
+
+  The y range is zoomed onto the runs after their first rounds, where the differences between
+  algorithms live; a baseline inside that range is a dashed line, one outside it is named in
+  the corner with its loss.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(9, 5.5))
-  for result in results:
+  fig, ax = plt.subplots(figsize=(10, 6))
+  colors = [plt.get_cmap("tab20")(k) for k in range(20)]
+  settled = []
+  for i, result in enumerate(results):
     rounds = np.arange(result.curves.shape[1])
     evaluated = ~np.all(np.isnan(result.curves), axis=0)
     mean = np.nanmean(result.curves[:, evaluated], axis=0)
-    (line,) = ax.plot(rounds[evaluated], mean, label=result.name, linewidth=1.2)
+    style = ("-", "--", ":")[i // len(colors) % 3]
+    color = colors[i % len(colors)]
+    ax.plot(rounds[evaluated], mean, style, color=color, label=result.name, linewidth=1.3)
     if result.curves.shape[0] > 1:
       std = np.nanstd(result.curves[:, evaluated], axis=0, ddof=1)
-      ax.fill_between(rounds[evaluated], mean - std, mean + std, color=line.get_color(), alpha=0.2)
-  if results:
-    for name, baseline in results[0].baselines.items():
-      if baseline["loss"] is not None:
-        ax.axhline(baseline["loss"], linestyle="--", color="gray", linewidth=1)
-        ax.annotate(name, (0, baseline["loss"]), fontsize=8, color="gray", va="bottom")
-  ax.set_yscale("log")
-  ax.set_xlabel("round")
+      ax.fill_between(rounds[evaluated], mean - std, mean + std, color=color, alpha=0.15)
+    settled.extend(mean[len(mean) // 10 :])
+  finite = np.asarray(settled, dtype=float)
+  finite = finite[np.isfinite(finite)]
+  if finite.size:
+    low, high = float(finite.min()), float(finite.max())
+    pad = 0.15 * (high - low) or 0.01 * high
+    ax.set_ylim(low - pad, high + 2 * pad)
+  off_scale = []
+  for name, baseline in results[0].baselines.items() if results else []:
+    loss = baseline["loss"]
+    if loss is None:
+      continue
+    bottom, top = ax.get_ylim()
+    if bottom <= loss <= top:
+      ax.axhline(loss, linestyle="--", color="gray", linewidth=1)
+      ax.annotate(f"{name} {loss:.6f}", (0, loss), fontsize=8, color="gray", va="bottom")
+    else:
+      off_scale.append(f"{name}: {loss:.6f} ({'above' if loss > top else 'below'})")
+  if off_scale:
+    ax.text(
+      0.99,
+      0.99,
+      "baselines off the scale:\n" + "\n".join(off_scale),
+      transform=ax.transAxes,
+      ha="right",
+      va="top",
+      fontsize=8,
+      color="gray",
+    )
+  ax.set_xlabel("round (models after that many aggregations)")
   ax.set_ylabel("Average Global Loss (test MSE)")
   ax.set_title(title)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7, ncol=2)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7, ncol=2, loc="upper center")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
