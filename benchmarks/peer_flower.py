@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """FedAvg round time in Flower's simulation (Ray backend, PyTorch clients) on fedvp_jax's
 FedAvg workload.
 
@@ -46,22 +45,20 @@ Differences from fedvp_jax's round:
   random permutation of the client's windows, wrapping around, as fedvp_jax's sampler does,
   seeded by (seed, client, round) so they do not depend on which actor runs a client.
 
-Run (from the repository root)::
+Run it through the side-by-side benchmark, which prepares the same clients and prints the table
+beside fedvp_jax's (from the repository root)::
 
-  FEDVP_DATA=/work/shared/data /tmp/venv_flwr/bin/python benchmarks/peer_flower.py --rounds 8
+  python benchmarks/run.py --sections peers --flower-python /tmp/venv_flwr/bin/python
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -264,65 +261,3 @@ def time_fedavg(
     "torch_threads": round(last_metrics["torch-threads"]) if last_metrics else None,
     "parallel_clients": int(cpus // cpus_per_client),
   }
-
-
-def jax_param_count(model: str, history: int, horizon: int) -> int:
-  """Parameters of fedvp_jax's ``model``, to check the PyTorch twin's size against."""
-  import jax
-
-  from fedvp_jax.models import build_model
-
-  params = build_model(model, history, horizon).init(jax.random.key(0))
-  return sum(leaf.size for leaf in jax.tree.leaves(params))
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--dataset", default="David-m10-h1")
-  parser.add_argument("--data-dir", help="data root (default: $FEDVP_DATA)")
-  parser.add_argument("--models", default="transformer,lstm")
-  parser.add_argument("--rounds", type=int, default=8)
-  parser.add_argument("--cpus-per-client", type=float, default=1)
-  parser.add_argument("--out", help="also write the table to this file")
-  args = parser.parse_args(argv)
-
-  from fedvp_jax.training import RunConfig, prepare
-
-  lines = []
-  for model in args.models.split(","):
-    config = RunConfig(
-      dataset=args.dataset, data_dir=args.data_dir, num_users=10, model=model, algo="fedavg"
-    )
-    experiment = prepare(config)
-    result = time_fedavg(experiment.data, model, args.rounds, cpus_per_client=args.cpus_per_client)
-    if not lines:
-      lines = [
-        f"Flower FedAvg round time, {args.dataset}, 10 clients x 10 local steps x batch 64, "
-        f"SGD lr 0.01; {date.today()}, {platform.processor() or platform.machine()}, "
-        f"{result['version']}; {result['parallel_clients']} clients at once, "
-        f"{result['torch_threads']} torch thread(s) each; median of rounds 2..{args.rounds}",
-        "",
-        "| model | params (torch / jax) | whole run, s | first round, s | median round, s "
-        "| rounds/s | test eval, s | final test MSE |",
-        "|---|---|---|---|---|---|---|---|",
-      ]
-    jax_params = jax_param_count(model, experiment.spec.history, experiment.spec.horizon)
-    lines.append(
-      f"| {model} | {result['params']} / {jax_params} | {result['total_s']:.2f} "
-      f"| {result['first_round_s']:.2f} | {result['median_round_s']:.3f} "
-      f"| {1 / result['median_round_s']:.2f} | {result['eval_s']:.3f} "
-      f"| {result['final_test_mse']:.6f} |"
-    )
-    print(lines[-1], flush=True)
-  table = "\n".join(lines)
-  print("\n" + table)
-  if args.out:
-    Path(args.out).write_text(table + "\n")
-  return 0
-
-
-if __name__ == "__main__":
-  # Run as the module `peer_flower`, so that Ray's actors import its functions by name.
-  import peer_flower
-
-  sys.exit(peer_flower.main())

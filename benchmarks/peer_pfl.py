@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """FedAvg round time in Apple's pfl-research (PyTorch backend) on fedvp_jax's FedAvg workload.
 
 Install, in a virtual environment of its own (pfl pins ``absl-py~=1.0`` through
@@ -45,20 +44,17 @@ Differences from fedvp_jax's round:
   as fedvp_jax's sampler does (a ``Dataset`` subclass; pfl's own ``Dataset.iter`` slices in a
   fixed order and stops at the end of the data).
 
-Run (from the repository root)::
+Run it through the side-by-side benchmark, which prepares the same clients and prints the table
+beside fedvp_jax's (from the repository root)::
 
-  FEDVP_DATA=/work/shared/data /tmp/venv_pfl/bin/python benchmarks/peer_pfl.py --rounds 8
-  FEDVP_DATA=/work/shared/data /tmp/venv_pfl/bin/python benchmarks/peer_pfl.py --torch-threads 1
+  python benchmarks/run.py --sections peers --pfl-python /tmp/venv_pfl/bin/python
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -238,61 +234,3 @@ def time_fedavg(
     "params": sum(p.numel() for p in net.parameters() if p.requires_grad),
     "torch_threads": threads,
   }
-
-
-def jax_param_count(model: str, history: int, horizon: int) -> int:
-  """Parameters of fedvp_jax's ``model``, to check the PyTorch mirror's size against."""
-  import jax
-
-  from fedvp_jax.models import build_model
-
-  params = build_model(model, history, horizon).init(jax.random.key(0))
-  return sum(leaf.size for leaf in jax.tree.leaves(params))
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--dataset", default="David-m10-h1")
-  parser.add_argument("--data-dir", help="data root (default: $FEDVP_DATA)")
-  parser.add_argument("--models", default="transformer,lstm")
-  parser.add_argument("--rounds", type=int, default=8)
-  parser.add_argument("--torch-threads", type=int, help="default: PyTorch's (one per core)")
-  parser.add_argument("--out", help="also write the table to this file")
-  args = parser.parse_args(argv)
-
-  from fedvp_jax.training import RunConfig, prepare
-
-  lines = []
-  for model in args.models.split(","):
-    config = RunConfig(
-      dataset=args.dataset, data_dir=args.data_dir, num_users=10, model=model, algo="fedavg"
-    )
-    experiment = prepare(config)
-    result = time_fedavg(experiment.data, model, args.rounds, torch_threads=args.torch_threads)
-    if not lines:
-      lines = [
-        f"pfl FedAvg round time, {args.dataset}, 10 clients x 10 local steps x batch 64, "
-        f"SGD lr 0.01; {date.today()}, {platform.processor() or platform.machine()}, "
-        f"{result['version']}, {result['torch_threads']} torch threads; median of "
-        f"rounds 2..{args.rounds}",
-        "",
-        "| model | params (torch / jax) | first round, s | median round, s | rounds/s "
-        "| test eval, s | final test MSE |",
-        "|---|---|---|---|---|---|---|",
-      ]
-    jax_params = jax_param_count(model, experiment.spec.history, experiment.spec.horizon)
-    lines.append(
-      f"| {model} | {result['params']} / {jax_params} | {result['first_round_s']:.2f} "
-      f"| {result['median_round_s']:.3f} | {1 / result['median_round_s']:.2f} "
-      f"| {result['eval_s']:.3f} | {result['final_test_mse']:.6f} |"
-    )
-    print(lines[-1], flush=True)
-  table = "\n".join(lines)
-  print("\n" + table)
-  if args.out:
-    Path(args.out).write_text(table + "\n")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

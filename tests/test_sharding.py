@@ -37,15 +37,16 @@ print("REPORT " + json.dumps(report))
 """
 
 
-@pytest.mark.parametrize("devices", [8])
-def test_sharded_rounds_equal_single_device_rounds(tmp_path, devices):
+def report_on_fake_devices(devices: int, script: str, *args: str):
+  """Runs ``script`` in a fresh interpreter with ``devices`` fake CPU devices and returns the
+  JSON it prints after ``REPORT``."""
   env = {
     **os.environ,
     "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     "JAX_PLATFORMS": "cpu",
   }
   result = subprocess.run(
-    [sys.executable, "-c", SCRIPT],
+    [sys.executable, "-c", script, *args],
     capture_output=True,
     text=True,
     timeout=600,
@@ -55,7 +56,12 @@ def test_sharded_rounds_equal_single_device_rounds(tmp_path, devices):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))
-  report = json.loads(line.removeprefix("REPORT "))
+  return json.loads(line.removeprefix("REPORT "))
+
+
+@pytest.mark.parametrize("devices", [8])
+def test_sharded_rounds_equal_single_device_rounds(tmp_path, devices):
+  report = report_on_fake_devices(devices, SCRIPT)
   for algo in ("fedavg", "fedgen"):
     assert report[algo + "_data_devices"] == devices
     assert report[algo + "_max_rel_diff"] < 1e-4, report
@@ -103,20 +109,7 @@ print("REPORT " + json.dumps(reports))
 
 
 def test_a_checkpoint_restores_on_another_number_of_devices(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  env["JAX_PLATFORMS"] = "cpu"
-  result = subprocess.run(
-    [sys.executable, "-c", RESTORE_SCRIPT, str(tmp_path)],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env=env,
-    cwd=REPO,
-    check=False,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))
-  reports = json.loads(line.removeprefix("REPORT "))
+  reports = report_on_fake_devices(8, RESTORE_SCRIPT, str(tmp_path))
   assert [r["read"] for r in reports] == [1, 4]
   for report in reports:  # 4 devices -> 1, then 1 (no mesh) -> 4
     assert report["step"] == 2
