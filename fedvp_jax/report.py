@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedvp_jax.algorithms import ALGORITHMS
+from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.errors import ConfigError
+from fedvp_jax.rundir import RunDir, read_sweep_index
+from fedvp_jax.summaries import mean_std
+
+log = logging.getLogger("fedvp_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +39,7 @@ class RunResult:
   Attributes:
     name: the run's label (its directory's name).
     group: its group (from the sweep's ``sweep.json``; the algorithm otherwise).
-    config: its configuration, as saved.
+    config: its settings by name (:func:`fedvp_jax.config.to_record`).
     summary: its ``summary.json``, or ``None`` when it did not finish.
     curves: ``f32[seeds, rounds + 1]`` test loss of every seed after every number of
       aggregations, 0 to ``rounds`` (NaN where it was not evaluated).
@@ -64,45 +68,34 @@ def find_runs(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
   """
   found: list[tuple[Path, str | None]] = []
   for path in map(Path, paths):
-    if (path / "config.json").is_file():
+    index = read_sweep_index(path) if path.is_dir() else {}
+    if RunDir(path).exists():
       found.append((path, None))
-    elif (path / "sweep.json").is_file():
-      for entry in json.loads((path / "sweep.json").read_text()):
-        if (path / entry["name"] / "config.json").is_file():
-          found.append((path / entry["name"], entry["group"]))
-    elif path.is_dir() and any((p / "config.json").is_file() for p in path.iterdir()):
-      found.extend((p, None) for p in sorted(path.iterdir()) if (p / "config.json").is_file())
+    elif index:
+      found.extend((path / n, e["group"]) for n, e in index.items() if RunDir(path / n).exists())
+    elif path.is_dir() and any(RunDir(p).exists() for p in path.iterdir()):
+      found.extend((p, None) for p in sorted(path.iterdir()) if RunDir(p).exists())
     else:
       raise ConfigError(f"{path}: not a run directory or a folder of them (no config.json)")
   return found
 
 
 def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
-  """Reads one run directory (see :mod:`fedvp_jax.training` for its layout).
+  """Reads one run directory (see :mod:`fedvp_jax.rundir`).
 
   Raises:
-    ConfigError: naming the file, when ``config.json`` or ``baselines.json`` is unreadable.
+    ConfigError: naming the file, when a file the run needs is unreadable.
   """
-  run_dir = Path(run_dir)
-  try:
-    config = json.loads((run_dir / "config.json").read_text())["config"]
-    baselines = json.loads((run_dir / "baselines.json").read_text())
-  except (OSError, ValueError, KeyError) as err:
-    raise ConfigError(f"{run_dir}: unreadable config.json or baselines.json ({err})") from err
-  summary_path, diverged_path = run_dir / "summary.json", run_dir / "diverged.json"
-  summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-  diverged = json.loads(diverged_path.read_text())["message"] if diverged_path.is_file() else None
-  seeds = [config["seed"] + k for k in range(config["times"])]
-  rounds = config["rounds"] + _pretrain(config)
+  target = RunDir(run_dir)
+  config: RunConfig = target.read_config()
+  baselines = target.read_baselines()
+  summary = target.read_summary()
+  seeds = [config.seed + k for k in range(config.num_seeds)]
+  rounds = config.total_rounds
   curves = np.full((len(seeds), rounds + 1), np.nan)
   seconds = 0.0
   for k, seed in enumerate(seeds):
-    metrics = run_dir / f"seed{seed}" / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:  # a torn last line of a killed run
-        break
+    for record in target.read_metrics(seed):
       if record.get("test_loss") is not None and record["round"] < rounds:
         curves[k, record["round"]] = record["test_loss"]
       if k == 0:  # the seeds of a run share their rounds
@@ -111,19 +104,22 @@ def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
     finals = [s["final"]["loss"] for s in summary["seeds"]]
     curves[:, rounds] = [np.nan if f is None else f for f in finals]
   return RunResult(
-    run_dir.name, group or config["algo"], config, summary, curves, baselines, seconds, diverged
+    target.name,
+    group or config.algorithm,
+    to_record(config),
+    summary,
+    curves,
+    baselines,
+    seconds,
+    target.diverged(),
   )
 
 
 def _pretrain(config: dict[str, Any]) -> int:
-  """Stage-one rounds of a saved configuration (only the FedGen family has them)."""
-  return config["fedgen"]["pretrain_epochs"] if ALGORITHMS[config["algo"]].generator else 0
+  """Stage-one rounds of a run's settings (only the FedGen family has them)."""
+  from fedvp_jax.config import ALGORITHMS
 
-
-def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-  array = np.array([np.nan if v is None else v for v in values], dtype=float)
-  std = float(array.std(ddof=1)) if len(array) > 1 else math.nan
-  return float(array.mean()), std
+  return config["pretrain_rounds"] if ALGORITHMS[config["algorithm"]].generator else 0
 
 
 def _pm(mean_std: tuple[float, float], spec: str) -> str:
@@ -141,11 +137,11 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     row: dict[str, Any] = {
       "run": result.name,
       "group": result.group,
-      "algorithm": config["algo"],
+      "algorithm": config["algorithm"],
       "beta": config["beta"],
       "pretrain": _pretrain(config),
       "rounds": result.curves.shape[1] - 1,
-      "seeds": config["times"],
+      "seeds": config["num_seeds"],
     }
     summary = result.summary
     if summary is None:
@@ -153,12 +149,11 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
       continue
     seeds = summary["seeds"]
     row["status"] = "done"
-    row["final_loss"] = _mean_std([s["final"]["loss"] for s in seeds])
-    row["best_loss"] = _mean_std([s["best_loss"] for s in seeds])
+    row["final_loss"] = mean_std([s["final"]["loss"] for s in seeds])
+    row["best_loss"] = mean_std([s["best_loss"] for s in seeds])
     row["best_round"] = sorted({s["best_round"] for s in seeds if s["best_round"] is not None})
-    degrees = np.array([s["final"]["orthodromic_deg"] for s in seeds], dtype=float)
-    ddof_std = degrees.std(axis=0, ddof=1) if len(seeds) > 1 else np.full(degrees.shape[1], np.nan)
-    row["orthodromic_deg"] = list(zip(degrees.mean(axis=0), ddof_std, strict=True))
+    per_step = zip(*(s["final"]["orthodromic_deg"] for s in seeds), strict=True)
+    row["orthodromic_deg"] = [mean_std(step) for step in per_step]
     row["wall_seconds"] = result.seconds
     row["beats"] = {name: all(wins) for name, wins in summary["beats_baselines"].items()}
     rows.append(row)
@@ -342,15 +337,12 @@ def plot_orthodromic(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
   plt.close(fig)
 
 
-def write_report(
-  *paths: str | Path, out_dir: str | Path | None = None, log: Callable[[str], None] = print
-) -> list[dict[str, Any]]:
+def write_report(*paths: str | Path, out_dir: str | Path | None = None) -> list[dict[str, Any]]:
   """Writes the table and plots of the runs in ``paths`` into ``out_dir``.
 
   Args:
     paths: run directories and folders of them (a sweep folder keeps its order and groups).
     out_dir: where the files go; by default the single folder given.
-    log: where the table and the files' names go.
 
   Returns:
     The table's rows.
@@ -359,7 +351,7 @@ def write_report(
     ConfigError: when ``paths`` hold no run, or ``out_dir`` is needed but not given.
   """
   if out_dir is None:
-    if len(paths) != 1 or (Path(paths[0]) / "config.json").is_file():
+    if len(paths) != 1 or RunDir(paths[0]).exists():
       raise ConfigError("give --out: the report of several folders, or of one run, needs one")
     out_dir = paths[0]
   results = [load_run(run_dir, group) for run_dir, group in find_runs(paths)]
@@ -378,8 +370,8 @@ def write_report(
       safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
       plot_loss(members, out_dir / f"loss_{safe}.png", f"{dataset}: {group}")
   plot_orthodromic(rows, out_dir / "orthodromic.png", f"{dataset}: orthodromic error")
-  log(markdown_table(rows))
-  log(f"table and plots written to {out_dir}")
+  log.info(markdown_table(rows))
+  log.info(f"table and plots written to {out_dir}")
   return rows
 
 

@@ -7,7 +7,6 @@ the state and ``apply`` runs one round; ``apply`` is what gets jitted.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -16,16 +15,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedvp_jax.algorithms.aggregation import (
-  aggregate,
-  check_send,
-  is_finite,
-  receive,
-  where_clients,
-)
+from fedvp_jax.algorithms.aggregation import aggregate, is_finite, receive, where_clients
 from fedvp_jax.algorithms.client import LocalUpdate, stack
+from fedvp_jax.config import RoundConfig
 from fedvp_jax.data.federated import ClientData, sample_batches, sample_final_targets
-from fedvp_jax.errors import ConfigError
 from fedvp_jax.metrics import ErrorSums, error_sums
 from fedvp_jax.models import Model
 from fedvp_jax.types import Params, PRNGKey, StackedOptState, StackedParams, State
@@ -107,44 +100,6 @@ def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
     apply=jax.vmap(algorithm.apply, in_axes=(0, None, 0)),
     evaluate=jax.vmap(algorithm.evaluate, in_axes=(0, None)),
   )
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundConfig:
-  """The settings of a round that every algorithm shares.
-
-  Attributes:
-    send: what the server sends back: ``"full"``, ``"partial"`` (the head) or ``"none"``.
-    beta: a client takes ``beta * server + (1 - beta) * own`` of what it receives.
-    local_steps: minibatch steps per client per round (FedGen's "local epochs").
-    batch_size: windows per minibatch.
-    clients_per_round: clients sampled to train each round; ``None`` for all.
-    eval_every: evaluate the deployed models every this many rounds.
-  """
-
-  send: str = "full"
-  beta: float = 1.0
-  local_steps: int = 10
-  batch_size: int = 64
-  clients_per_round: int | None = None
-  eval_every: int = 1
-
-  def check(self, num_clients: int | None = None) -> None:
-    """Raises ConfigError for impossible settings."""
-    check_send(self.send, self.beta)
-    flags = {
-      "local_steps": "--local_epochs",
-      "batch_size": "--batch_size",
-      "eval_every": "--eval-every",
-    }
-    for name, flag in flags.items():
-      if getattr(self, name) < 1:
-        raise ConfigError(f"{flag} {getattr(self, name)}: must be at least 1")
-    k = self.clients_per_round
-    if k is not None and (k < 1 or (num_clients is not None and k > num_clients)):
-      raise ConfigError(
-        f"--clients-per-round {k}: must be between 1 and the number of clients ({num_clients})"
-      )
 
 
 def init_clients(

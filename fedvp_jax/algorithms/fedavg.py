@@ -14,12 +14,12 @@ from fedvp_jax.algorithms.client import local_update, prediction_loss
 from fedvp_jax.algorithms.core import (
   ClientsState,
   FederatedAlgorithm,
-  RoundConfig,
   RoundMetrics,
   clients_round,
   evaluate_deployed,
   init_clients,
 )
+from fedvp_jax.config import RoundConfig
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.metrics import ErrorSums
 from fedvp_jax.models import Model
@@ -38,11 +38,10 @@ def fedavg(
     optimizer: every client's local optimizer.
     config: the round's settings.
   """
-  config.check()
   update = local_update(prediction_loss(model), optimizer)
 
   def init(key: PRNGKey, data: ClientData) -> ClientsState:
-    config.check(data.num_clients)
+    config.check_clients(data.num_clients)
     return init_clients(model, optimizer, key, data.num_clients)
 
   def apply(
