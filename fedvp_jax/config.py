@@ -470,6 +470,16 @@ class RunConfig:
       object.__setattr__(self, "round", dataclasses.replace(self.round, send=send))
     self.round.check_clients(self.clients)
 
+  @classmethod
+  def of(cls, **settings: Any) -> RunConfig:
+    """The defaults with ``settings`` by name (flat, legacy names accepted):
+    ``RunConfig.of(algorithm="fedgen", beta=0.5, pretrain_rounds=50)``."""
+    return with_settings(cls(), settings)
+
+  def replace(self, **settings: Any) -> RunConfig:
+    """This config with ``settings`` by name replaced (see :func:`with_settings`)."""
+    return with_settings(self, settings)
+
   @property
   def clients(self) -> int | None:
     """How many clients the run has (``None``: every viewer of the dataset)."""

@@ -153,8 +153,8 @@ def train(
   state = None if start is None else start[1]
   first = 0 if start is None else start[0]
   rounds_iter = iterate_rounds(algorithm, data, seeds, rounds, experiment.mesh, start)
-  for r, (state, metrics) in enumerate(rounds_iter, start=first):
-    metrics = jax.device_get(metrics)
+  for r, (state, on_device) in enumerate(rounds_iter, start=first):
+    metrics = jax.device_get(on_device)
     round_times.append(time.perf_counter() - t0)
     per_seed = [jax.tree.map(lambda x, k=k: x[k], metrics) for k in range(len(seeds))]
     records = [{**round_record(r, m), "seconds": round_times[-1]} for m in per_seed]

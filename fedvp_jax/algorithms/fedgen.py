@@ -258,7 +258,7 @@ def fedgen(
   model: Model,
   optimizer: optax.GradientTransformation,
   config: RoundConfig,
-  fedgen_config: FedGenConfig = FedGenConfig(),
+  fedgen_config: FedGenConfig | None = None,
 ) -> FederatedAlgorithm:
   """The FedGen family: ``config.send`` is ``full`` (FedGen), ``none`` (localFedGen: only the
   generator is shared) or ``partial`` (partialFedGen: the head is aggregated and sent).
@@ -266,7 +266,7 @@ def fedgen(
   The state is a :class:`FedGenState`; round metrics carry ``extra`` scalars
   ``generator_weight``, ``teacher_loss`` and ``diversity_loss``.
   """
-  cfg = fedgen_config
+  cfg = fedgen_config or FedGenConfig()
   generator = build_generator(
     cfg.generator,
     model.latent_dim,
