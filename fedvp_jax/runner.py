@@ -358,3 +358,6 @@ def _degrees(values: list[float | None]) -> str:
     return "[" + ", ".join(_fmt(v, ".2f") for v in values) + "] deg"
   steps = sorted({1, len(values) // 4, len(values) // 2, len(values)})
   return "[" + ", ".join(f"step {k}: {_fmt(values[k - 1], '.2f')}" for k in steps) + "] deg"
+
+
+__all__ = ["Progress", "RunSteps", "drain", "resume", "resume_steps", "run", "run_steps"]

@@ -15,11 +15,13 @@ from pathlib import Path
 
 PACKAGES = (
   "fedvp_jax",
+  "fedvp_jax.config",
   "fedvp_jax.data",
   "fedvp_jax.models",
   "fedvp_jax.algorithms",
   "fedvp_jax.heatmap",
-  "fedvp_jax.cli",
+  "fedvp_jax.runner",
+  "fedvp_jax.rundir",
   "fedvp_jax.sweep",
   "fedvp_jax.report",
 )
