@@ -26,14 +26,13 @@ Needs the ``bench`` extra (torch). Sections:
    device's measured f32 matrix-multiply rate, and the fraction of it that local training
    reaches.
 5. End to end: ``--end-to-end R`` times R rounds of the full FedGen configuration through
-   ``fedvp_jax.training.train`` (the script's path: compilation, evaluation every round,
+   ``fedvp_jax.rounds.train`` (the script's path: compilation, evaluation every round,
    metrics), as ``scripts/train.py`` runs them.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -52,11 +51,14 @@ import numpy as np
 
 from fedvp_jax.algorithms import local_update, prediction_loss
 from fedvp_jax.algorithms.client import stack
+from fedvp_jax.config import RunConfig
 from fedvp_jax.data.federated import sample_batches
+from fedvp_jax.experiment import prepare
 from fedvp_jax.heatmap import heatmaps as jax_heatmaps
 from fedvp_jax.metrics import summarize
 from fedvp_jax.models import build_model
-from fedvp_jax.training import RunConfig, prepare, resolve_device, train
+from fedvp_jax.rounds import train
+from fedvp_jax.runner import drain
 
 HERE = Path(__file__).resolve().parent
 NO_EVALUATION = 10**6  # eval_every: only round 0 evaluates
@@ -102,10 +104,10 @@ def torch_rounds(module: Any, config: RunConfig, repeats: int, **options: Any) -
   federation = module.make_federation(
     experiment.data,
     model=config.model,
-    algo="fedgen" if config.algo == "fedgen" else "fedavg",
+    algo="fedgen" if config.algorithm == "fedgen" else "fedavg",
     learning_rate=config.learning_rate,
-    local_steps=config.local_epochs,
-    batch_size=config.batch_size,
+    local_steps=config.round.local_steps,
+    batch_size=config.round.batch_size,
     eval_every=NO_EVALUATION,
     fedgen=config.fedgen,
     init_params=jax.device_get(clients.server_params),
@@ -128,7 +130,7 @@ def rounds_section(base: RunConfig, repeats: int, log: Callable[[str], None]) ->
   ]
   for algo in ("fedavg", "fedgen"):
     for model in ("transformer", "lstm"):
-      config = dataclasses.replace(base, algo=algo, model=model)
+      config = base.replace(algorithm=algo, model=model)
       results = {
         "fedvp_jax": jax_rounds(config, repeats),
         "PyTorch, seed-style": torch_rounds(torch_seed, config, repeats),
@@ -149,8 +151,9 @@ PEER_SNIPPET = """
 import json, sys
 sys.path.insert(0, {here!r})
 import {module} as peer
-from fedvp_jax.training import RunConfig, prepare
-data = prepare(RunConfig(dataset={dataset!r}, data_dir={data_dir!r}, num_users=10,
+from fedvp_jax.config import RunConfig
+from fedvp_jax.experiment import prepare
+data = prepare(RunConfig.of(dataset={dataset!r}, data_dir={data_dir!r}, num_clients=10,
                          model={model!r})).data
 print("RESULT " + json.dumps(peer.time_fedavg(data, {model!r}, {rounds}, **{extra!r})))
 """
@@ -260,7 +263,7 @@ def arithmetic_section(
   ]
   for algo in ("fedavg", "fedgen"):
     for model in ("transformer", "lstm"):
-      config = dataclasses.replace(base, algo=algo, model=model)
+      config = base.replace(algorithm=algo, model=model)
       experiment = prepare(config)
       algorithm, data = experiment.algorithm, experiment.data
       state = jax.jit(algorithm.init)(jax.random.key(0), data)
@@ -271,7 +274,9 @@ def arithmetic_section(
       optimizer = config.make_optimizer()
       params = stack(net.init(jax.random.key(0)), data.num_clients)
       opt_state = jax.vmap(optimizer.init)(params)
-      batches = sample_batches(jax.random.key(2), data, config.local_epochs, config.batch_size)
+      batches = sample_batches(
+        jax.random.key(2), data, config.round.local_steps, config.round.batch_size
+      )
       train_local = jax.jit(local_update(prediction_loss(net), optimizer))
       compiled = train_local.lower(params, opt_state, batches, jax.random.key(3), None).compile()
       local_flops = _flops(compiled)
@@ -291,14 +296,14 @@ def arithmetic_section(
 
 
 def end_to_end_section(base: RunConfig, rounds: int, log: Callable[[str], None]) -> list[str]:
-  config = dataclasses.replace(base, algo="fedgen", model="transformer", rounds=rounds)
+  config = base.replace(algorithm="fedgen", model="transformer", rounds=rounds)
   t0 = time.perf_counter()
   experiment = prepare(config)
-  _, (summary,) = train(experiment, [0])
+  (summary,) = drain(train(experiment, [0]))
   total = time.perf_counter() - t0
   line = (
     f"FedGen, Transformer, full configuration, {rounds} rounds with evaluation every round, "
-    f"through `fedvp_jax.training.train` (data loading, compilation and all): **{total:.1f} s** "
+    f"through `fedvp_jax.rounds.train` (data loading, compilation and all): **{total:.1f} s** "
     f"(first round {summary['first_round_seconds']:.1f} s, then median "
     f"{summary['median_round_seconds'] * 1e3:.1f} ms/round); final Average Global Loss "
     f"{summary['final']['loss']:.5f}."
@@ -325,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
   sys.path.insert(0, str(HERE))
   import torch
 
-  device = resolve_device(args.device)
+  device = jax.devices("gpu" if args.device in ("gpu", "cuda") else "cpu")[0]
   torch_device = "cuda" if device.platform == "gpu" else "cpu"
   torch.set_default_device(torch_device)
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
-  base = RunConfig(
-    dataset=args.dataset, data_dir=args.data_dir, num_users=10, eval_every=NO_EVALUATION
+  base = RunConfig.of(
+    dataset=args.dataset, data_dir=args.data_dir, num_clients=10, eval_every=NO_EVALUATION
   )
   sections = args.sections.split(",")
   header = (
@@ -353,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if "arithmetic" in sections:
       out += ["## Arithmetic", "", *arithmetic_section(base, device, args.repeats, print), ""]
     if args.end_to_end:
-      full = dataclasses.replace(base, eval_every=1)
+      full = base.replace(eval_every=1)
       out += ["## End to end", "", *end_to_end_section(full, args.end_to_end, print), ""]
   text = "\n".join(out)
   print("\n" + text)

@@ -24,7 +24,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fedvp_jax.training import RunConfig, prepare, resolve_device
+from fedvp_jax.config import RunConfig
+from fedvp_jax.experiment import prepare
 
 
 def tile_clients(data, num_clients: int):
@@ -63,7 +64,7 @@ def measure(config: RunConfig, num_clients: int, repeats: int) -> dict[str, floa
     "clients": num_clients,
     "compile_s": compile_seconds,
     "round_s": median,
-    "client_steps_per_s": num_clients * config.local_epochs / median,
+    "client_steps_per_s": num_clients * config.round.local_steps / median,
     "mib_per_client": round_bytes / num_clients / 2**20,
     "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
   }
@@ -98,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--device", default="cpu")
   parser.add_argument("--out", help="folder for scale.md and scale.png")
   args = parser.parse_args(argv)
-  config = RunConfig(
+  config = RunConfig.of(
     dataset="Synthetic-m10-h1",
     model=args.model,
-    num_users=None,
-    local_epochs=args.local_steps,
+    num_clients=None,
+    local_steps=args.local_steps,
     eval_every=10**6,  # time training and aggregation; evaluation is not what scales here
   )
-  device = resolve_device(args.device)
+  device = jax.devices("gpu" if args.device in ("gpu", "cuda") else "cpu")[0]
   with jax.default_device(device):
     rows = [measure(config, int(n), args.repeats) for n in args.clients.split(",")]
   head = (
