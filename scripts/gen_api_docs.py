@@ -22,6 +22,7 @@ PACKAGES = (
   "fedvp_jax.cli",
   "fedvp_jax.sweep",
   "fedvp_jax.report",
+  "fedvp_jax.plots",
 )
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
