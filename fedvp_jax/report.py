@@ -7,8 +7,10 @@ For a set of run directories (a sweep folder's, or any), :func:`write_report` wr
   over seeds, the wall time, and whether it beats the no-motion and constant-velocity
   baselines at every step; the baselines as rows of their own;
 * ``loss.png``: test loss against round for every configuration (mean over seeds, a band of
-  ± one std), and ``loss_<group>.png`` per group;
+  ± one std), one panel per group, and ``loss_<group>.png`` with the one group's panel;
 * ``orthodromic.png``: orthodromic error per horizon step, every configuration and baseline.
+
+The figures are :mod:`fedvp_jax.plots`'s.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.errors import ConfigError
+from fedvp_jax.plots import plot_loss, plot_orthodromic
 from fedvp_jax.rundir import RunDir, read_sweep_index
 from fedvp_jax.summaries import mean_std
 
@@ -246,97 +249,6 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
       )
 
 
-def plot_loss(results: Sequence[RunResult], path: Path, title: str) -> None:
-  """Test loss against round: every run's mean over seeds with a ± std band.
-
-  The y range is zoomed onto the runs after their first rounds, where the differences between
-  algorithms live; a baseline inside that range is a dashed line, one outside it is named in
-  the corner with its loss.
-  """
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(10, 6))
-  colors = [plt.get_cmap("tab20")(k) for k in range(20)]
-  settled = []
-  for i, result in enumerate(results):
-    rounds = np.arange(result.curves.shape[1])
-    evaluated = ~np.all(np.isnan(result.curves), axis=0)
-    mean = np.nanmean(result.curves[:, evaluated], axis=0)
-    style = ("-", "--", ":")[i // len(colors) % 3]
-    color = colors[i % len(colors)]
-    ax.plot(rounds[evaluated], mean, style, color=color, label=result.name, linewidth=1.3)
-    if result.curves.shape[0] > 1:
-      std = np.nanstd(result.curves[:, evaluated], axis=0, ddof=1)
-      ax.fill_between(rounds[evaluated], mean - std, mean + std, color=color, alpha=0.15)
-    settled.extend(mean[len(mean) // 10 :])
-  finite = np.asarray(settled, dtype=float)
-  finite = finite[np.isfinite(finite)]
-  if finite.size:
-    low, high = float(finite.min()), float(finite.max())
-    pad = 0.15 * (high - low) or 0.01 * high
-    ax.set_ylim(low - pad, high + 2 * pad)
-  off_scale = []
-  for name, baseline in results[0].baselines.items() if results else []:
-    loss = baseline["loss"]
-    if loss is None:
-      continue
-    bottom, top = ax.get_ylim()
-    if bottom <= loss <= top:
-      ax.axhline(loss, linestyle="--", color="gray", linewidth=1)
-      ax.annotate(f"{name} {loss:.6f}", (0, loss), fontsize=8, color="gray", va="bottom")
-    else:
-      off_scale.append(f"{name}: {loss:.6f} ({'above' if loss > top else 'below'})")
-  if off_scale:
-    ax.text(
-      0.99,
-      0.99,
-      "baselines off the scale:\n" + "\n".join(off_scale),
-      transform=ax.transAxes,
-      ha="right",
-      va="top",
-      fontsize=8,
-      color="gray",
-    )
-  ax.set_xlabel("round (models after that many aggregations)")
-  ax.set_ylabel("Average Global Loss (test MSE)")
-  ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, ncol=2, loc="upper center")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_orthodromic(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-  """Orthodromic error per horizon step: grouped bars, one bar per run and baseline."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  shown = [r for r in rows if "orthodromic_deg" in r]
-  steps = max((len(r["orthodromic_deg"]) for r in shown), default=0)
-  fig, ax = plt.subplots(figsize=(max(6, 1.5 + 0.35 * len(shown) * steps), 5))
-  width = 0.8 / max(len(shown), 1)
-  for i, row in enumerate(shown):
-    means = np.array([m for m, _ in row["orthodromic_deg"]])
-    stds = np.array([0.0 if math.isnan(s) else s for _, s in row["orthodromic_deg"]])
-    x = np.arange(len(means)) + (i - (len(shown) - 1) / 2) * width
-    hatch = "//" if row["status"] == "baseline" else None
-    ax.bar(x, means, width, yerr=stds, label=row["run"], hatch=hatch)
-  ax.set_xticks(np.arange(steps), [f"step {k + 1}" for k in range(steps)])
-  ax.set_ylabel("orthodromic error (degrees)")
-  ax.set_title(title)
-  ax.legend(fontsize=7, ncol=2)
-  ax.grid(True, axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def write_report(*paths: str | Path, out_dir: str | Path | None = None) -> list[dict[str, Any]]:
   """Writes the table and plots of the runs in ``paths`` into ``out_dir``.
 
@@ -365,10 +277,10 @@ def write_report(*paths: str | Path, out_dir: str | Path | None = None) -> list[
   write_csv(rows, out_dir / "results.csv")
   plot_loss(results, out_dir / "loss.png", f"{dataset}: test loss per round")
   for group in dict.fromkeys(r.group for r in results):
-    members = [r for r in results if r.group == group]
-    if len(members) < len(results):
-      safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
-      plot_loss(members, out_dir / f"loss_{safe}.png", f"{dataset}: {group}")
+    if all(r.group == group for r in results):
+      break  # the one panel of loss.png already
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
+    plot_loss(results, out_dir / f"loss_{safe}.png", f"{dataset}: {group}", groups=[group])
   plot_orthodromic(rows, out_dir / "orthodromic.png", f"{dataset}: orthodromic error")
   log.info(markdown_table(rows))
   log.info(f"table and plots written to {out_dir}")
@@ -380,8 +292,6 @@ __all__ = [
   "find_runs",
   "load_run",
   "markdown_table",
-  "plot_loss",
-  "plot_orthodromic",
   "table_rows",
   "write_csv",
   "write_report",

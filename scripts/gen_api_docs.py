@@ -24,6 +24,7 @@ PACKAGES = (
   "fedvp_jax.rundir",
   "fedvp_jax.sweep",
   "fedvp_jax.report",
+  "fedvp_jax.plots",
 )
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
