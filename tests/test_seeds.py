@@ -10,26 +10,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedvp_jax import training
-from fedvp_jax.algorithms import FederatedAlgorithm, FedGenConfig
+from fedvp_jax import runner
+from fedvp_jax.algorithms import FederatedAlgorithm
+from fedvp_jax.config import RunConfig
 from fedvp_jax.errors import DivergenceError
-from fedvp_jax.training import RunConfig, prepare, run, run_rounds
+from fedvp_jax.experiment import prepare
+from fedvp_jax.rounds import run_rounds
+from fedvp_jax.rundir import RunDir
+from fedvp_jax.runner import run
 
-TINY = RunConfig(
+TINY = RunConfig.of(
   dataset="Synthetic-m4-h2",
   model="lstm",
-  num_users=3,
+  num_clients=3,
   rounds=3,
-  local_epochs=2,
+  local_steps=2,
   batch_size=8,
   latent_dim=12,
-  fedgen=FedGenConfig(grain=16, heatmap_sigma=30.0, gen_batch_size=8, gen_steps=2),
+  grain=16,
+  heatmap_sigma=30.0,
+  gen_batch_size=8,
+  gen_steps=2,
 )
+
+
+def run_seeds(experiment, run_dir, checkpoint_every):
+  """The runner's loop over an experiment's seeds, into an existing folder, drained."""
+  return runner.drain(runner._run_seeds(experiment, RunDir(run_dir), checkpoint_every, False, {}))
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "partial-fedgen"])
 def test_vmapped_seeds_equal_seeds_run_one_by_one(algo):
-  experiment = prepare(dataclasses.replace(TINY, algo=algo, clients_per_round=2))
+  experiment = prepare(TINY.replace(algorithm=algo, clients_per_round=2))
   together = run_rounds(experiment.algorithm, experiment.data, (4, 7), 3)
   for k, seed in enumerate((4, 7)):
     alone = run_rounds(experiment.algorithm, experiment.data, seed, 3)
@@ -42,7 +54,7 @@ def test_vmapped_seeds_equal_seeds_run_one_by_one(algo):
 
 
 def test_times_writes_every_seed_and_their_spread(tmp_path):
-  summary = run(dataclasses.replace(TINY, times=3), tmp_path / "r", progress=False, log=lambda _: 0)
+  summary = run(TINY.replace(num_seeds=3), tmp_path / "r")
   losses = [s["final"]["loss"] for s in summary["seeds"]]
   assert [s["seed"] for s in summary["seeds"]] == [0, 1, 2]
   assert len(set(losses)) == 3
@@ -65,12 +77,12 @@ def poisoned_from(algorithm: FederatedAlgorithm, first_bad_round: int) -> Federa
 
 
 def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(tmp_path):
-  experiment = prepare(dataclasses.replace(TINY, rounds=6))
+  experiment = prepare(TINY.replace(rounds=6))
   experiment = dataclasses.replace(experiment, algorithm=poisoned_from(experiment.algorithm, 3))
   run_dir = tmp_path / "r"
   run_dir.mkdir()
   with pytest.raises(DivergenceError) as caught:
-    training._run_seeds(experiment, run_dir, 2, progress=False, log=lambda _: 0)
+    run_seeds(experiment, run_dir, 2)
   message = str(caught.value)
   assert "round 3, seed 0: every training client's update was non-finite" in message
   assert f"the last good checkpoint, of round 2, is kept in {run_dir / 'checkpoints'}" in message
@@ -86,4 +98,4 @@ def test_divergence_without_checkpoints_says_so(tmp_path):
   experiment = dataclasses.replace(experiment, algorithm=poisoned_from(experiment.algorithm, 1))
   (tmp_path / "r").mkdir()
   with pytest.raises(DivergenceError, match="no checkpoint was written"):
-    training._run_seeds(experiment, tmp_path / "r", None, progress=False, log=lambda _: 0)
+    run_seeds(experiment, tmp_path / "r", None)
