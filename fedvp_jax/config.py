@@ -166,15 +166,16 @@ class Setting:
     """The spelling ``--help`` shows."""
     return self.flags[0]
 
-  def coerce(self, value: Any) -> Any:
-    """``value`` (a flag's text, a TOML or JSON value) as this setting holds it.
+  def coerce(self, value: Any, from_text: bool = False) -> Any:
+    """``value`` (a TOML or JSON value, or with ``from_text`` a flag's text) as this setting
+    holds it.
 
     Raises:
       SettingError: for a value of the wrong type.
     """
     if value is None and self.optional:
       return None
-    if isinstance(value, str) and self.kind is not str:
+    if from_text and isinstance(value, str) and self.kind is not str:
       return self.coerce(self._parse_text(value))
     if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
       return float(value)  # TOML's `beta = 1`
@@ -568,9 +569,11 @@ def get(config: RunConfig, name: str) -> Any:
   return value
 
 
-def with_settings(config: RunConfig, settings: Mapping[str, Any]) -> RunConfig:
+def with_settings(
+  config: RunConfig, settings: Mapping[str, Any], from_text: bool = False
+) -> RunConfig:
   """``config`` with ``settings`` (by name, legacy names accepted) replaced, every value
-  coerced and checked.
+  coerced (from a flag's text with ``from_text``) and checked.
 
   Raises:
     SettingError: naming the setting, for an unknown name or a bad value.
@@ -579,7 +582,7 @@ def with_settings(config: RunConfig, settings: Mapping[str, Any]) -> RunConfig:
   for given_name, value in settings.items():
     name = resolve_name(given_name)
     s = SCHEMA[name]
-    changes[".".join(s.path[:-1])][name] = s.coerce(value)
+    changes[".".join(s.path[:-1])][name] = s.coerce(value, from_text)
   return dataclasses.replace(
     config,
     **changes[""],

@@ -130,9 +130,13 @@ def expand_spec(
   for key, values in grid.items():
     if not isinstance(values, list) or not values:
       raise ConfigError(f"{label}: [grid] {key} must be a non-empty list of values")
-  names = _canonical_names(
-    [*shared, *grid, *(k for e in entries for k in e if k not in ("name", "group"))], label
-  )
+  names = {
+    **_canonical_names(shared, f"{label} [shared]"),
+    **_canonical_names(grid, f"{label} [grid]"),
+  }
+  for index, entry in enumerate(entries):
+    own_keys = [k for k in entry if k not in ("name", "group")]
+    names.update(_canonical_names(own_keys, f"{label} run {index + 1}"))
   per_run = {names[key] for entry in entries for key in entry if key in names} | {
     names[key] for key in grid
   }

@@ -55,7 +55,9 @@ def test_the_weekly_table_is_the_researchers_table():
   for algo in ("fedgen", "partial-fedgen"):
     described |= {(algo, beta, p) for beta in (1.0, 0.5) for p in (False, True)}
   described |= {("local-fedgen", 1.0, p) for p in (False, True)}  # no model to blend
-  got = [(r.config.algorithm, r.config.round.beta, r.config.fedgen.pretrain_rounds > 0) for r in runs]
+  got = [
+    (r.config.algorithm, r.config.round.beta, r.config.fedgen.pretrain_rounds > 0) for r in runs
+  ]
   assert sorted(got) == sorted(described) and len(got) == len(set(got))
   for r in runs:
     assert (r.config.dataset, r.config.model, r.config.num_clients) == (
@@ -89,16 +91,12 @@ def test_grid_runs_every_combination_with_overrides_on_top():
     (
       TINY.replace("rounds = 3", "roundz = 3"),
       {},
-      r"spec.toml: roundz: no such setting \(did you mean 'rounds'",
+      r"spec.toml \[shared\]: roundz: no such setting \(did you mean 'rounds'",
     ),
     pytest.param(
       TINY.replace("rounds = 3", "roundz = 3"),
       {},
       r"\[shared\].*roundz",
-      marks=pytest.mark.xfail(
-        strict=True,
-        reason="package regression: an unknown key's error no longer names its table ([shared])",
-      ),
       id="unknown-key-names-its-table",
     ),
     (
@@ -109,16 +107,15 @@ def test_grid_runs_every_combination_with_overrides_on_top():
     (TINY + "\n[[run]]\nname = 'avg'\n", {}, "two runs are named 'avg'"),
     (TINY.replace('name = "avg"', 'name = "a/b"'), {}, "must be a plain folder name"),
     (TINY + "\n[[run]]\nbeta = 2.0\n", {}, r"spec.toml run 3: beta 2\.0: must be in \(0, 1\]"),
-    (TINY.replace("rounds = 3", "rounds = 3.5"), {}, r"\[shared\]: rounds 3\.5: should be an integer"),
+    (
+      TINY.replace("rounds = 3", "rounds = 3.5"),
+      {},
+      r"\[shared\]: rounds 3\.5: should be an integer",
+    ),
     pytest.param(
       TINY.replace("rounds = 3", 'rounds = "3"'),
       {},
       r"\[shared\]: rounds '3': should be an integer",
-      marks=pytest.mark.xfail(
-        strict=True,
-        reason="package regression: Setting.coerce parses any string, so a TOML string is "
-        "accepted where the setting is a number",
-      ),
       id="toml-string-for-an-int",
     ),
     (TINY + "\n[grid]\nbeta = 0.5\n", {}, "grid.*beta must be a non-empty list"),
@@ -178,10 +175,7 @@ def test_other_settings_in_the_same_folder_are_refused_unless_overwrite(finished
     run_sweep(changed, out)
   assert folder_state(out) == before
   # Where the data lives changes nothing computed: such runs are reused.
-  moved = [
-    dataclasses.replace(r, config=r.config.replace(data_dir=str(tmp_path)))
-    for r in runs
-  ]
+  moved = [dataclasses.replace(r, config=r.config.replace(data_dir=str(tmp_path))) for r in runs]
   assert set(run_sweep(moved, out).values()) == {"reused"}
 
 

@@ -109,7 +109,7 @@ def config_from(
   """``base`` (the defaults) with ``settings`` applied; a bad value exits through
   ``parser.error`` naming its flag."""
   try:
-    return with_settings(base or RunConfig(), settings)
+    return with_settings(base or RunConfig(), settings, from_text=True)
   except SettingError as err:
     flag = SCHEMA[err.setting].flag if err.setting in SCHEMA else err.setting
     shown = "" if err.value is None else f"{err.value}: "

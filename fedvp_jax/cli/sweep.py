@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.print_spec:
       print(text, end="")
       return 0
-    typed = {name: SCHEMA[name].coerce(value) for name, value in overrides.items()}
+    typed = {name: SCHEMA[name].coerce(value, from_text=True) for name, value in overrides.items()}
     runs = expand_spec(text, label, typed)
     if args.dry_run:
       for r in runs:

@@ -111,7 +111,7 @@ def _resume(args: argparse.Namespace, settings: dict) -> int:
   with on_device(args.device):
     steps = resume_steps(
       args.resume,
-      devices=None if devices is None else SCHEMA["devices"].coerce(devices),
+      devices=None if devices is None else SCHEMA["devices"].coerce(devices, from_text=True),
       data_dir=settings.get("data_dir"),
       checkpoint_every=args.checkpoint_every,
       tensorboard=args.tensorboard,
