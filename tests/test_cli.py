@@ -116,7 +116,10 @@ class _Nothing:
     (["--name", "a/b"], "must be a plain folder name"),
     (["--learning_rate", "inf"], "argument --learning-rate: inf: must be a positive number"),
     (["--alpha", "inf"], "argument --alpha: inf: must be a finite number >= 0"),
-    (["--users", "0,1", "--clients-per-round", "3"], "--clients-per-round: 3: exceeds the 2 clients"),
+    (
+      ["--users", "0,1", "--clients-per-round", "3"],
+      "--clients-per-round: 3: exceeds the 2 clients",
+    ),
   ],
 )
 def test_impossible_flags_are_rejected(train_main, tmp_path, capsys, flags, message):

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedvp_jax.config import MODELS
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.geometry import normalize
-from fedvp_jax.config import MODELS
 from fedvp_jax.models import build_model
 
 
