@@ -1,4 +1,4 @@
-"""scripts/train.py (fedvp train) end to end: every algorithm, the researcher's flags, and bad input."""
+"""scripts/train.py (fedvp train) end to end: every algorithm, researcher flags, bad input."""
 
 import importlib.util
 import json

@@ -67,7 +67,7 @@ def test_init_is_seeded_and_gradients_are_finite(name):
 
 
 def test_bad_model_settings():
-  with pytest.raises(ConfigError, match="^model 'gru': choose one of lstm, transformer"):
+  with pytest.raises(ConfigError, match=r"^model 'gru': choose one of lstm, transformer"):
     build_model("gru", 5, 1)
   with pytest.raises(ConfigError, match=r"^latent_dim 6: must exceed 6"):
     build_model("lstm", 5, 1, latent_dim=6)
