@@ -137,7 +137,7 @@ def test_overrides_are_the_flags_given_and_defaults_match_run_config():
   assert config_from(parser, given_settings(parser.parse_args([]))) == RunConfig()
   argv = ["weekly-table", "--out", "x", "--device", "cpu", "--rounds", "7", "--algorithm", "FedAvg"]
   given = parse_known([*argv, "--beta", "1", "--alpha", "2"])
-  assert {name: SCHEMA[name].coerce(value) for name, value in given.items()} == {
+  assert {name: SCHEMA[name].coerce(value, from_text=True) for name, value in given.items()} == {
     "rounds": 7,
     "algorithm": "fedavg",
     "beta": 1.0,
@@ -171,7 +171,7 @@ def test_other_settings_in_the_same_folder_are_refused_unless_overwrite(finished
   runs, out, _ = finished_sweep
   changed = [dataclasses.replace(r, config=r.config.replace(rounds=4)) for r in runs]
   before = folder_state(out)
-  with pytest.raises(ConfigError, match=r"other settings \(rounds: 3 there, 4 now"):
+  with pytest.raises(ConfigError, match=r"avg holds a run with other settings \(rounds: 3 -> 4\)"):
     run_sweep(changed, out)
   assert folder_state(out) == before
   # Where the data lives changes nothing computed: such runs are reused.
