@@ -13,7 +13,7 @@ from fedvp_jax.data.datasets import DatasetSpec
 from fedvp_jax.data.federated import ClientData, build_client_data, sample_batches, select_users
 from fedvp_jax.data.traces import TraceSet
 from fedvp_jax.data.windows import make_windows
-from fedvp_jax.errors import DataError
+from fedvp_jax.errors import DataError, SettingError
 
 
 def user_set(num_users: int = 12, name: str = "Users") -> TraceSet:
@@ -60,6 +60,12 @@ def test_select_unknown_users():
   assert "'1'" not in message.split("its users", maxsplit=1)[0]
 
 
+@pytest.mark.xfail(
+  strict=True,
+  raises=SettingError,
+  reason="package: select_users documents DataError for more viewers than the dataset has, "
+  "but raises SettingError (a ConfigError, not a DataError) since the settings refactor",
+)
 @pytest.mark.parametrize("num", [13, 100, 0, -2])
 def test_select_wrong_number_of_users(num):
   ts = user_set(12)
