@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO
 from matplotlib.colors import to_hex
 
+from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.plots import plot_loss, plot_orthodromic
 from fedvp_jax.report import RunResult, table_rows
 
@@ -37,7 +38,7 @@ def fake_run(k: int) -> RunResult:
     ],
     "beats_baselines": {"no-motion": [True, True], "constant-velocity": [True, True]},
   }
-  config = {"algo": "fedavg", "beta": 1.0, "times": 2, "seed": 0, "rounds": ROUNDS}
+  config = to_record(RunConfig.of(algorithm="fedavg", beta=1.0, num_seeds=2, seed=0, rounds=ROUNDS))
   return RunResult(
     f"{GROUPS[k // 3]} run{k}", GROUPS[k // 3], config, summary, curves, BASELINES, 60.0, None
   )
