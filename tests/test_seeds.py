@@ -99,3 +99,17 @@ def test_divergence_without_checkpoints_says_so(tmp_path):
   (tmp_path / "r").mkdir()
   with pytest.raises(DivergenceError, match="no checkpoint was written"):
     run_seeds(experiment, tmp_path / "r", None)
+
+
+def test_one_seed_has_no_spread():
+  from fedvp_jax.summaries import mean_std, run_summary
+
+  mean, std = mean_std([0.5])
+  assert mean == 0.5 and np.isnan(std)  # undefined, not 0
+  seeds = [{"final": {"loss": 0.5, "orthodromic_deg": [1.0, 2.0]}}]
+  summary = run_summary({}, {}, seeds)
+  assert summary["final_loss_mean"] == 0.5 and summary["final_loss_std"] is None
+  assert summary["orthodromic_deg_mean"] == [1.0, 2.0]
+  assert summary["orthodromic_deg_std"] == [None, None]
+  two = run_summary({}, {}, seeds + [{"final": {"loss": 0.7, "orthodromic_deg": [3.0, 4.0]}}])
+  assert two["final_loss_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))

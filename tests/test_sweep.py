@@ -59,6 +59,9 @@ def test_the_weekly_table_is_the_researchers_table():
     (r.config.algorithm, r.config.round.beta, r.config.fedgen.pretrain_rounds > 0) for r in runs
   ]
   assert sorted(got) == sorted(described) and len(got) == len(set(got))
+  names = [r.name for r in runs]
+  assert {"local", "FedAvg-b1", "FedAvg-b0.5", "FedGen-b1-pretrain50"} <= set(names)
+  assert not any(" " in name for name in names)
   for r in runs:
     assert (r.config.dataset, r.config.model, r.config.num_clients) == (
       "David-m10-h1",
