@@ -20,7 +20,7 @@ from .data.datasets import DatasetSpec, load_traces, parse_spec
 from .data.federated import ClientData, build_client_data, select_users
 from .errors import ConfigError, DataError, DivergenceError, FedVPError, SettingError
 from .experiment import Experiment, prepare
-from .geometry import lonlat_to_vec, normalize, orthodromic_distance, vec_to_lonlat
+from .geometry import lonlat_to_vec, normalize, orthodromic_distance, rotate, vec_to_lonlat
 from .heatmap import heatmaps, label_weights, sample_labels
 from .metrics import ErrorSums, Summary, error_sums, mse, summarize
 from .models import Model, build_model
@@ -85,6 +85,7 @@ __all__ = [
   "read_spec",
   "receive",
   "resume",
+  "rotate",
   "run",
   "run_rounds",
   "run_sweep",

@@ -79,30 +79,30 @@ FLOAT32_MAX = 3.4028234663852886e38
 Check = Callable[[Any], str | None]
 
 
-def at_least(minimum: int) -> Check:
+def _at_least(minimum: int) -> Check:
   return lambda value: None if value >= minimum else f"must be at least {minimum}"
 
 
-def positive_float32(value: float) -> str | None:
+def _positive_float32(value: float) -> str | None:
   if 0 < value <= FLOAT32_MAX:
     return None
   return "must be a positive number that float32 holds (at most 3.4e38)"
 
 
-def non_negative_finite(value: float) -> str | None:
+def _non_negative_finite(value: float) -> str | None:
   return None if 0 <= value < math.inf else "must be a finite number >= 0"
 
 
-def in_unit_interval(value: float) -> str | None:
+def _in_unit_interval(value: float) -> str | None:
   return None if 0.0 < value <= 1.0 else "must be in (0, 1] (1 overwrites, smaller blends)"
 
 
-def check_grain(grain: int) -> str | None:
+def _check_grain(grain: int) -> str | None:
   """The heatmap grid's ``grain``: an even integer of at least 4."""
   return None if grain >= 4 and grain % 2 == 0 else "must be an even integer >= 4"
 
 
-def check_dataset(name: str) -> str | None:
+def _check_dataset(name: str) -> str | None:
   from fedvp_jax.data.datasets import parse_spec  # imported here: it brings NumPy
 
   try:
@@ -112,7 +112,7 @@ def check_dataset(name: str) -> str | None:
   return None
 
 
-def check_users(users: tuple[str, ...]) -> str | None:
+def _check_users(users: tuple[str, ...]) -> str | None:
   if not users:
     return "the list of viewers is empty"
   if len(set(users)) < len(users):
@@ -120,7 +120,7 @@ def check_users(users: tuple[str, ...]) -> str | None:
   return None
 
 
-def check_latent_dim(value: int) -> str | None:
+def _check_latent_dim(value: int) -> str | None:
   return None if value > MOTION_DIM else f"must exceed {MOTION_DIM} (z starts with the motion)"
 
 
@@ -186,8 +186,10 @@ class Setting:
     bool_for_int = isinstance(value, bool) and self.kind is not bool
     if not isinstance(value, self.kind) or bool_for_int:
       raise SettingError(self.name, value, f"should be {_KIND_NAMES[self.kind]}")
-    if isinstance(value, str):
-      return self.aliases.get(value, value.lower() if self.choices else value)
+    if isinstance(value, str) and self.choices is not None:
+      # Names are case-blind (``Transformer``); an unknown one is reported as given.
+      named = self.aliases.get(value, value.lower())
+      return named if named in self.choices else value
     return value
 
   def _parse_text(self, text: str) -> Any:
@@ -222,7 +224,7 @@ _KIND_NAMES = {
 }
 
 
-def setting(
+def _setting(
   default: Any,
   help: str,
   flags: tuple[str, ...] = (),
@@ -272,19 +274,19 @@ class RoundConfig:
   """
 
   send: str = "full"
-  beta: float = setting(1.0, "clients take beta*server + (1-beta)*own", check=in_unit_interval)
-  local_steps: int = setting(
+  beta: float = _setting(1.0, "clients take beta*server + (1-beta)*own", check=_in_unit_interval)
+  local_steps: int = _setting(
     10,
     "local minibatch steps per client per round; one 'epoch' is one minibatch, as in FedGen's code",
     ("--local-steps", "--local-epochs"),
     legacy=("local_epochs",),
-    check=at_least(1),
+    check=_at_least(1),
   )
-  batch_size: int = setting(64, "windows per minibatch", check=at_least(1))
-  clients_per_round: int | None = setting(
-    None, "clients sampled to train each round (default: all)", check=at_least(1)
+  batch_size: int = _setting(64, "windows per minibatch", check=_at_least(1))
+  clients_per_round: int | None = _setting(
+    None, "clients sampled to train each round (default: all)", check=_at_least(1)
   )
-  eval_every: int = setting(1, "evaluate every k rounds (and after the last)", check=at_least(1))
+  eval_every: int = _setting(1, "evaluate every k rounds (and after the last)", check=_at_least(1))
 
   def __post_init__(self) -> None:
     if self.send not in SEND_MODES:
@@ -327,60 +329,60 @@ class FedGenConfig:
     generator_hidden: G's hidden width.
   """
 
-  generator: str = setting("simple", "FedGen's generator: simple, or deep", choices=GENERATORS)
-  embedding: bool = setting(
+  generator: str = _setting("simple", "FedGen's generator: simple, or deep", choices=GENERATORS)
+  embedding: bool = _setting(
     False, "condition the generator on a learned embedding of the label's heatmap cell"
   )
-  grain: int = setting(
-    256, "heatmap grid: GRAIN longitude x GRAIN/2 latitude cells", check=check_grain
+  grain: int = _setting(
+    256, "heatmap grid: GRAIN longitude x GRAIN/2 latitude cells", check=_check_grain
   )
-  heatmap_sigma: float = setting(5.0, "heatmap blur in degrees", check=positive_float32)
-  gen_batch_size: int = setting(256, "generated labels per client step", check=at_least(1))
-  gen_steps: int = setting(50, "generator steps per round", check=at_least(1))
-  gen_learning_rate: float = setting(
+  heatmap_sigma: float = _setting(5.0, "heatmap blur in degrees", check=_positive_float32)
+  gen_batch_size: int = _setting(256, "generated labels per client step", check=_at_least(1))
+  gen_steps: int = _setting(50, "generator steps per round", check=_at_least(1))
+  gen_learning_rate: float = _setting(
     1e-3,
     "generator Adam learning rate, decayed 0.98 per round (FedGen's: 1e-4)",
     ("--gen-learning-rate", "--ensemble-lr"),
-    check=positive_float32,
+    check=_positive_float32,
   )
-  server_batch_size: int | None = setting(
+  server_batch_size: int | None = _setting(
     None,
     "labels per generator step (default: the clients' batch size, as FedGen's server)",
-    check=at_least(1),
+    check=_at_least(1),
   )
-  alpha: float = setting(
+  alpha: float = _setting(
     1.0,
     "initial weight of the clients' generator term (FedGen's: 10)",
     ("--alpha", "--generative-alpha"),
-    check=non_negative_finite,
+    check=_non_negative_finite,
   )
-  latent_weight: float = setting(
+  latent_weight: float = _setting(
     0.0,
     "initial weight of FedGen's latent term; 0 is off",
     ("--latent-weight", "--generative-beta"),
-    check=non_negative_finite,
+    check=_non_negative_finite,
   )
-  diversity_weight: float = setting(
-    0.0, "weight of FedGen's diversity loss", check=non_negative_finite
+  diversity_weight: float = _setting(
+    0.0, "weight of FedGen's diversity loss", check=_non_negative_finite
   )
-  pretrain_rounds: int = setting(
+  pretrain_rounds: int = _setting(
     0,
     "stage-one rounds in which clients train without the generator while the server already "
     "trains it; they come before --rounds, so a run has pretrain + rounds rounds",
     ("--pretrain-rounds", "--pretrain-epochs"),
     legacy=("pretrain_epochs",),
-    check=at_least(0),
+    check=_at_least(0),
   )
-  gen_warmup: int = setting(
-    0, "rounds over which alpha ramps up from 0 after stage one", check=at_least(0)
+  gen_warmup: int = _setting(
+    0, "rounds over which alpha ramps up from 0 after stage one", check=_at_least(0)
   )
-  noise_dim: int = setting(32, "size of the generator's noise input", check=at_least(1))
-  generator_hidden: int = setting(
+  noise_dim: int = _setting(32, "size of the generator's noise input", check=_at_least(1))
+  generator_hidden: int = _setting(
     256,
     "the generator's hidden width",
     ("--generator-hidden", "--gen-hidden"),
     legacy=("hidden",),
-    check=at_least(1),
+    check=_at_least(1),
   )
 
   def __post_init__(self) -> None:
@@ -410,7 +412,7 @@ class RunConfig:
     fedgen: FedGen's settings (used by the FedGen family only).
   """
 
-  algorithm: str = setting(
+  algorithm: str = _setting(
     "fedavg",
     "local, fedavg, partial-fedavg, fedgen, local-fedgen or partial-fedgen (or the "
     "researcher's FedAvg, partialFedAvg, FedGen, localFedGen, partialFedGen)",
@@ -419,46 +421,46 @@ class RunConfig:
     choices=tuple(ALGORITHMS),
     aliases=RESEARCHER_NAMES,
   )
-  dataset: str = setting(
+  dataset: str = _setting(
     "Synthetic-m10-h1",
     "<Name>-m<M>-h<H>: M past samples in, H future samples out, 0.2 s apart",
-    check=check_dataset,
+    check=_check_dataset,
   )
-  data_dir: str | None = setting(
+  data_dir: str | None = _setting(
     None, "data root holding dataset folders (default: $FEDVP_DATA)", placement=True
   )
-  model: str = setting("transformer", "the viewport model", choices=MODELS)
-  latent_dim: int = setting(32, "size of the latent z", check=check_latent_dim)
-  rounds: int = setting(
-    100, "federated rounds", ("--rounds", "--num-glob-iters"), check=at_least(1)
+  model: str = _setting("transformer", "the viewport model", choices=MODELS)
+  latent_dim: int = _setting(32, "size of the latent z", check=_check_latent_dim)
+  rounds: int = _setting(
+    100, "federated rounds", ("--rounds", "--num-glob-iters"), check=_at_least(1)
   )
-  optimizer: str = setting("sgd", "the clients' optimizer", choices=OPTIMIZERS)
-  learning_rate: float = setting(0.01, "the clients' learning rate", check=positive_float32)
-  num_clients: int | None = setting(
+  optimizer: str = _setting("sgd", "the clients' optimizer", choices=OPTIMIZERS)
+  learning_rate: float = _setting(0.01, "the clients' learning rate", check=_positive_float32)
+  num_clients: int | None = _setting(
     10,
     "viewers drawn (seeded) as clients (None, from Python or config.json: every viewer)",
     ("--num-clients", "--num-users"),
     legacy=("num_users",),
-    check=at_least(1),
+    check=_at_least(1),
   )
-  users: tuple[str, ...] | None = setting(
+  users: tuple[str, ...] | None = _setting(
     None,
     "comma-separated viewer names to use as clients (instead of --num-clients)",
-    check=check_users,
+    check=_check_users,
   )
-  split: str = setting("video", "train/test split of each viewer's windows", choices=SPLITS)
-  num_seeds: int = setting(
+  split: str = _setting("video", "train/test split of each viewer's windows", choices=SPLITS)
+  num_seeds: int = _setting(
     1,
     "runs with seeds seed, seed+1, ..., together; reports mean ± std",
     ("--num-seeds", "--times"),
     legacy=("times",),
-    check=at_least(1),
+    check=_at_least(1),
   )
-  seed: int = setting(0, "seed of the first run; also draws the clients", check=at_least(0))
-  devices: int | None = setting(
+  seed: int = _setting(0, "seed of the first run; also draws the clients", check=_at_least(0))
+  devices: int | None = _setting(
     None,
     "split the clients over this many devices (default: one device)",
-    check=at_least(1),
+    check=_at_least(1),
     placement=True,
   )
   round: RoundConfig = dataclasses.field(default_factory=RoundConfig)

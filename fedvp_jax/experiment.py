@@ -72,3 +72,6 @@ def baseline_summaries(data: ClientData, horizon: int) -> dict[str, Summary]:
     name: summarize(error_sums(predict(data.test_x, horizon), data.test_y, data.test_mask))
     for name, predict in BASELINES.items()
   }
+
+
+__all__ = ["Experiment", "baseline_summaries", "make_optimizer", "prepare"]

@@ -198,3 +198,14 @@ def train(
       }
     )
   return summaries
+
+
+__all__ = [
+  "RoundOutcome",
+  "Seeds",
+  "iterate_rounds",
+  "round_key",
+  "run_rounds",
+  "seed_keys",
+  "train",
+]

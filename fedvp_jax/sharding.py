@@ -102,3 +102,13 @@ def state_shardings(state: Any, mesh: Mesh | None, *, seeds_axis: bool = False) 
 def shard_state(state: Any, mesh: Mesh, *, seeds_axis: bool = False) -> Any:
   """Places ``state`` as :func:`state_shardings` says."""
   return jax.device_put(state, state_shardings(state, mesh, seeds_axis=seeds_axis))
+
+
+__all__ = [
+  "CLIENTS_AXIS",
+  "client_mesh",
+  "shard_data",
+  "shard_state",
+  "split_clients",
+  "state_shardings",
+]

@@ -101,3 +101,14 @@ def run_summary(
     "orthodromic_deg_std": [finite_or_none(s) for _, s in degrees],
     "beats_baselines": beats_baselines(mean_degrees, baselines),
   }
+
+
+__all__ = [
+  "beats_baselines",
+  "best_round",
+  "finite_or_none",
+  "mean_std",
+  "round_record",
+  "run_summary",
+  "summary_dict",
+]

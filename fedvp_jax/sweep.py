@@ -41,7 +41,7 @@ import importlib.resources
 import itertools
 import logging
 import tomllib
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,22 +130,7 @@ def expand_spec(
   for key, values in grid.items():
     if not isinstance(values, list) or not values:
       raise ConfigError(f"{label}: [grid] {key} must be a non-empty list of values")
-  names = {
-    **_canonical_names(shared, f"{label} [shared]"),
-    **_canonical_names(grid, f"{label} [grid]"),
-  }
-  for index, entry in enumerate(entries):
-    own_keys = [k for k in entry if k not in ("name", "group")]
-    names.update(_canonical_names(own_keys, f"{label} run {index + 1}"))
-  per_run = {names[key] for entry in entries for key in entry if key in names} | {
-    names[key] for key in grid
-  }
-  clashes = sorted(set(overrides or {}) & per_run)
-  if clashes:
-    raise ConfigError(
-      f"{label} sets {', '.join(clashes)} per run or in its grid, so the command line cannot "
-      "override it for every run; copy the spec (--print-spec) and edit it instead"
-    )
+  names = _setting_names(shared, grid, entries, label, overrides or {})
   base = _settings(shared, RunConfig(), f"{label} [shared]")
   runs = []
   for index, entry in enumerate(entries):
@@ -161,16 +146,49 @@ def expand_spec(
       group = str(entry.get("group", config.algorithm))
       suffix = "-".join(f"{key}={value}" for key, value in settings.items())
       runs.append(SweepRun(f"{name}-{suffix}" if suffix else name, group, config))
+  _check_run_names(runs, label)
+  return runs
+
+
+def _setting_names(
+  shared: dict[str, Any],
+  grid: dict[str, Any],
+  entries: list[dict[str, Any]],
+  label: str,
+  overrides: Mapping[str, Any],
+) -> dict[str, str]:
+  """Every key of the spec with its setting's name, each unknown key reported with its table;
+  refuses overrides of settings that runs or the grid set individually."""
+  names = {
+    **_canonical_names(shared, f"{label} [shared]"),
+    **_canonical_names(grid, f"{label} [grid]"),
+  }
+  for index, entry in enumerate(entries):
+    own_keys = [k for k in entry if k not in ("name", "group")]
+    names.update(_canonical_names(own_keys, f"{label} run {index + 1}"))
+  per_run = {names[key] for entry in entries for key in entry if key in names} | {
+    names[key] for key in grid
+  }
+  clashes = sorted(set(overrides) & per_run)
+  if clashes:
+    raise ConfigError(
+      f"{label} sets {', '.join(clashes)} per run or in its grid, so the command line cannot "
+      "override it for every run; copy the spec (--print-spec) and edit it instead"
+    )
+  return names
+
+
+def _check_run_names(runs: Sequence[SweepRun], label: str) -> None:
+  """Refuses two runs of one name and names that are not plain folder names."""
   run_names = [r.name for r in runs]
   for name in run_names:
     if run_names.count(name) > 1:
       raise ConfigError(f"{label}: two runs are named {name!r}; give each run its own name")
     if not name or name in (".", "..") or "/" in name or "\\" in name:
       raise ConfigError(f"{label}: run name {name!r} must be a plain folder name")
-  return runs
 
 
-def _canonical_names(keys: Sequence[str], label: str) -> dict[str, str]:
+def _canonical_names(keys: Iterable[str], label: str) -> dict[str, str]:
   """Every key's setting name (legacy names accepted).
 
   Raises:

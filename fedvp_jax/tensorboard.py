@@ -40,3 +40,6 @@ class TensorBoardLog:
   def close(self) -> None:
     for writer in self._writers:
       writer.close()
+
+
+__all__ = ["TensorBoardLog"]

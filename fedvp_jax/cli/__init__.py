@@ -30,3 +30,6 @@ def main(argv: list[str] | None = None) -> int:
 
   module = importlib.import_module(f"fedvp_jax.cli.{argv[0]}")
   return module.main(argv[1:], prog=f"fedvp {argv[0]}")
+
+
+__all__ = ["COMMANDS", "main"]

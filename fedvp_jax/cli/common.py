@@ -79,3 +79,6 @@ def command(body: Callable[[], int]) -> int:
   finally:
     logger.removeHandler(handler)
     logger.propagate = True
+
+
+__all__ = ["add_run_options", "command", "on_device"]

@@ -126,3 +126,13 @@ def parse_known(argv: Sequence[str]) -> dict[str, Any]:
   add_settings(parser)
   args, _ = parser.parse_known_args(argv)
   return given_settings(args)
+
+
+__all__ = [
+  "HelpFormatter",
+  "add_settings",
+  "config_from",
+  "given_settings",
+  "parse_known",
+  "spellings",
+]

@@ -49,3 +49,6 @@ def follow(steps: Generator[Any, None, Any], enabled: bool = True) -> Any:
       kind = "test" if p.test_loss is not None else "train"
       status = "" if loss is None else f"{kind} loss {loss:.5f}"
       bar.update(tasks[key], completed=p.done, status=status)
+
+
+__all__ = ["follow"]

@@ -38,5 +38,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
   return command(body)
 
 
+__all__ = ["main"]
+
 if __name__ == "__main__":
   sys.exit(main())

@@ -102,5 +102,7 @@ def _run(runs, out: str, args: argparse.Namespace) -> int:
   return 0
 
 
+__all__ = ["build_parser", "main"]
+
 if __name__ == "__main__":
   sys.exit(main())

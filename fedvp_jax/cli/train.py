@@ -120,5 +120,7 @@ def _resume(args: argparse.Namespace, settings: dict) -> int:
   return 0
 
 
+__all__ = ["RESUME_MAY_CHANGE", "build_parser", "main", "run_name"]
+
 if __name__ == "__main__":
   sys.exit(main())

@@ -70,7 +70,8 @@ def select_users(
     Viewer names in natural order.
 
   Raises:
-    DataError: for unknown names or more viewers than the dataset has.
+    DataError: for unknown names.
+    SettingError: for more viewers than the dataset has (``num_clients``).
   """
   if users is not None:
     unknown = [u for u in users if u not in traces.users]
