@@ -106,7 +106,7 @@ class _Nothing:
     (["--beta", "1.5"], "argument --beta: 1.5: must be in (0, 1]"),
     (["--beta", "0"], "argument --beta: 0.0: must be in (0, 1]"),
     (["--clients-per-round", "5"], "argument --clients-per-round: 5: exceeds the 3 clients"),
-    (["--algorithm", "FedProx"], "argument --algorithm: fedprox: choose one of local, fedavg"),
+    (["--algorithm", "FedProx"], "argument --algorithm: FedProx: choose one of local, fedavg"),
     (["--model", "gru"], "argument --model: gru: choose one of lstm, transformer"),
     (["--dataset", "David-m0-h1"], "must be at least 1"),
     (["--rounds", "0"], "argument --rounds: 0: must be at least 1"),
