@@ -10,6 +10,20 @@ import warnings
 from collections.abc import Callable, Iterator
 
 
+def command_parser(doc: str, prog: str | None) -> argparse.ArgumentParser:
+  """A command's parser: its docstring's first paragraph as the description, the rest (the
+  examples) after the options, one spelling per flag."""
+  from fedvp_jax.cli.flags import HelpFormatter
+
+  return argparse.ArgumentParser(
+    prog=prog,
+    description=doc.split("\n\n", maxsplit=1)[0],
+    formatter_class=HelpFormatter,
+    epilog="\n\n".join(doc.split("\n\n")[1:]),
+    allow_abbrev=False,
+  )
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
   """Options of how a run executes (not settings of what it computes)."""
   p.add_argument(
@@ -81,4 +95,4 @@ def command(body: Callable[[], int]) -> int:
     logger.propagate = True
 
 
-__all__ = ["add_run_options", "command", "on_device"]
+__all__ = ["add_run_options", "command", "command_parser", "on_device"]

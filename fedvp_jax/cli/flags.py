@@ -67,26 +67,21 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
   for s in SCHEMA.values():
     group = groups[".".join(s.path[:-1])]
     shown_default = "" if s.default is None else f" (default {_shown(s.default)})"
-    if s.kind is bool:
-      group.add_argument(
-        *spellings(s),
-        dest=s.name,
-        action=_Once,
-        nargs=0,
-        const=True,
-        default=argparse.SUPPRESS,
-        help=s.help + shown_default,
-      )
+    if s.kind is bool:  # --embedding / --no-embedding, so both values can be given
       negated = ["--no-" + flag[2:] for flag in spellings(s)]
-      group.add_argument(
-        *negated,
-        dest=s.name,
-        action=_Once,
-        nargs=0,
-        const=False,
-        default=argparse.SUPPRESS,
-        help=argparse.SUPPRESS,
-      )
+      for flags, value, text in (
+        (spellings(s), True, s.help + shown_default),
+        (negated, False, argparse.SUPPRESS),
+      ):
+        group.add_argument(
+          *flags,
+          dest=s.name,
+          action=_Once,
+          nargs=0,
+          const=value,
+          default=argparse.SUPPRESS,
+          help=text,
+        )
       continue
     group.add_argument(
       *spellings(s),

@@ -12,19 +12,13 @@ given).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-  from fedvp_jax.cli.common import command
+  from fedvp_jax.cli.common import command, command_parser
 
-  parser = argparse.ArgumentParser(
-    prog=prog,
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-  )
+  parser = command_parser(__doc__, prog)
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
   parser.add_argument("--out", help="folder for the table and plots")
   args = parser.parse_args(argv)

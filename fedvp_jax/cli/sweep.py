@@ -22,18 +22,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedvp_jax.cli.common import add_run_options, command, on_device
-from fedvp_jax.cli.flags import HelpFormatter, add_settings, config_from, given_settings
+from fedvp_jax.cli.common import add_run_options, command, command_parser, on_device
+from fedvp_jax.cli.flags import add_settings, config_from, given_settings
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog=prog,
-    description=__doc__.split("\n\n")[0],
-    formatter_class=HelpFormatter,
-    epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-    allow_abbrev=False,
-  )
+  p = command_parser(__doc__, prog)
   p.add_argument("spec", help="a preset (weekly-table) or a TOML spec file")
   p.add_argument("--out", help="the sweep folder (default: sweeps/<spec name>)")
   p.add_argument("--print-spec", action="store_true", help="print the spec's text and stop")

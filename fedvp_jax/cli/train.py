@@ -21,8 +21,8 @@ import re
 import sys
 from pathlib import Path
 
-from fedvp_jax.cli.common import add_run_options, command, on_device
-from fedvp_jax.cli.flags import HelpFormatter, add_settings, config_from, given_settings
+from fedvp_jax.cli.common import add_run_options, command, command_parser, on_device
+from fedvp_jax.cli.flags import add_settings, config_from, given_settings
 from fedvp_jax.config import SCHEMA
 
 RESUME_MAY_CHANGE = ("data_dir", "devices")
@@ -39,13 +39,7 @@ def run_name(text: str) -> str:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog=prog,
-    description=__doc__.split("\n\n")[0],
-    formatter_class=HelpFormatter,
-    epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-    allow_abbrev=False,
-  )
+  p = command_parser(__doc__, prog)
   p.add_argument("--train", action="store_true", help="accepted for the researcher's commands")
   p.add_argument(
     "--out", default="runs", help="folder that run directories are created in (default runs)"
