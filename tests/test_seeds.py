@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedvp_jax import runner
-from fedvp_jax.algorithms import FederatedAlgorithm
+from fedvp_jax.algorithms import FederatedAlgorithm, over_seeds, seed_axes
 from fedvp_jax.config import RunConfig
 from fedvp_jax.errors import DivergenceError
 from fedvp_jax.experiment import prepare
@@ -45,12 +45,27 @@ def test_vmapped_seeds_equal_seeds_run_one_by_one(algo):
   together = run_rounds(experiment.algorithm, experiment.data, (4, 7), 3)
   for k, seed in enumerate((4, 7)):
     alone = run_rounds(experiment.algorithm, experiment.data, seed, 3)
-    chex.assert_trees_all_close(
-      jax.tree.map(lambda x, k=k: x[k], together), alone, rtol=1e-4, atol=1e-6
+    seed_k = jax.tree.map(
+      lambda x, axis, k=k: x if axis is None else x[k], together, seed_axes(together)
     )
+    chex.assert_trees_all_close(seed_k, alone, rtol=1e-4, atol=1e-6)
   # The seeds really differ, so the comparison above is not between copies of one run.
   first = jax.tree.leaves(together.client_params if algo == "fedavg" else together)[0]
   assert not np.allclose(first[0], first[1])
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "fedgen"])
+def test_vmapped_seeds_keep_the_rounds_conds(algo):
+  """Evaluation every k rounds and FedGen's stage one are lax.conds on the round counter; over
+  seeds they must stay conds, not become selects that compute both branches every round."""
+  experiment = prepare(TINY.replace(algorithm=algo, eval_every=1000))
+  algorithm, data = over_seeds(experiment.algorithm), experiment.data
+  keys = jax.random.split(jax.random.key(0), 2)
+  state = algorithm.init(keys, data)
+  clients = state.clients if algo == "fedgen" else state
+  assert clients.round.shape == ()
+  program = str(jax.make_jaxpr(algorithm.apply)(state, data, keys))  # nested jaxprs included
+  assert program.count(" cond[") >= (2 if algo == "fedgen" else 1)
 
 
 def test_times_writes_every_seed_and_their_spread(tmp_path):

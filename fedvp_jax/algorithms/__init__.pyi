@@ -23,6 +23,7 @@ from .core import (
   init_clients,
   mean_train_loss,
   over_seeds,
+  seed_axes,
   select_clients,
   train_clients,
 )
@@ -70,6 +71,7 @@ __all__ = [
   "over_seeds",
   "prediction_loss",
   "receive",
+  "seed_axes",
   "select_clients",
   "stack",
   "teacher_loss",

@@ -80,13 +80,25 @@ class FederatedAlgorithm(NamedTuple):
   evaluate: Callable[[State, ClientData], ErrorSums]
 
 
+def seed_axes(state: State) -> Any:
+  """The vmap axes of a seeds-batched state: 0 for every leaf but the round counters.
+
+  Every seed is at the same round, so ``round`` stays one unbatched ``i32[]``: a batched
+  counter would make each ``lax.cond`` it steers (evaluation on its schedule, FedGen's stage
+  one) a ``select`` that computes both branches every round.
+  """
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: None if getattr(path[-1], "name", None) == "round" else 0, state
+  )
+
+
 def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
   """``algorithm`` run for several seeds at once, as one vmapped program.
 
   The keys and the state gain a leading seeds axis (``key[seeds]``, state leaves
-  ``[seeds, ...]``) and so do the round's metrics and the evaluation; every seed shares
-  ``data``. Seed s of the result equals ``algorithm`` run alone with seed s's keys, up to float
-  rounding.
+  ``[seeds, ...]``, except the shared round counter, see :func:`seed_axes`) and so do the
+  round's metrics and the evaluation; every seed shares ``data``. Seed s of the result equals
+  ``algorithm`` run alone with seed s's keys, up to float rounding.
 
   Args:
     algorithm: any :class:`FederatedAlgorithm`.
@@ -95,11 +107,19 @@ def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
     A :class:`FederatedAlgorithm` whose ``init(key[seeds], data)``, ``apply(state, data,
     key[seeds])`` and ``evaluate(state, data)`` work on every seed at once.
   """
-  return FederatedAlgorithm(
-    init=jax.vmap(algorithm.init, in_axes=(0, None)),
-    apply=jax.vmap(algorithm.apply, in_axes=(0, None, 0)),
-    evaluate=jax.vmap(algorithm.evaluate, in_axes=(0, None)),
-  )
+
+  def init(keys: PRNGKey, data: ClientData) -> State:
+    axes = seed_axes(jax.eval_shape(algorithm.init, keys[0], data))
+    return jax.vmap(algorithm.init, in_axes=(0, None), out_axes=axes)(keys, data)
+
+  def apply(state: State, data: ClientData, keys: PRNGKey) -> tuple[State, RoundMetrics]:
+    axes = seed_axes(state)
+    return jax.vmap(algorithm.apply, in_axes=(axes, None, 0), out_axes=(axes, 0))(state, data, keys)
+
+  def evaluate(state: State, data: ClientData) -> ErrorSums:
+    return jax.vmap(algorithm.evaluate, in_axes=(seed_axes(state), None))(state, data)
+
+  return FederatedAlgorithm(init, apply, evaluate)
 
 
 def init_clients(
