@@ -53,11 +53,11 @@ from fedvp_jax.runner import Progress, drain, resume_steps, run_steps
 log = logging.getLogger("fedvp_jax")
 
 PRESETS = {
-  path.name.removesuffix(".toml"): path
+  path.name.removesuffix(".toml"): path.read_text()
   for path in importlib.resources.files("fedvp_jax.presets").iterdir()
   if path.name.endswith(".toml")
 }
-"""Built-in specs by name: TOML files shipped in ``fedvp_jax/presets/``."""
+"""Built-in specs by name, as TOML text: the files shipped in ``fedvp_jax/presets/``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ def read_spec(source: str) -> tuple[str, str]:
     ConfigError: when ``source`` is neither, or the file is empty.
   """
   if source in PRESETS:
-    return PRESETS[source].read_text(), f"preset {source}"
+    return PRESETS[source], f"preset {source}"
   path = Path(source)
   if not path.is_file():
     raise ConfigError(

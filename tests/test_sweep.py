@@ -48,7 +48,7 @@ pretrain_rounds = 1
 
 
 def test_the_weekly_table_is_the_researchers_table():
-  runs = expand_spec(PRESETS["weekly-table"].read_text(), "preset weekly-table")
+  runs = expand_spec(PRESETS["weekly-table"], "preset weekly-table")
   described = {("local", 1.0, False)}
   for algo in ("fedavg", "partial-fedavg"):
     described |= {(algo, beta, False) for beta in (1.0, 0.5)}
