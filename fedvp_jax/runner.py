@@ -209,6 +209,12 @@ def _run_seeds(
   start = _restore_newest(target, manager, experiment, seeds) if has_checkpoints else None
   first = start[0] if start is not None else 0
   earlier = [target.read_metrics(seed, before=first) for seed in seeds]
+  missing = {s: _missing_rounds(r, first) for s, r in zip(seeds, earlier, strict=True)}
+  if any(missing.values()):
+    # The best round and the report come from these records: never summarise a partial log.
+    gaps = "; ".join(f"seed {s}: rounds {m[:6]}" for s, m in missing.items() if m)
+    log.info(f"  the metrics log lacks records before the checkpoint ({gaps}); starting over")
+    start, first, earlier = None, 0, [[] for _ in seeds]
   files = [target.open_metrics(seed, records) for seed, records in zip(seeds, earlier, strict=True)]
   board = _tensorboard(target) if tensorboard else None
   saved = [first] if start is not None else []
@@ -252,6 +258,11 @@ def _run_seeds(
   median = summaries[0]["median_round_seconds"] or 0.0
   log.info(f"  {median:.3f} s/round for {len(seeds)} seed(s) together")
   return _finish(target, baselines, summaries)
+
+
+def _missing_rounds(records: list[dict[str, Any]], first: int) -> list[int]:
+  """Rounds before ``first`` that ``records`` lack."""
+  return sorted(set(range(first)) - {record["round"] for record in records})
 
 
 def _kept(target: RunDir, saved: list[int], checkpoint_every: int | None) -> str:

@@ -8,7 +8,7 @@ import pytest
 from fedvp_jax.config import RunConfig
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.rundir import RunDir, read_json, write_json
-from fedvp_jax.runner import Progress, run_steps
+from fedvp_jax.runner import Progress, resume, run, run_steps
 
 TINY = RunConfig.of(
   dataset="Synthetic-m4-h2",
@@ -91,3 +91,20 @@ def test_a_truncated_summary_is_a_clear_error(tmp_path):
   path.write_text('{"seeds": [')
   with pytest.raises(ConfigError, match=r"summary.json is unreadable"):
     read_json(path)
+
+
+def test_a_resume_over_a_damaged_metrics_log_starts_over(tmp_path, caplog):
+  config = TINY.replace(num_seeds=1, rounds=4)
+  whole = run(config, tmp_path / "whole")
+  run(config, tmp_path / "r", checkpoint_every=2)
+  target = RunDir(tmp_path / "r")
+  for path in (tmp_path / "r" / "summary.json", target.seed_dir(0) / "summary.json"):
+    path.unlink()  # as if killed after the last checkpoint
+  lines = target.metrics_path(0).read_text().splitlines()
+  target.metrics_path(0).write_text("\n".join(lines[1:]) + "\n")  # round 0's record lost
+  with caplog.at_level("INFO", logger="fedvp_jax"):
+    resumed = resume(tmp_path / "r")
+  assert "lacks records before the checkpoint (seed 0: rounds [0])" in caplog.text
+  assert [r["round"] for r in target.read_metrics(0)] == [0, 1, 2, 3]
+  assert resumed["seeds"][0]["best_round"] == whole["seeds"][0]["best_round"]
+  assert resumed["seeds"][0]["best_loss"] == pytest.approx(whole["seeds"][0]["best_loss"])
