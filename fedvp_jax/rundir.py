@@ -10,6 +10,7 @@ A run directory holds::
                           the models deployed at the start of round r (after r aggregations),
                           as in FedGen's code; non-finite numbers are null
     seed<k>/summary.json  final and best Average Global Loss, orthodromic error, timings
+    .lock, .lock.owner    held by the one process writing the run (see RunDir.lock)
     checkpoints/          with checkpoint_every: orbax checkpoints of every seed's whole state
     tensorboard/          with tensorboard: the per-round scalars as TensorBoard event files
     diverged.json         only when the run stopped because it diverged: what happened
@@ -24,8 +25,11 @@ read as well.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ DIVERGED = "diverged.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
+LOCK = ".lock"
 KEEP_CHECKPOINTS = 2
 
 
@@ -86,6 +91,31 @@ class RunDir:
 
   def is_finished(self) -> bool:
     return (self.path / SUMMARY).is_file()
+
+  @contextlib.contextmanager
+  def lock(self) -> Iterator[None]:
+    """Holds the run directory for this process: two processes never write one run. The
+    lock (filelock's, an OS lock) goes with the process, so a killed run leaves none behind.
+
+    Raises:
+      ConfigError: naming the process that holds it.
+    """
+    from filelock import FileLock, Timeout
+
+    guard = FileLock(self.path / LOCK, timeout=0)
+    owner = self.path / f"{LOCK}.owner"
+    try:
+      guard.acquire()
+    except Timeout:
+      holder = owner.read_text().strip() if owner.is_file() else "another process"
+      raise ConfigError(
+        f"{self.path} is being written by {holder}; wait for that run to finish or stop it"
+      ) from None
+    try:
+      owner.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
+      yield
+    finally:
+      guard.release()
 
   # --- settings and baselines ---
 

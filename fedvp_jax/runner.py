@@ -114,19 +114,22 @@ def run_steps(
         f"{target.path} exists but is not a run directory (it has no config.json); refusing "
         "to replace it"
       )
+    with target.lock():  # never replace a run that another process is writing
+      pass
     shutil.rmtree(target.path)
   try:
     target.path.mkdir(parents=True)
   except OSError as err:
     raise ConfigError(f"cannot create run directory {target.path}: {err}") from err
-  target.write_config(_config_record(experiment, checkpoint_every))
-  baselines = {
-    k: summary_dict(v)
-    for k, v in baseline_summaries(experiment.data, experiment.spec.horizon).items()
-  }
-  target.write_baselines(baselines)
-  _describe(experiment, baselines)
-  return (yield from _run_seeds(experiment, target, checkpoint_every, tensorboard, baselines))
+  with target.lock():
+    target.write_config(_config_record(experiment, checkpoint_every))
+    baselines = {
+      k: summary_dict(v)
+      for k, v in baseline_summaries(experiment.data, experiment.spec.horizon).items()
+    }
+    target.write_baselines(baselines)
+    _describe(experiment, baselines)
+    return (yield from _run_seeds(experiment, target, checkpoint_every, tensorboard, baselines))
 
 
 def resume_steps(
@@ -154,6 +157,19 @@ def resume_steps(
     ConfigError: when ``run_dir`` is not a readable run directory.
   """
   target = RunDir(run_dir)
+  if not target.exists():
+    raise ConfigError(f"{target.path} is not a run directory (it has no config.json)")
+  with target.lock():
+    return (yield from _resume(target, devices, data_dir, checkpoint_every, tensorboard))
+
+
+def _resume(
+  target: RunDir,
+  devices: int | None,
+  data_dir: str | None,
+  checkpoint_every: int | None,
+  tensorboard: bool,
+) -> RunSteps:
   config = target.read_config()
   record = target.read_record()
   baselines = target.read_baselines()

@@ -8,7 +8,7 @@ import pytest
 from fedvp_jax.config import RunConfig
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.rundir import RunDir, read_json, write_json
-from fedvp_jax.runner import Progress, resume, run, run_steps
+from fedvp_jax.runner import Progress, resume, resume_steps, run, run_steps
 
 TINY = RunConfig.of(
   dataset="Synthetic-m4-h2",
@@ -108,3 +108,20 @@ def test_a_resume_over_a_damaged_metrics_log_starts_over(tmp_path, caplog):
   assert [r["round"] for r in target.read_metrics(0)] == [0, 1, 2, 3]
   assert resumed["seeds"][0]["best_round"] == whole["seeds"][0]["best_round"]
   assert resumed["seeds"][0]["best_loss"] == pytest.approx(whole["seeds"][0]["best_loss"])
+
+
+def test_two_processes_never_write_one_run_directory(tmp_path):
+  config = TINY.replace(num_seeds=1, rounds=4)
+  run(config, tmp_path / "r", checkpoint_every=2)
+  for path in (tmp_path / "r" / "summary.json", tmp_path / "r" / "seed0" / "summary.json"):
+    path.unlink()  # as if killed after the last checkpoint
+  first = resume_steps(tmp_path / "r")
+  next(first)  # holds the run directory now
+  with pytest.raises(ConfigError, match=rf"{tmp_path / 'r'} is being written by process \d+"):
+    next(resume_steps(tmp_path / "r"))
+  with pytest.raises(ConfigError, match="is being written by"):
+    next(run_steps(config, tmp_path / "r", overwrite=True))
+  for _ in first:
+    pass
+  assert RunDir(tmp_path / "r").is_finished()
+  next(resume_steps(tmp_path / "r"), None)  # released: the next writer gets it
