@@ -182,7 +182,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     "algorithm",
     "beta",
     "pretrain",
-    "rounds",
+    "rounds (pretrain included)",
     "seeds",
     "Average Global Loss (final)",
     "best (round)",

@@ -14,7 +14,7 @@ flag given here (--dataset, --rounds, --num-seeds, --model, ...) overrides that 
 every run; --rounds counts the rounds after FedGen's pretraining, so a run with
 pretrain_rounds = 50 and --rounds 20 has 70 (the table's "rounds" column shows the total).
 Runs already finished in --out are reused; interrupted ones resume from their checkpoints. The
-table (results.md, results.csv) and plots go into --out; `fedvp report` redraws them.
+table (results.md, results.csv) and plots go into --out; fedvp report redraws them.
 """
 
 from __future__ import annotations
