@@ -207,6 +207,61 @@ def test_sampled_dataset_without_files(tmp_path):
   assert_data_error(folder, None, "no trace files", lambda: load_trace_dir(folder))
 
 
+def test_folder_where_trace_file_belongs_is_an_error(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  stray = folder / "sampled_dataset" / "2_video" / "1"
+  stray.unlink()
+  stray.mkdir()
+  (stray / "0").write_text(trace_text(smooth_trace(np.random.default_rng(0), 10)))
+  message = assert_data_error(stray, None, "expected a trace file", lambda: load_trace_dir(folder))
+  assert "found a folder" in message
+
+
+def test_broken_link_where_trace_file_belongs_is_an_error(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  link = folder / "sampled_dataset" / "1_video" / "7"
+  link.symlink_to(tmp_path / "nowhere")
+  assert_data_error(link, None, "broken symbolic link", lambda: load_trace_dir(folder))
+
+
+def test_link_to_a_trace_file_is_a_trace(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  target = folder / "sampled_dataset" / "1_video" / "0"
+  (folder / "sampled_dataset" / "2_video" / "9").symlink_to(target)
+  ts = load_trace_dir(folder)
+  np.testing.assert_array_equal(ts.traces["2_video", "9"], ts.traces["1_video", "0"])
+
+
+def test_file_where_video_folder_belongs_is_an_error(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  stray = folder / "sampled_dataset" / "notes.txt"
+  stray.write_text("0.0,1,0,0\n")
+  message = assert_data_error(
+    stray, None, "expected a video folder", lambda: load_trace_dir(folder)
+  )
+  assert "found a file" in message
+
+
+def test_video_folder_without_traces_is_an_error(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  empty = folder / "sampled_dataset" / "3_video"
+  empty.mkdir()
+  (empty / ".DS_Store").write_bytes(b"\x00\x01")
+  assert_data_error(empty, None, "no trace files", lambda: load_trace_dir(folder))
+
+
+def test_hidden_entries_are_ignored(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  reference = load_trace_dir(folder, use_cache=False)
+  sampled = folder / "sampled_dataset"
+  (sampled / ".DS_Store").write_bytes(b"\x00\x01")
+  (sampled / "1_video" / "._0").write_bytes(b"\x00\x05Mac")
+  (sampled / "1_video" / ".0.swp").write_text("garbage")
+  (sampled / ".ipynb_checkpoints" / "0").mkdir(parents=True)
+  (sampled / "2_video" / ".git").mkdir()
+  same_traces(reference, load_trace_dir(folder, use_cache=False))
+
+
 # --- ordering --------------------------------------------------------------------------------
 
 

@@ -6,6 +6,10 @@ The layout is the one of the head-motion-prediction community (TRACK, MMSys 2020
     <root>/<Dataset>/train_set, test_set              optional CSV "user,video" with a header
 
 One row every ``SAMPLE_PERIOD`` seconds; ``(x, y, z)`` is the unit head-direction vector.
+Entries of ``sampled_dataset`` and of its video folders whose names start with ``.``
+(``.DS_Store`` and other file-system clutter) are ignored; anything else that does not fit the
+layout (a folder where a trace file belongs, a file where a video folder belongs, an empty
+video folder) is a ``DataError``, never skipped.
 
 Parsing 1083 small CSV files takes a noticeable fraction of a second, so the parsed arrays are
 cached in one ``.npz`` file per dataset under ``$FEDVP_CACHE`` (default
@@ -174,20 +178,14 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
     The dataset's traces; ``split`` is set when both split files exist.
 
   Raises:
-    DataError: when the folder has no ``sampled_dataset`` or any file is malformed.
+    DataError: when the folder has no ``sampled_dataset``, an entry there does not fit the
+      layout (see :func:`_trace_files`) or any file is malformed.
   """
   dataset_dir = Path(dataset_dir)
   sampled = dataset_dir / "sampled_dataset"
   if not sampled.is_dir():
     raise DataError(f"{dataset_dir}: no 'sampled_dataset' folder; not a trace dataset")
-  # Dotfiles (.DS_Store and the like) are file-system clutter, not traces.
-  files = sorted(
-    p
-    for p in sampled.glob("*/*")
-    if p.is_file() and not p.name.startswith(".") and not p.parent.name.startswith(".")
-  )
-  if not files:
-    raise DataError(f"{sampled}: no trace files (expected sampled_dataset/<video>/<user>)")
+  files = _trace_files(sampled)
   split_files = [dataset_dir / n for n in ("train_set", "test_set") if (dataset_dir / n).is_file()]
   fingerprint = _fingerprint(dataset_dir, files + split_files)
   cache_path = _cache_path(dataset_dir) if use_cache else None
@@ -206,6 +204,54 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
       name: read_split_file(dataset_dir / f"{name}_set", traces) for name in ("train", "test")
     }
   return TraceSet(dataset_dir.name, videos, users, traces, split)
+
+
+def _trace_files(sampled: Path) -> list[Path]:
+  """The trace files ``sampled_dataset/<video>/<user>``, sorted, checking the layout.
+
+  Entries whose name starts with ``.`` are skipped at both levels: ``.DS_Store``, ``._*``
+  AppleDouble files, editor swap files and ``.git``-like folders are file-system clutter, and
+  the layout gives no video or user such a name. Any other entry that does not fit the layout
+  is an error rather than skipped, because skipping it would silently drop a viewer's traces.
+
+  Raises:
+    DataError: naming the entry, for a non-folder where a video folder belongs, a non-file
+      (folder, broken link, device) where a trace file belongs, a video folder without trace
+      files, or a ``sampled_dataset`` without any.
+  """
+  files = []
+  for video_dir in sorted(sampled.iterdir()):
+    if video_dir.name.startswith("."):
+      continue
+    if not video_dir.is_dir():
+      raise DataError(
+        f"{video_dir}: expected a video folder sampled_dataset/<video>/, found {_kind(video_dir)}"
+      )
+    traces = [e for e in sorted(video_dir.iterdir()) if not e.name.startswith(".")]
+    if not traces:
+      raise DataError(
+        f"{video_dir}: video folder holds no trace files (expected sampled_dataset/<video>/<user>)"
+      )
+    for entry in traces:
+      if not entry.is_file():
+        raise DataError(
+          f"{entry}: expected a trace file sampled_dataset/<video>/<user>, found {_kind(entry)}"
+        )
+    files += traces
+  if not files:
+    raise DataError(f"{sampled}: no trace files (expected sampled_dataset/<video>/<user>)")
+  return files
+
+
+def _kind(path: Path) -> str:
+  """What stands at ``path``, for an error message about something that should not be there."""
+  if path.is_dir():
+    return "a folder"
+  if path.is_symlink() and not path.exists():
+    return "a broken symbolic link"
+  if path.is_file():
+    return "a file"
+  return "a special file (device, pipe or socket)"
 
 
 def _fingerprint(base: Path, files: list[Path]) -> str:
