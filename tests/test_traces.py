@@ -367,6 +367,36 @@ def test_changed_mtime_same_size_invalidates_cache(tmp_path):
   assert not np.allclose(first.traces["1_video", "0"], second.traces["1_video", "0"])
 
 
+def test_edit_keeping_size_and_mtime_invalidates_cache(tmp_path, monkeypatch):
+  folder = tmp_path / "InPlace"
+  path = folder / "sampled_dataset" / "1_video" / "0"
+  path.parent.mkdir(parents=True)
+  old = smooth_trace(np.random.default_rng(1), 10)
+  path.write_text(trace_text(old, "{:+.6f}"))
+  before = path.stat()
+  first = load_trace_dir(folder)
+  new = smooth_trace(np.random.default_rng(2), 10)
+  path.write_text(trace_text(new, "{:+.6f}"))
+  os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+  assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+  parsed = count_parsing(monkeypatch)
+  second = load_trace_dir(folder)
+  assert parsed == [path]
+  expected = np.round(new, 6) / np.linalg.norm(np.round(new, 6), axis=1, keepdims=True)
+  np.testing.assert_allclose(second.traces["1_video", "0"], expected, atol=1e-6)
+  assert not np.allclose(first.traces["1_video", "0"], second.traces["1_video", "0"])
+
+
+def test_touch_without_edit_keeps_cache(tmp_path, monkeypatch):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  first = load_trace_dir(folder)
+  path = folder / "sampled_dataset" / "2_video" / "0"
+  later = path.stat().st_mtime_ns + 5_000_000_000
+  os.utime(path, ns=(later, later))
+  forbid_parsing(monkeypatch)
+  same_traces(first, load_trace_dir(folder))
+
+
 def test_added_trace_invalidates_cache(tmp_path):
   folder = write_dataset(tmp_path, videos=2, users=2, length=10)
   assert load_trace_dir(folder).users == ("0", "1")
