@@ -186,6 +186,68 @@ def test_bad_split_file(split_folder, file, content, line, what):
   assert_data_error(path, line, what, lambda: load_trace_dir(split_folder))
 
 
+@pytest.mark.parametrize("file", ["train_set", "test_set"])
+@pytest.mark.parametrize("content", ["user,video\n", "user,video", "user,video\n\n\n"])
+def test_split_file_with_only_a_header(split_folder, file, content):
+  path = split_folder / file
+  path.write_text(content)
+  assert_data_error(
+    path, None, r"lists no \(user, video\) pair", lambda: load_trace_dir(split_folder)
+  )
+
+
+def test_empty_split_file_says_it_lists_no_pair(split_folder):
+  path = split_folder / "train_set"
+  path.write_text("")
+  assert_data_error(
+    path, 1, r"empty.*lists no \(user, video\) pair", lambda: load_trace_dir(split_folder)
+  )
+
+
+def test_split_pair_listed_twice(split_folder):
+  path = split_folder / "test_set"
+  path.write_text("user,video\n0,3_video\n1,3_video\n 0 , 3_video\n")
+  assert_data_error(
+    path,
+    4,
+    r"user '0', video '3_video' is listed twice \(first on line 2\)",
+    lambda: load_trace_dir(split_folder),
+  )
+
+
+def test_unreadable_split_file(split_folder):
+  path = split_folder / "train_set"
+  path.write_bytes(b"\xff\xfeu\x00s\x00")
+  assert_data_error(path, None, "cannot read split file", lambda: load_trace_dir(split_folder))
+
+
+@pytest.mark.parametrize("kept, dropped", [("train_set", "test_set"), ("test_set", "train_set")])
+def test_one_split_file_without_the_other(split_folder, kept, dropped):
+  (split_folder / dropped).unlink()
+  message = assert_data_error(
+    split_folder / kept,
+    None,
+    f"without its partner {dropped}",
+    lambda: load_trace_dir(split_folder),
+  )
+  assert "both" in message
+
+
+@pytest.mark.parametrize(
+  "make, found", [("folder", "a folder"), ("link", "a broken symbolic link")]
+)
+def test_split_file_that_is_not_a_file(split_folder, make, found):
+  path = split_folder / "test_set"
+  path.unlink()
+  if make == "folder":
+    path.mkdir()
+  else:
+    path.symlink_to(split_folder / "nowhere")
+  assert_data_error(
+    path, None, f"expected a split file.*found {found}", lambda: load_trace_dir(split_folder)
+  )
+
+
 def test_split_pair_without_trace_is_rejected(tmp_path):
   folder = write_dataset(tmp_path, videos=2, users=2, length=10, split=(["1_video"], ["2_video"]))
   (folder / "sampled_dataset" / "2_video" / "1").unlink()  # user 1 exists, video 2 exists

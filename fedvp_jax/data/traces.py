@@ -4,6 +4,7 @@ The layout is the one of the head-motion-prediction community (TRACK, MMSys 2020
 
     <root>/<Dataset>/sampled_dataset/<video>/<user>   CSV rows "t_seconds,x,y,z", no header
     <root>/<Dataset>/train_set, test_set              optional CSV "user,video" with a header
+                                                      (both or neither; each lists >= 1 pair)
 
 One row every ``SAMPLE_PERIOD`` seconds; ``(x, y, z)`` is the unit head-direction vector.
 Entries of ``sampled_dataset`` and of its video folders whose names start with ``.``
@@ -31,6 +32,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import math
 import os
 import re
@@ -147,31 +149,52 @@ def read_trace_file(path: str | os.PathLike[str]) -> np.ndarray:
 def read_split_file(
   path: Path, traces: Mapping[tuple[str, str], np.ndarray]
 ) -> tuple[tuple[str, str], ...]:
-  """Reads a ``user,video`` split file, checking that every pair names a known trace."""
+  """Reads a ``user,video`` split file, checking that every pair names a known trace.
+
+  Raises:
+    DataError: naming the file and line, for an unreadable file, a missing header, a row
+      without two fields, a pair without a trace, a pair listed twice or a file that lists no
+      pair at all.
+  """
   known_videos, known_users = {v for v, _ in traces}, {u for _, u in traces}
-  pairs = []
-  with path.open(newline="") as f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None or [h.strip() for h in header] != ["user", "video"]:
-      raise DataError(f"{path}:1: expected the header 'user,video', got {header!r}")
-    for lineno, row in enumerate(reader, start=2):
-      if not row:
-        continue
-      if len(row) != 2:
-        raise DataError(f"{path}:{lineno}: expected 'user,video', got {','.join(row)!r}")
-      user, video = row[0].strip(), row[1].strip()
-      if video not in known_videos:
-        raise DataError(f"{path}:{lineno}: video {video!r} has no folder in sampled_dataset")
-      if user not in known_users:
-        raise DataError(f"{path}:{lineno}: user {user!r} has no trace in sampled_dataset")
-      if (video, user) not in traces:
-        raise DataError(
-          f"{path}:{lineno}: user {user!r} has no trace of video {video!r} "
-          f"(no file sampled_dataset/{video}/{user})"
-        )
-      pairs.append((user, video))
-  return tuple(pairs)
+  first_line: dict[tuple[str, str], int] = {}
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as err:
+    raise DataError(f"{path}: cannot read split file ({err})") from err
+  reader = csv.reader(io.StringIO(text))
+  header = next(reader, None)
+  if header is None:
+    raise DataError(
+      f"{path}:1: split file is empty: it lists no (user, video) pair (expected the header "
+      "'user,video', then one 'user,video' line per pair)"
+    )
+  if [h.strip() for h in header] != ["user", "video"]:
+    raise DataError(f"{path}:1: expected the header 'user,video', got {header!r}")
+  for lineno, row in enumerate(reader, start=2):
+    if not row:
+      continue
+    if len(row) != 2:
+      raise DataError(f"{path}:{lineno}: expected 'user,video', got {','.join(row)!r}")
+    user, video = row[0].strip(), row[1].strip()
+    if video not in known_videos:
+      raise DataError(f"{path}:{lineno}: video {video!r} has no folder in sampled_dataset")
+    if user not in known_users:
+      raise DataError(f"{path}:{lineno}: user {user!r} has no trace in sampled_dataset")
+    if (video, user) not in traces:
+      raise DataError(
+        f"{path}:{lineno}: user {user!r} has no trace of video {video!r} "
+        f"(no file sampled_dataset/{video}/{user})"
+      )
+    if (user, video) in first_line:
+      raise DataError(
+        f"{path}:{lineno}: user {user!r}, video {video!r} is listed twice (first on line "
+        f"{first_line[user, video]})"
+      )
+    first_line[user, video] = lineno
+  if not first_line:
+    raise DataError(f"{path}: split file lists no (user, video) pair, only the header 'user,video'")
+  return tuple(first_line)  # dicts keep insertion order: the pairs in file order
 
 
 def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = True) -> TraceSet:
@@ -183,7 +206,7 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
     use_cache: read and write the parsed-array cache.
 
   Returns:
-    The dataset's traces; ``split`` is set when both split files exist.
+    The dataset's traces; ``split`` is set when the split files exist (both or neither must).
 
   Raises:
     DataError: when the folder has no ``sampled_dataset``, an entry there does not fit the
@@ -194,7 +217,7 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
   if not sampled.is_dir():
     raise DataError(f"{dataset_dir}: no 'sampled_dataset' folder; not a trace dataset")
   files = _trace_files(sampled)
-  split_files = [dataset_dir / n for n in ("train_set", "test_set") if (dataset_dir / n).is_file()]
+  split_files = _split_files(dataset_dir)
   fingerprint = _fingerprint(files)
   cache_path = _cache_path(dataset_dir) if use_cache else None
 
@@ -207,11 +230,32 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
   videos = tuple(sorted({v for v, _ in traces}, key=natural_key))
   users = tuple(sorted({u for _, u in traces}, key=natural_key))
   split = None
-  if len(split_files) == 2:
-    split = {
-      name: read_split_file(dataset_dir / f"{name}_set", traces) for name in ("train", "test")
-    }
+  if split_files:
+    split = {name: read_split_file(path, traces) for name, path in split_files.items()}
   return TraceSet(dataset_dir.name, videos, users, traces, split)
+
+
+def _split_files(dataset_dir: Path) -> dict[str, Path]:
+  """``{"train": train_set, "test": test_set}`` when both exist, ``{}`` when neither does.
+
+  Raises:
+    DataError: when only one exists (falling back to a seeded split would silently ignore
+      it), or when one is not a file.
+  """
+  paths = {name: dataset_dir / f"{name}_set" for name in ("train", "test")}
+  # lexists: a broken link is a split file that cannot be read, not an absent one.
+  present = {name: p for name, p in paths.items() if os.path.lexists(p)}
+  for p in present.values():
+    if not p.is_file():
+      raise DataError(f"{p}: expected a split file (CSV 'user,video'), found {_kind(p)}")
+  if len(present) == 1:
+    (have,) = present.values()
+    (missing,) = (p for name, p in paths.items() if name not in present)
+    raise DataError(
+      f"{have}: split file without its partner {missing.name}; a dataset needs both "
+      "train_set and test_set, or neither (then the video split is drawn with the seed)"
+    )
+  return present
 
 
 def _trace_files(sampled: Path) -> list[tuple[str, str, Path]]:
