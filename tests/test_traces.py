@@ -126,6 +126,27 @@ def test_irregular_timestamp_points_at_later_row(tmp_path):
   assert_data_error(path, 5, r"irregular timestamp.*0\.4", lambda: read_trace_file(path))
 
 
+def test_timestamp_going_backwards_names_file_and_line(tmp_path):
+  rows = good_rows(6)
+  rows[3] = "0.2," + rows[3].split(",", 1)[1]  # 0.0, 0.2, 0.4, then back to 0.2
+  path = write_rows(tmp_path / "back", rows)
+  message = assert_data_error(
+    path, 4, r"irregular timestamp: step of -0\.2000 s", lambda: read_trace_file(path)
+  )
+  assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+  "bad", ["0.2,1.0,0.0", "0.2,1,0,0,0", "0.2,nan,0,1", "0.2,0.5,0,0", "0.9,1,0,0", "a,b\tc,d,e"]
+)
+def test_bad_row_error_is_one_line(tmp_path, bad):
+  rows = good_rows(4)
+  rows[1] = bad
+  path = write_rows(tmp_path / "one", rows)
+  message = assert_data_error(path, 2, ".", lambda: read_trace_file(path))
+  assert "\n" not in message and "Traceback" not in message
+
+
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
 def test_empty_file(tmp_path, content):
   path = tmp_path / "3"
