@@ -183,6 +183,12 @@ def test_synthetic_needs_no_root():
   np.testing.assert_array_equal(again.traces[key], ts.traces[key])
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, None, "3", True])
+def test_synthetic_bad_seed_is_a_data_error(seed):
+  with pytest.raises(DataError, match=r"Synthetic dataset: seed must be an integer >= 0"):
+    load_traces(parse_spec("Synthetic-m10-h1"), seed=seed)
+
+
 def assert_is_tiny(ts, folder):
   reference = load_trace_dir(folder, use_cache=False)
   assert ts.name == "Tiny"
