@@ -14,7 +14,7 @@ from fedvp_jax.data.datasets import (
   resolve_data_root,
 )
 from fedvp_jax.data.traces import load_trace_dir
-from fedvp_jax.errors import DataError
+from fedvp_jax.errors import DataError, SettingError
 
 
 @pytest.fixture(autouse=True)
@@ -110,17 +110,18 @@ def test_escaping_name_cannot_load_a_dataset_beside_the_root(tmp_path):
 
 
 def test_missing_data_root_tells_how_to_set_it():
-  with pytest.raises(DataError) as info:
+  # A SettingError of data_dir: the command line names its flag (tests/test_cli.py).
+  with pytest.raises(SettingError) as info:
     resolve_data_root()
   message = str(info.value)
-  assert "--data-dir" in message and "FEDVP_DATA" in message
-  with pytest.raises(DataError, match=r"--data-dir.*FEDVP_DATA"):
+  assert message.startswith("data_dir: no data root") and "FEDVP_DATA" in message
+  with pytest.raises(SettingError, match=r"data_dir.*FEDVP_DATA"):
     load_traces(parse_spec("David-m10-h1"))
 
 
 def test_empty_env_var_is_missing(monkeypatch):
   monkeypatch.setenv("FEDVP_DATA", "")
-  with pytest.raises(DataError, match="FEDVP_DATA"):
+  with pytest.raises(SettingError, match="FEDVP_DATA"):
     resolve_data_root()
 
 
@@ -144,7 +145,7 @@ def test_data_root_not_a_folder(tmp_path, monkeypatch, via_env):
       monkeypatch.setenv("FEDVP_DATA", str(bad))
       arg, source = None, "FEDVP_DATA"
     else:
-      arg, source = bad, "--data-dir"
+      arg, source = bad, "data_dir"
     with pytest.raises(DataError, match="not a folder") as info:
       resolve_data_root(arg)
     assert str(bad) in str(info.value) and source in str(info.value)

@@ -211,7 +211,7 @@ def test_heatmap_example_without_data_root_says_what_to_do(tmp_path):
     timeout=120,
   )
   assert result.returncode == 1
-  assert "error: no data root: pass --data-dir DIR or set FEDVP_DATA" in result.stderr
+  assert "error: --data-dir: no data root: give one or set FEDVP_DATA=DIR" in result.stderr
   assert "Traceback" not in result.stderr and not (tmp_path / "x.png").exists()
 
 

@@ -74,7 +74,8 @@ def on_device(name: str) -> Iterator[None]:
 def command(body: Callable[[], int]) -> int:
   """Runs a command's body with the library's lines on stdout; a bad input is one line on
   stderr and exit code 2, never a traceback."""
-  from fedvp_jax.errors import FedVPError
+  from fedvp_jax.config import SCHEMA
+  from fedvp_jax.errors import FedVPError, SettingError
 
   logger = logging.getLogger("fedvp_jax")
   handler = logging.StreamHandler(sys.stdout)
@@ -84,6 +85,11 @@ def command(body: Callable[[], int]) -> int:
   logger.propagate = False  # a dependency may have configured the root logger too
   try:
     return body()
+  except SettingError as err:  # found at run time (the data has too few viewers): name the flag
+    name = SCHEMA[err.setting].flag if err.setting in SCHEMA else err.setting
+    shown = "" if err.value is None else f" {err.value}"
+    print(f"error: {name}{shown}: {err.reason}", file=sys.stderr)
+    return 2
   except FedVPError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

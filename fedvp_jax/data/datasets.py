@@ -5,7 +5,7 @@ convention: ``David-m10-h1`` is the David_MMSys_18 traces with M = 10 past sampl
 H = 1 future sample out, 0.2 s per sample. See :mod:`fedvp_jax.data.windows` for exactly
 which samples a window holds.
 
-Trace collections are folders under the data root (``--data-dir`` or ``$FEDVP_DATA``) in the
+Trace collections are folders under the data root (``data_dir`` or ``$FEDVP_DATA``) in the
 layout of :mod:`fedvp_jax.data.traces`, known by their folder names; ``David`` is a short
 alias of ``David_MMSys_18``. ``Synthetic`` is built in and needs no files. A name is one plain
 folder name: one with a path separator, or ``.`` or ``..``, is rejected, so that neither the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedvp_jax.data.synthetic import synthetic_traces
 from fedvp_jax.data.traces import TraceSet, load_trace_dir
-from fedvp_jax.errors import DataError
+from fedvp_jax.errors import DataError, SettingError
 
 DATA_ENV_VAR = "FEDVP_DATA"
 SYNTHETIC = "Synthetic"
@@ -88,16 +88,18 @@ def resolve_data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
   """The data root: ``data_dir`` if given, else ``$FEDVP_DATA``.
 
   Raises:
-    DataError: when neither is set or the folder does not exist.
+    SettingError: when neither is set.
+    DataError: when the folder does not exist.
   """
-  source = "--data-dir"
+  source = "data_dir"
   if data_dir is None:
     data_dir, source = os.environ.get(DATA_ENV_VAR), f"${DATA_ENV_VAR}"
   if not data_dir:
-    raise DataError(
-      f"no data root: pass --data-dir DIR or set {DATA_ENV_VAR}=DIR, where DIR holds "
-      "dataset folders such as David_MMSys_18/sampled_dataset/ "
-      f"(the built-in '{SYNTHETIC}' dataset needs none)"
+    raise SettingError(
+      "data_dir",
+      None,
+      f"no data root: give one or set {DATA_ENV_VAR}=DIR, where DIR holds dataset folders "
+      f"such as David_MMSys_18/sampled_dataset/ (the built-in '{SYNTHETIC}' dataset needs none)",
     )
   root = Path(data_dir).expanduser()
   if not root.is_dir():
