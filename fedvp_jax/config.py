@@ -140,7 +140,8 @@ class Setting:
     help: one line for ``--help``.
     flags: the command-line spellings; the first is the one ``--help`` shows. Each is also
       accepted with ``_`` for ``-`` and the other way round.
-    legacy: names that older ``config.json`` files and spec files used.
+    legacy: names that older ``config.json`` files and spec files used besides the flags'
+      (``local_epochs`` of ``--local-epochs`` is one already).
     choices: the allowed values, if they are named.
     aliases: other accepted spellings of choices (``FedAvg`` for ``fedavg``).
     check: returns why a value is wrong, or ``None``.
@@ -279,7 +280,6 @@ class RoundConfig:
     10,
     "local minibatch steps per client per round; one 'epoch' is one minibatch, as in FedGen's code",
     ("--local-steps", "--local-epochs"),
-    legacy=("local_epochs",),
     check=_at_least(1),
   )
   batch_size: int = _setting(64, "windows per minibatch", check=_at_least(1))
@@ -370,7 +370,6 @@ class FedGenConfig:
     "stage-one rounds in which clients train without the generator while the server already "
     "trains it; they come before --rounds, so a run has pretrain + rounds rounds",
     ("--pretrain-rounds", "--pretrain-epochs"),
-    legacy=("pretrain_epochs",),
     check=_at_least(0),
   )
   gen_warmup: int = _setting(
@@ -417,7 +416,6 @@ class RunConfig:
     "local, fedavg, partial-fedavg, fedgen, local-fedgen or partial-fedgen (or the "
     "researcher's FedAvg, partialFedAvg, FedGen, localFedGen, partialFedGen)",
     ("--algorithm", "--algo"),
-    legacy=("algo",),
     choices=tuple(ALGORITHMS),
     aliases=RESEARCHER_NAMES,
   )
@@ -440,7 +438,6 @@ class RunConfig:
     10,
     "viewers drawn (seeded) as clients (None, from Python or config.json: every viewer)",
     ("--num-clients", "--num-users"),
-    legacy=("num_users",),
     check=_at_least(1),
   )
   users: tuple[str, ...] | None = _setting(
@@ -453,7 +450,6 @@ class RunConfig:
     1,
     "runs with seeds seed, seed+1, ..., together; reports mean ± std",
     ("--num-seeds", "--times"),
-    legacy=("times",),
     check=_at_least(1),
   )
   seed: int = _setting(0, "seed of the first run; also draws the clients", check=_at_least(0))
@@ -535,7 +531,12 @@ SCHEMA: dict[str, Setting] = {}
 SCHEMA.update((s.name, s) for s in _settings_of(RunConfig, ()))
 """Every setting by its flat name, in declaration order (the order of ``--help``)."""
 
-_BY_LEGACY = {old: s.name for s in SCHEMA.values() for old in s.legacy}
+_BY_LEGACY = {
+  old: s.name
+  for s in SCHEMA.values()
+  for old in (*s.legacy, *(flag[2:].replace("-", "_") for flag in s.flags))
+  if old != s.name
+}
 
 
 def resolve_name(name: str) -> str:

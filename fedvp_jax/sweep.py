@@ -214,8 +214,7 @@ def sweep_steps(
   out_dir: str | Path,
   *,
   overwrite: bool = False,
-  checkpoint_every: int | None = None,
-  tensorboard: bool = False,
+  **run_options: Any,
 ) -> SweepSteps:
   """Runs every configuration into ``out_dir/<name>/``, skipping finished ones.
 
@@ -223,9 +222,8 @@ def sweep_steps(
     runs: the configurations (from :func:`expand_spec`).
     out_dir: the sweep folder.
     overwrite: rerun configurations whose folder holds a run with other settings.
-    checkpoint_every: passed to :func:`fedvp_jax.runner.run`, so a killed sweep resumes
-      each run from its checkpoints.
-    tensorboard: every run also writes a TensorBoard log.
+    run_options: ``checkpoint_every`` (so that a killed sweep resumes each run from its
+      checkpoints) and ``tensorboard``, for every run (see :func:`fedvp_jax.runner.run_steps`).
 
   Returns:
     Every run's outcome by name: ``"done"``, ``"reused"``, ``"diverged: <message>"``,
@@ -265,8 +263,7 @@ def sweep_steps(
         target.path,
         devices=config.devices,
         data_dir=config.data_dir,
-        checkpoint_every=checkpoint_every,
-        tensorboard=tensorboard,
+        **run_options,
       )
     else:
       if plan == "run" and target.path.exists():
@@ -275,8 +272,7 @@ def sweep_steps(
         config,
         target.path,
         overwrite=plan == "overwrite",
-        checkpoint_every=checkpoint_every,
-        tensorboard=tensorboard,
+        **run_options,
       )
     try:
       for progress in steps:
