@@ -14,13 +14,20 @@ from .algorithms import (
   receive,
   weighted_mean,
 )
-from .baselines import BASELINES, constant_velocity, no_motion
+from .baselines import BASELINES, best_trivial, constant_velocity, linear_extrapolation, no_motion
 from .config import ALGORITHMS, FedGenConfig, RoundConfig, RunConfig, with_settings
 from .data.datasets import DatasetSpec, load_traces, parse_spec
 from .data.federated import ClientData, build_client_data, select_users
 from .errors import ConfigError, DataError, DivergenceError, FedVPError, SettingError
 from .experiment import Experiment, prepare
-from .geometry import lonlat_to_vec, normalize, orthodromic_distance, rotate, vec_to_lonlat
+from .geometry import (
+  lonlat_to_vec,
+  normalize,
+  orthodromic_distance,
+  rotate,
+  turn_about_vertical,
+  vec_to_lonlat,
+)
 from .heatmap import heatmaps, label_weights, sample_labels
 from .metrics import ErrorSums, Summary, error_sums, mse, summarize
 from .models import Model, build_model
@@ -55,6 +62,7 @@ __all__ = [
   "Summary",
   "aggregate",
   "algorithms",
+  "best_trivial",
   "build_algorithm",
   "build_client_data",
   "build_model",
@@ -70,6 +78,7 @@ __all__ = [
   "heatmaps",
   "iterate_rounds",
   "label_weights",
+  "linear_extrapolation",
   "load_traces",
   "local_update",
   "lonlat_to_vec",
@@ -93,6 +102,7 @@ __all__ = [
   "select_users",
   "shard_data",
   "summarize",
+  "turn_about_vertical",
   "vec_to_lonlat",
   "weighted_mean",
   "with_settings",

@@ -67,6 +67,8 @@ MODELS = ("lstm", "transformer")
 GENERATORS = ("simple", "deep")
 OPTIMIZERS = ("sgd", "adam")
 SPLITS = ("video", "time")
+PROTOCOLS = ("fedvp", "track")
+AUGMENTATIONS = ("yaw", "none")
 MOTION_DIM = 6
 """Leading coordinates of the latent z holding the motion state: position (3), then
 displacement (3) (see :mod:`fedvp_jax.models.head`), so ``latent_dim`` must exceed it."""
@@ -95,6 +97,10 @@ def _non_negative_finite(value: float) -> str | None:
 
 def _in_unit_interval(value: float) -> str | None:
   return None if 0.0 < value <= 1.0 else "must be in (0, 1] (1 overwrites, smaller blends)"
+
+
+def _validation_share(value: float) -> str | None:
+  return None if 0.0 <= value <= 0.5 else "must be in [0, 0.5] (0: no validation split)"
 
 
 def _check_grain(grain: int) -> str | None:
@@ -272,6 +278,8 @@ class RoundConfig:
     batch_size: windows per minibatch.
     clients_per_round: clients sampled to train each round; ``None`` for all.
     eval_every: evaluate the deployed models every this many rounds.
+    augment: ``"yaw"`` trains on every window turned about the vertical axis by a random
+      angle (the same for its inputs and targets), ``"none"`` on the windows as they are.
   """
 
   send: str = "full"
@@ -287,6 +295,15 @@ class RoundConfig:
     None, "clients sampled to train each round (default: all)", check=_at_least(1)
   )
   eval_every: int = _setting(1, "evaluate every k rounds (and after the last)", check=_at_least(1))
+  # Why yaw by default: head motion does not depend on which way the viewer faces, but a model
+  # that sees absolute directions learns the few training videos' layouts and gets worse on
+  # new videos after a few rounds (docs/results.md: FedAvg with Adam on David).
+  augment: str = _setting(
+    "yaw",
+    "train on windows turned about the vertical axis by a random angle (yaw), or as they are "
+    "(none)",
+    choices=AUGMENTATIONS,
+  )
 
   def __post_init__(self) -> None:
     if self.send not in SEND_MODES:
@@ -404,6 +421,14 @@ class RunConfig:
     num_clients: clients drawn from the dataset's viewers (``users`` takes precedence).
     users: explicit viewer names, or ``None``.
     split: train/test split of each viewer's windows, one of :data:`SPLITS`.
+    validation_fraction: the share of each client's training traces held out to validate
+      (choose the deployed model, stop early); 0 for none.
+    patience: stop once this many evaluations in a row found no better validation loss for
+      any seed; ``None`` runs every round.
+    protocol: ``"fedvp"`` (each client is tested on its own test windows; viewers who are not
+      clients are the new viewers) or ``"track"`` (the published TRACK evaluation on David:
+      M = 5, H = 25, windows from t = 6 s, the split files' train users as clients and their
+      test pairs as new viewers).
     num_seeds: runs with seeds ``seed, seed + 1, ...``, together as one vmapped program.
     seed: seed of the first run; also draws the clients.
     devices: split the clients over this many devices (``None``: the default device only).
@@ -446,6 +471,23 @@ class RunConfig:
     check=_check_users,
   )
   split: str = _setting("video", "train/test split of each viewer's windows", choices=SPLITS)
+  validation_fraction: float = _setting(
+    0.2,
+    "share of each client's training traces held out to validate: whole videos under the video "
+    "split (when a client has 2 or more), else the end of each trace; 0 for none",
+    check=_validation_share,
+  )
+  patience: int | None = _setting(
+    None,
+    "stop after this many evaluations without a better validation loss (default: never)",
+    check=_at_least(1),
+  )
+  protocol: str = _setting(
+    "fedvp",
+    "evaluation protocol: fedvp (clients' own test windows), or track (the published TRACK "
+    "protocol on David: M=5, H=25, windows from t=6 s, the split files' users)",
+    choices=PROTOCOLS,
+  )
   num_seeds: int = _setting(
     1,
     "runs with seeds seed, seed+1, ..., together; reports mean ± std",
@@ -468,6 +510,12 @@ class RunConfig:
     if self.round.send != send:  # derived from the algorithm, never set on its own
       object.__setattr__(self, "round", dataclasses.replace(self.round, send=send))
     self.round.check_clients(self.clients)
+    if self.patience is not None and self.validation_fraction == 0:
+      raise SettingError(
+        "patience", self.patience, "stops on the validation loss: needs validation_fraction > 0"
+      )
+    if self.protocol == "track" and self.split != "video":
+      raise SettingError("protocol", self.protocol, "is defined on the video split only")
 
   @classmethod
   def of(cls, **settings: Any) -> RunConfig:
@@ -626,9 +674,11 @@ def differences(a: RunConfig, b: RunConfig) -> list[str]:
 
 __all__ = [
   "ALGORITHMS",
+  "AUGMENTATIONS",
   "GENERATORS",
   "MODELS",
   "OPTIMIZERS",
+  "PROTOCOLS",
   "RESEARCHER_NAMES",
   "SCHEMA",
   "SEND_MODES",

@@ -13,7 +13,8 @@ from fedvp_jax.algorithms.core import FederatedAlgorithm
 from fedvp_jax.baselines import BASELINES
 from fedvp_jax.config import RunConfig
 from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
-from fedvp_jax.data.federated import ClientData, build_client_data, select_users
+from fedvp_jax.data.federated import ClientData, EvalWindows, build_client_data, select_users
+from fedvp_jax.data.protocols import client_candidates, first_window, new_viewer_windows
 from fedvp_jax.metrics import Summary, error_sums, summarize
 from fedvp_jax.models import build_model
 from fedvp_jax.sharding import client_mesh, shard_data
@@ -30,6 +31,9 @@ class Experiment:
     data: their windows on device.
     algorithm: the federated algorithm.
     mesh: the ``"clients"`` device mesh ``data`` is split over, or ``None`` (one device).
+    new_users: the viewers who never train and test the server's model (see
+      :mod:`fedvp_jax.data.protocols`).
+    new_viewers: their test windows, one row per viewer, or ``None`` when there are none.
   """
 
   config: RunConfig
@@ -38,6 +42,8 @@ class Experiment:
   data: ClientData
   algorithm: FederatedAlgorithm
   mesh: Mesh | None = None
+  new_users: tuple[str, ...] = ()
+  new_viewers: EvalWindows | None = None
 
 
 def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
@@ -53,8 +59,20 @@ def prepare(config: RunConfig) -> Experiment:
   """
   spec = parse_spec(config.dataset)
   traces = load_traces(spec, config.data_dir, seed=config.seed)
-  users = select_users(traces, config.num_clients, config.users, seed=config.seed)
-  data = build_client_data(traces, spec, users, config.split, seed=config.seed)
+  candidates = client_candidates(config.protocol, traces, spec)
+  users = select_users(traces, config.num_clients, config.users, config.seed, candidates)
+  data = build_client_data(
+    traces,
+    spec,
+    users,
+    config.split,
+    config.seed,
+    config.validation_fraction,
+    first_window(config.protocol),
+  )
+  new_users, new_viewers = new_viewer_windows(
+    config.protocol, traces, spec, users, config.split, config.seed
+  )
   model = build_model(config.model, spec.history, spec.horizon, latent_dim=config.latent_dim)
   algorithm = build_algorithm(
     config.algorithm, model, make_optimizer(config), config.round, config.fedgen
@@ -63,13 +81,13 @@ def prepare(config: RunConfig) -> Experiment:
   if config.devices is not None:
     mesh = client_mesh(config.devices)
     data = shard_data(data, mesh)
-  return Experiment(config, spec, users, data, algorithm, mesh)
+  return Experiment(config, spec, users, data, algorithm, mesh, new_users, new_viewers)
 
 
-def baseline_summaries(data: ClientData, horizon: int) -> dict[str, Summary]:
-  """The trivial predictors' errors on every client's test windows."""
+def baseline_summaries(windows: EvalWindows, horizon: int) -> dict[str, Summary]:
+  """The trivial predictors' errors on ``windows`` (e.g. every client's ``data.test``)."""
   return {
-    name: summarize(error_sums(predict(data.test_x, horizon), data.test_y, data.test_mask))
+    name: summarize(error_sums(predict(windows.x, horizon), windows.y, windows.mask))
     for name, predict in BASELINES.items()
   }
 

@@ -49,3 +49,11 @@ def rotate(v: jnp.ndarray, axis: jnp.ndarray, angle: jnp.ndarray) -> jnp.ndarray
   sin = jnp.sin(angle)[..., None]
   dot = jnp.sum(axis * v, axis=-1, keepdims=True)
   return v * cos + jnp.cross(axis, v) * sin + axis * dot * (1.0 - cos)
+
+
+def turn_about_vertical(v: jnp.ndarray, angle: jnp.ndarray) -> jnp.ndarray:
+  """Turns ``v: f32[..., 3]`` by ``angle: f32[...]`` radians about the vertical z axis (a
+  change of yaw, latitude kept); broadcasting follows numpy rules."""
+  cos, sin = jnp.cos(angle)[..., None], jnp.sin(angle)[..., None]
+  x, y, z = v[..., 0:1], v[..., 1:2], v[..., 2:3]
+  return jnp.concatenate([cos * x - sin * y, sin * x + cos * y, z], axis=-1)

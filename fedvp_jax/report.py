@@ -2,10 +2,11 @@
 
 For a set of run directories (a sweep folder's, or any), :func:`write_report` writes
 
-* ``results.md`` and ``results.csv``: per configuration the final and best Average Global Loss
-  (with the round of the best) and the orthodromic error per horizon step, each as mean ± std
-  over seeds, the wall time, and whether it beats the no-motion and constant-velocity
-  baselines at every step; the baselines as rows of their own;
+* ``results.md`` and ``results.csv``: per configuration the final Average Global Loss, the
+  one of the model selected on validation (with its round), that model's orthodromic error per
+  horizon step and its gain over the best trivial predictor there, each as mean ± std over
+  seeds, the wall time, and whether it beats the best of the trivial predictors at every step;
+  the baselines as rows of their own;
 * ``loss.png``: test loss against round for every configuration (mean over seeds, a band of
   ± one std), one panel per group, and ``loss_<group>.png`` with the one group's panel;
 * ``orthodromic.png``: orthodromic error per horizon step, every configuration and baseline.
@@ -104,8 +105,9 @@ def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
       if k == 0:  # the seeds of a run share their rounds
         seconds += record.get("seconds") or 0.0
   if summary is not None:
-    finals = [s["final"]["loss"] for s in summary["seeds"]]
-    curves[:, rounds] = [np.nan if f is None else f for f in finals]
+    for k, seed_summary in enumerate(summary["seeds"]):
+      final = seed_summary["final"]["loss"]
+      curves[k, seed_summary["rounds"]] = np.nan if final is None else final
   return RunResult(
     target.name,
     group or config.algorithm,
@@ -153,10 +155,11 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     seeds = summary["seeds"]
     row["status"] = "done"
     row["final_loss"] = mean_std([s["final"]["loss"] for s in seeds])
-    row["best_loss"] = mean_std([s["best_loss"] for s in seeds])
-    row["best_round"] = sorted({s["best_round"] for s in seeds if s["best_round"] is not None})
-    per_step = zip(*(s["final"]["orthodromic_deg"] for s in seeds), strict=True)
+    row["selected_loss"] = mean_std([s["selected"]["loss"] for s in seeds])
+    row["selected_round"] = sorted({s["selected"]["round"] for s in seeds})
+    per_step = zip(*(s["selected"]["orthodromic_deg"] for s in seeds), strict=True)
     row["orthodromic_deg"] = [mean_std(step) for step in per_step]
+    row["gain_percent"] = summary["gain_percent"]
     row["wall_seconds"] = result.seconds
     row["beats"] = {name: all(wins) for name, wins in summary["beats_baselines"].items()}
     rows.append(row)
@@ -174,9 +177,10 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-  """The rows as a Markdown table (orthodromic error at every step up to 4, else a summary)."""
+  """The rows as a Markdown table (orthodromic error and gain at every step up to 5, else at
+  the first, middle and last)."""
   steps = max((len(r["orthodromic_deg"]) for r in rows if "orthodromic_deg" in r), default=0)
-  shown = list(range(steps)) if steps <= 4 else [0, steps // 2 - 1, steps - 1]
+  shown = list(range(steps)) if steps <= 5 else [0, steps // 2 - 1, steps - 1]
   head = [
     "run",
     "algorithm",
@@ -185,10 +189,11 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     "rounds (pretrain included)",
     "seeds",
     "Average Global Loss (final)",
-    "best (round)",
+    "selected on validation (round)",
     *[f"orthodromic deg, step {k + 1}" for k in shown],
+    *[f"gain % over best trivial, step {k + 1}" for k in shown],
     "wall time",
-    "beats NM / CV",
+    "beats best trivial",
   ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
@@ -206,16 +211,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if row["status"] == "baseline":
       cells.append("")
     else:
-      rounds = "/".join(str(r) for r in row["best_round"])
-      cells.append(f"{_pm(row['best_loss'], '.6f')} ({rounds})")
+      rounds = "/".join(str(r) for r in row["selected_round"])
+      cells.append(f"{_pm(row['selected_loss'], '.6f')} ({rounds})")
     cells += [_pm(row["orthodromic_deg"][k], ".3f") for k in shown]
     if row["status"] == "baseline":
-      cells += ["", ""]
+      cells += [""] * (len(shown) + 2)
     else:
-      beats = row["beats"]
-      verdict = " / ".join(
-        "yes" if beats.get(b) else "NO" for b in ("no-motion", "constant-velocity")
-      )
+      gains = row["gain_percent"]
+      cells += ["—" if gains[k] is None else f"{gains[k]:+.1f}" for k in shown]
+      verdict = "yes" if row["beats"].get("best") else "NO"
       cells += [f"{row['wall_seconds'] / 60:.1f} min", verdict]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
@@ -225,25 +229,28 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
   """The rows as CSV, one column per number (orthodromic error per step, means and stds)."""
   steps = max((len(r["orthodromic_deg"]) for r in rows if "orthodromic_deg" in r), default=0)
   fields = ["run", "group", "status", "algorithm", "beta", "pretrain", "rounds", "seeds"]
-  fields += ["final_loss_mean", "final_loss_std", "best_loss_mean", "best_loss_std", "best_rounds"]
+  fields += ["final_loss_mean", "final_loss_std", "selected_loss_mean", "selected_loss_std"]
+  fields += ["selected_rounds"]
   fields += [f"orthodromic_deg_step{k + 1}_{s}" for k in range(steps) for s in ("mean", "std")]
-  fields += ["wall_seconds", "beats_no_motion", "beats_constant_velocity"]
+  fields += [f"gain_percent_step{k + 1}" for k in range(steps)]
+  fields += ["wall_seconds", "beats_best_trivial"]
   with path.open("w", newline="") as file:
     writer = csv.DictWriter(file, fields)
     writer.writeheader()
     for row in rows:
       out = {k: row[k] for k in fields if k in row}
-      for name in ("final_loss", "best_loss"):
+      for name in ("final_loss", "selected_loss"):
         if name in row:
           out[f"{name}_mean"], out[f"{name}_std"] = row[name]
-      if "best_round" in row:
-        out["best_rounds"] = " ".join(str(r) for r in row["best_round"])
+      if "selected_round" in row:
+        out["selected_rounds"] = " ".join(str(r) for r in row["selected_round"])
       for k, (mean, std) in enumerate(row.get("orthodromic_deg", [])):
         out[f"orthodromic_deg_step{k + 1}_mean"] = mean
         out[f"orthodromic_deg_step{k + 1}_std"] = std
+      for k, gain in enumerate(row.get("gain_percent", [])):
+        out[f"gain_percent_step{k + 1}"] = "" if gain is None else gain
       if "beats" in row:
-        out["beats_no_motion"] = row["beats"].get("no-motion")
-        out["beats_constant_velocity"] = row["beats"].get("constant-velocity")
+        out["beats_best_trivial"] = row["beats"].get("best")
       writer.writerow(
         {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
       )

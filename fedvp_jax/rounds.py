@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any
@@ -15,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from fedvp_jax.algorithms.core import FederatedAlgorithm, over_seeds
+from fedvp_jax.algorithms.core import FederatedAlgorithm, clients_state, over_seeds
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.errors import ConfigError
-from fedvp_jax.experiment import Experiment
+from fedvp_jax.experiment import Experiment, baseline_summaries
 from fedvp_jax.metrics import summarize
 from fedvp_jax.sharding import shard_state
-from fedvp_jax.summaries import best_round, finite_or_none, round_record, summary_dict
+from fedvp_jax.summaries import finite_or_none, round_record, summary_dict
 from fedvp_jax.types import PRNGKey
 
 Seeds = int | Sequence[int]
@@ -122,6 +123,30 @@ class RoundOutcome:
   diverged: str | None = None
 
 
+class _Patience:
+  """Counts, per seed, the evaluations since its validation loss last improved."""
+
+  def __init__(self, num_seeds: int, patience: int | None):
+    self.patience = patience
+    self.best = [math.inf] * num_seeds
+    self.since = [0] * num_seeds
+
+  def update(self, records: Sequence[dict[str, Any]]) -> None:
+    for k, record in enumerate(records):
+      loss = record.get("validation_loss")
+      if loss is None:
+        continue
+      if loss < self.best[k]:
+        self.best[k], self.since[k] = loss, 0
+      else:
+        self.since[k] += 1
+
+  @property
+  def exhausted(self) -> bool:
+    """Every seed has gone ``patience`` evaluations without a better validation loss."""
+    return self.patience is not None and all(n >= self.patience for n in self.since)
+
+
 def train(
   experiment: Experiment,
   seeds: Sequence[int],
@@ -130,37 +155,43 @@ def train(
 ) -> Generator[RoundOutcome, None, list[dict[str, Any]]]:
   """Runs the experiment for ``seeds``, all at once as one vmapped program.
 
+  With ``experiment.config.patience`` the rounds stop early once every seed has gone that many
+  evaluations without a better validation loss.
+
   Args:
     experiment: what to run.
     seeds: the PRNG seeds; the same seed gives the same run.
     start: ``(round, state)`` to continue from, see :func:`iterate_rounds` (the state has the
       seeds axis).
-    earlier: per seed, the records of the rounds before ``start`` (for the best round).
+    earlier: per seed, the records of the rounds before ``start`` (for early stopping).
 
   Yields:
     A :class:`RoundOutcome` after every round; after one that diverged, nothing more.
 
   Returns:
-    Per seed, its summary: the final evaluation of the deployed models, the best evaluated
-    round and timings (empty when a round diverged).
+    Per seed, its summary (empty when a round diverged): the ``final`` models' test errors,
+    the ``selected`` ones' (chosen on validation, see
+    :class:`~fedvp_jax.algorithms.core.Selected`; the final models when they validate
+    better), and with new viewers the server's model on them; timings.
   """
   seeds = tuple(seeds)
-  rounds = experiment.config.total_rounds
+  config = experiment.config
+  rounds = config.total_rounds
   data, algorithm = experiment.data, experiment.algorithm
   started = t0 = time.perf_counter()
-  best = [best_round(records) for records in earlier or [[] for _ in seeds]]
+  patience = _Patience(len(seeds), config.patience)
+  for records in zip(*(earlier or [[] for _ in seeds]), strict=True):
+    patience.update(records)
   round_times = []
   state = None if start is None else start[1]
-  first = 0 if start is None else start[0]
+  first = done = 0 if start is None else start[0]
   rounds_iter = iterate_rounds(algorithm, data, seeds, rounds, experiment.mesh, start)
   for r, (state, on_device) in enumerate(rounds_iter, start=first):
     metrics = jax.device_get(on_device)
     round_times.append(time.perf_counter() - t0)
     per_seed = [jax.tree.map(lambda x, k=k: x[k], metrics) for k in range(len(seeds))]
     records = [{**round_record(r, m), "seconds": round_times[-1]} for m in per_seed]
-    for k, record in enumerate(records):
-      if record.get("test_loss") is not None and record["test_loss"] < best[k]["loss"]:
-        best[k] = {"loss": record["test_loss"], "round": r}
+    patience.update(records)
     diverged = [
       seed
       for seed, record, m in zip(seeds, records, per_seed, strict=True)
@@ -171,33 +202,81 @@ def train(
       message = (
         f"round {r}, seed {diverged[0]}: every training client's update was non-finite (NaN or "
         "inf), so there is nothing to aggregate; the learning rate is probably too high "
-        f"(learning_rate {experiment.config.learning_rate})"
+        f"(learning_rate {config.learning_rate})"
       )
     yield RoundOutcome(r, records, state, message)
     if message:
       return []
+    done = r + 1
+    if patience.exhausted:
+      break
     t0 = time.perf_counter()
-  finals = jax.device_get(jax.jit(over_seeds(algorithm).evaluate)(state, data))
+  outcome = _final_models(experiment, state, done)
   wall = time.perf_counter() - started
-  summaries = []
-  for k, seed in enumerate(seeds):
-    final = summarize(jax.tree.map(lambda x, k=k: x[k], finals))
-    if float(final.loss) < best[k]["loss"]:
-      best[k] = {"loss": float(final.loss), "round": rounds}
-    summaries.append(
-      {
-        "seed": seed,
-        "rounds": rounds,
-        "final": summary_dict(final),
-        "best_loss": finite_or_none(best[k]["loss"]),
-        "best_round": best[k]["round"],
-        "first_round_seconds": round_times[0] if round_times else None,
-        "median_round_seconds": float(np.median(round_times[1:])) if len(round_times) > 1 else None,
-        "wall_seconds": wall,
-        "seeds_together": len(seeds),
+  return [
+    {
+      "seed": seed,
+      "rounds": done,
+      "stopped_early": done < rounds,
+      **outcome[k],
+      "first_round_seconds": round_times[0] if round_times else None,
+      "median_round_seconds": float(np.median(round_times[1:])) if len(round_times) > 1 else None,
+      "wall_seconds": wall,
+      "seeds_together": len(seeds),
+    }
+    for k, seed in enumerate(seeds)
+  ]
+
+
+def _final_models(experiment: Experiment, state: Any, done: int) -> list[dict[str, Any]]:
+  """Per seed: the final models' test errors and validation loss, and the selected ones' (the
+  state's :class:`~fedvp_jax.algorithms.core.Selected`, or the final models where they
+  validate at least as well), also on the new viewers."""
+  algorithm = over_seeds(experiment.algorithm)
+  data = experiment.data
+  evaluate = jax.jit(algorithm.evaluate, static_argnums=(2, 3))
+  test = {best: jax.device_get(evaluate(state, data, "test", best)) for best in (False, True)}
+  validation = jax.device_get(evaluate(state, data, "validation", False))
+  chosen = jax.device_get(clients_state(state).selected)
+  has_validation = data.val_mask.shape[1] > 0
+  new = None
+  if experiment.new_viewers is not None and algorithm.evaluate_global is not None:
+    on_new = jax.jit(algorithm.evaluate_global, static_argnums=2)
+    new = {
+      best: jax.device_get(on_new(state, experiment.new_viewers, best)) for best in (False, True)
+    }
+    new_baselines = {
+      name: summary_dict(summary)
+      for name, summary in baseline_summaries(
+        experiment.new_viewers, experiment.spec.horizon
+      ).items()
+    }
+  outcome = []
+  for k in range(len(chosen.from_round)):
+    pick = lambda tree, k=k: jax.tree.map(lambda x: x[k], tree)
+    final_validation = float(summarize(pick(validation)).loss) if has_validation else math.nan
+    earlier = float(chosen.validation_loss[k])
+    # The final models were never validated inside a round: they are selected when no earlier
+    # round validated better (or there is no validation split, when selection is the final).
+    keep_earlier = has_validation and int(chosen.from_round[k]) >= 0 and earlier < final_validation
+    entry: dict[str, Any] = {
+      "final": summary_dict(summarize(pick(test[False]))),
+      "final_validation_loss": finite_or_none(final_validation),
+      "selected": {
+        "round": int(chosen.from_round[k]) if keep_earlier else done,
+        "validation_loss": finite_or_none(earlier if keep_earlier else final_validation),
+        **summary_dict(summarize(pick(test[keep_earlier]))),
+      },
+    }
+    if new is not None:
+      entry["new_viewers"] = {
+        "viewers": len(experiment.new_users),
+        "baselines": new_baselines,
+        "final": summary_dict(summarize(pick(new[False]))),
+        "selected": summary_dict(summarize(pick(new[keep_earlier]))),
       }
-    )
-  return summaries
+    outcome.append(entry)
+  return outcome
 
 
 __all__ = [

@@ -125,7 +125,7 @@ def run_steps(
     target.write_config(_config_record(experiment, checkpoint_every))
     baselines = {
       k: summary_dict(v)
-      for k, v in baseline_summaries(experiment.data, experiment.spec.horizon).items()
+      for k, v in baseline_summaries(experiment.data.test, experiment.spec.horizon).items()
     }
     target.write_baselines(baselines)
     _describe(experiment, baselines)
@@ -190,7 +190,8 @@ def _describe(experiment: Experiment, baselines: dict[str, Any]) -> None:
   data = experiment.data
   log.info(
     f"{experiment.spec}: {len(experiment.users)} clients, {int(data.train_counts.sum())} "
-    f"train / {int(data.test_counts.sum())} test windows; {config.algorithm}, {config.model}, "
+    f"train / {int(data.val_mask.sum())} validation / {int(data.test_counts.sum())} test "
+    f"windows; {len(experiment.new_users)} new viewers; {config.algorithm}, {config.model}, "
     f"{config.total_rounds} rounds"
   )
   if config.uses_generator:
@@ -328,15 +329,38 @@ def _finish(
     f"Average Global Loss {_fmt(result['final_loss_mean'])}{spread} over {len(seeds)} seed(s); "
     f"orthodromic {_degrees(result['orthodromic_deg_mean'])}"
   )
-  for name, wins in result["beats_baselines"].items():
-    verdict = (
-      "at every horizon"
-      if all(wins)
-      else f"NOT at steps {[i + 1 for i, w in enumerate(wins) if not w]}"
+  rounds = sorted(set(result["selected_rounds"]))
+  log.info(
+    f"selected on validation (round {'/'.join(map(str, rounds))}): Average Global Loss "
+    f"{_fmt(result['selected_loss_mean'])}; orthodromic "
+    f"{_degrees(result['selected_orthodromic_deg_mean'])}"
+  )
+  log.info(f"  gain over the best trivial predictor: {_percents(result['gain_percent'])}")
+  _log_verdict("the selected model", result["beats_baselines"]["best"])
+  new = result.get("new_viewers")
+  if new is not None:
+    log.info(
+      f"new viewers ({new['viewers']}, never trained): orthodromic "
+      f"{_degrees(new['selected_orthodromic_deg_mean'])}; gain {_percents(new['gain_percent'])}"
     )
-    log.info(f"  beats {name}: {verdict}")
+    _log_verdict("on new viewers, the selected server model", new["beats_baselines"]["best"])
   log.info(f"run directory: {target.path}")
   return result
+
+
+def _log_verdict(who: str, wins: list[bool]) -> None:
+  missed = [i + 1 for i, w in enumerate(wins) if not w]
+  verdict = "at every horizon" if not missed else f"NOT at steps {missed}"
+  log.info(f"  {who} beats the best trivial predictor: {verdict}")
+
+
+def _percents(values: list[float | None]) -> str:
+  shown = values if len(values) <= 6 else [values[k - 1] for k in _steps_shown(len(values))]
+  return "[" + ", ".join("nan" if v is None else f"{v:+.1f}" for v in shown) + "] %"
+
+
+def _steps_shown(steps: int) -> list[int]:
+  return sorted({1, steps // 4, steps // 2, steps})
 
 
 def _tensorboard(target: RunDir) -> Any:
@@ -365,7 +389,9 @@ def _config_record(experiment: Experiment, checkpoint_every: int | None) -> dict
     "dataset": str(experiment.spec),
     "users": list(experiment.users),
     "train_windows": [int(c) for c in np.asarray(experiment.data.train_counts)],
+    "validation_windows": [int(c) for c in np.asarray(experiment.data.val_mask.sum(axis=1))],
     "test_windows": [int(c) for c in np.asarray(experiment.data.test_counts)],
+    "new_viewers": list(experiment.new_users),
     "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
     # The device a `with jax.default_device(...)` block (the command line's --device) selected.
     "device": str(getattr(jax.config, "jax_default_device", None) or jax.devices()[0]),
@@ -383,7 +409,7 @@ def _fmt(value: float | None, spec: str = ".5f") -> str:
 def _degrees(values: list[float | None]) -> str:
   if len(values) <= 6:
     return "[" + ", ".join(_fmt(v, ".2f") for v in values) + "] deg"
-  steps = sorted({1, len(values) // 4, len(values) // 2, len(values)})
+  steps = _steps_shown(len(values))
   return "[" + ", ".join(f"step {k}: {_fmt(values[k - 1], '.2f')}" for k in steps) + "] deg"
 
 

@@ -88,11 +88,14 @@ def state_shardings(state: Any, mesh: Mesh | None, *, seeds_axis: bool = False) 
 
   def place(node: Any) -> Any:
     if isinstance(node, ClientsState):
-      return ClientsState(
-        server_params=jax.tree.map(lambda _: whole, node.server_params),
+      # Everything per client is split; the rest (server models, counters, losses) replicated.
+      placed = jax.tree.map(lambda _: whole, node)
+      return placed.replace(
         client_params=jax.tree.map(lambda _: split, node.client_params),
         client_opt_state=jax.tree.map(lambda _: split, node.client_opt_state),
-        round=jax.tree.map(lambda _: whole, node.round),
+        selected=placed.selected.replace(
+          client_params=jax.tree.map(lambda _: split, node.selected.client_params)
+        ),
       )
     return jax.tree.map(lambda _: whole, node)
 

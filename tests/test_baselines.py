@@ -131,12 +131,44 @@ def test_constant_velocity_without_motion_has_finite_gradient():
 
 def test_baselines_registry():
   history = jnp.asarray(random_histories(6, (4,), 3))
-  assert set(BASELINES) == {"no-motion", "constant-velocity"}
+  assert set(BASELINES) == {"no-motion", "constant-velocity", "linear"}
+  assert BASELINES["linear"] is baselines.linear_extrapolation
   assert BASELINES["no-motion"] is baselines.no_motion
   assert BASELINES["constant-velocity"] is baselines.constant_velocity
   chex.assert_trees_all_close(
     constant_velocity(history, 2), baselines.constant_velocity(history, 2), atol=1e-6
   )
+
+
+def reference_linear(history: np.ndarray, horizon: int) -> np.ndarray:
+  """Straight-line extrapolation written per window and step, in float64."""
+  history = np.asarray(history, np.float64)
+  out = np.zeros((*history.shape[:-2], horizon, 3))
+  for index in np.ndindex(*history.shape[:-2]):
+    last, prev = history[index][-1], history[index][-2]
+    for k in range(1, horizon + 1):
+      point = last + k * (last - prev)
+      out[index][k - 1] = point / np.linalg.norm(point)
+  return out
+
+
+@pytest.mark.parametrize("batch, m, h", [((), 2, 1), ((7,), 5, 25), ((3, 4), 10, 5)])
+def test_linear_extrapolation_matches_reference(batch, m, h):
+  history = random_histories(m + 20, batch, m)
+  pred = np.asarray(baselines.linear_extrapolation(jnp.asarray(history), h))
+  np.testing.assert_allclose(pred, reference_linear(history, h), atol=2e-6)
+
+
+def test_linear_extrapolation_with_one_sample_is_no_motion():
+  history = jnp.asarray(random_histories(2, (4,), 1))
+  chex.assert_trees_all_close(
+    baselines.linear_extrapolation(history, 3), baselines.no_motion(history, 3)
+  )
+
+
+def test_best_trivial_is_the_lowest_error_at_each_step():
+  degrees = {"a": [1.0, 5.0, None], "b": [2.0, 4.0, 3.0], "c": [3.0, 6.0, None]}
+  assert baselines.best_trivial(degrees) == [1.0, 4.0, 3.0]
 
 
 # --- geometry --------------------------------------------------------------------------------

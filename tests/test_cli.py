@@ -54,9 +54,14 @@ def test_every_algorithm_runs(train_main, tmp_path, capsys, algo):
   assert np.isfinite(summary["final_loss_mean"])
   assert summary["final_loss_std"] is None  # one seed: no spread, not 0
   assert len(summary["orthodromic_deg_mean"]) == 2
-  for name, wins in summary["beats_baselines"].items():
-    baseline = summary["baselines"][name]["orthodromic_deg"]
-    assert wins == [m < b for m, b in zip(summary["orthodromic_deg_mean"], baseline)]
+  selected = summary["selected_orthodromic_deg_mean"]
+  for name, baseline in summary["baselines"].items():
+    wins = summary["beats_baselines"][name]
+    assert wins == [m < b for m, b in zip(selected, baseline["orthodromic_deg"])]
+  assert summary["beats_baselines"]["best"] == [
+    all(m < b["orthodromic_deg"][k] for b in summary["baselines"].values())
+    for k, m in enumerate(selected)
+  ]
   config = json.loads((run_dir / "config.json").read_text())
   assert config["config"]["algorithm"] == algo and len(config["users"]) == 3
   if "fedgen" in algo:
@@ -175,10 +180,13 @@ def test_a_collapsed_model_is_reported_as_losing(train_main, tmp_path, capsys):
   ]
   assert train_main(argv) == 0
   out = capsys.readouterr().out
-  assert "beats constant-velocity: NOT at steps [1, 2]" in out
+  assert "the selected model beats the best trivial predictor: NOT at steps [1, 2]" in out
   summary, _ = read_run(tmp_path / "d")
   np.testing.assert_allclose(summary["orthodromic_deg_mean"], [180.0, 180.0], rtol=1e-5)
-  assert summary["beats_baselines"]["no-motion"] == [False, False]
+  # Validation deploys the untrained model (straight-line extrapolation), not the collapsed
+  # one, and it is no better than the trivial predictor it computes.
+  assert summary["selected_rounds"] == [0]
+  assert summary["beats_baselines"]["best"] == [False, False]
 
 
 def test_missing_data_root_says_how_to_set_it(train_main, tmp_path, capsys, monkeypatch):
@@ -233,7 +241,9 @@ def test_real_data_run(train_main, tmp_path, david_root, algo):
   assert train_main(argv) == 0
   summary, (metrics,) = read_run(tmp_path / "d")
   config = json.loads((tmp_path / "d" / "config.json").read_text())
-  assert config["train_windows"] == [900] * 3 and config["test_windows"] == [450] * 3
+  # 10 train videos of 90 windows, 2 of them held out to validate; 5 test videos.
+  assert config["train_windows"] == [720] * 3 and config["validation_windows"] == [180] * 3
+  assert config["test_windows"] == [450] * 3
   assert len(metrics) == 2 and np.isfinite(summary["final_loss_mean"])
 
 

@@ -161,14 +161,7 @@ def coded_client_data(counts=COUNTS, n=N) -> ClientData:
   y = np.stack([cid, wid, 2 * np.ones_like(cid)], -1)
   x = np.where(mask[..., None], x, -1.0)[:, :, None, :].repeat(M, axis=2)
   y = np.where(mask[..., None], y, -1.0)[:, :, None, :].repeat(H, axis=2)
-  return ClientData(
-    jnp.asarray(x),
-    jnp.asarray(y),
-    jnp.asarray(mask),
-    jnp.asarray(x),
-    jnp.asarray(y),
-    jnp.asarray(mask),
-  )
+  return ClientData(*(jnp.asarray(a) for a in (x, y, mask) * 3))
 
 
 sample_jit = jax.jit(sample_batches, static_argnums=(2, 3))

@@ -240,7 +240,7 @@ def test_round_matches_python_loop(setup, algo, per_round):
   cfg = dataclasses.replace(
     SMALL, alpha=0.7, latent_weight=0.4, diversity_weight=0.5, embedding=True
   )
-  config = RoundConfig(local_steps=2, batch_size=5, clients_per_round=per_round)
+  config = RoundConfig(local_steps=2, batch_size=5, clients_per_round=per_round, augment="none")
   algorithm = build_algorithm(algo, model, optax.sgd(LR), config, cfg)
   config = dataclasses.replace(
     config, send={"fedgen": "full", "partial-fedgen": "partial", "local-fedgen": "none"}[algo]

@@ -12,6 +12,7 @@ from matplotlib.colors import to_hex
 from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.plots import plot_loss, plot_orthodromic
 from fedvp_jax.report import RunResult, table_rows
+from fedvp_jax.summaries import run_summary
 
 PNG = b"\x89PNG\r\n\x1a\n"
 GROUPS = ["local", "FedAvg", "FedGen", "partialFedAvg", "partialFedGen"]
@@ -20,6 +21,7 @@ ROUNDS = 60
 BASELINES = {
   "no-motion": {"loss": 0.0103, "orthodromic_deg": [7.4, 9.1]},
   "constant-velocity": {"loss": 0.00288, "orthodromic_deg": [2.4, 3.3]},
+  "linear": {"loss": 0.00285, "orthodromic_deg": [2.35, 3.4]},
 }
 
 
@@ -31,13 +33,15 @@ def fake_run(k: int) -> RunResult:
   floor = 0.00270 + 1e-5 * k
   curves = floor + 0.002 * np.exp(-rounds / 5) + rng.normal(0, 2e-6, (2, ROUNDS + 1))
   degrees = [[2.10 + 0.01 * k + d, 3.10 + 0.01 * k + d] for d in (-0.002, 0.002)]
-  summary = {
-    "seeds": [
-      {"final": {"loss": c[-1], "orthodromic_deg": deg}, "best_loss": c.min(), "best_round": 60}
-      for c, deg in zip(curves, degrees)
-    ],
-    "beats_baselines": {"no-motion": [True, True], "constant-velocity": [True, True]},
-  }
+  seeds = [
+    {
+      "rounds": ROUNDS,
+      "final": {"loss": c[-1], "orthodromic_deg": deg},
+      "selected": {"round": ROUNDS, "loss": c[-1], "orthodromic_deg": deg},
+    }
+    for c, deg in zip(curves, degrees)
+  ]
+  summary = run_summary({}, BASELINES, seeds)
   config = to_record(RunConfig.of(algorithm="fedavg", beta=1.0, num_seeds=2, seed=0, rounds=ROUNDS))
   return RunResult(
     f"{GROUPS[k // 3]} run{k}", GROUPS[k // 3], config, summary, curves, BASELINES, 60.0, None
@@ -92,7 +96,7 @@ def test_the_loss_has_one_panel_per_group_with_its_runs_in_its_legend(loss_figur
     names = [r.name for r in results if r.group == group]
     assert [line.get_label() for line in run_lines(ax)] == names
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == [*names, "baseline constant-velocity 0.002880"]
+    assert legend == [*names, "baseline constant-velocity 0.002880", "baseline linear 0.002850"]
   assert len({ax.get_ylim() for ax in axes}) == 1 and len({ax.get_xlim() for ax in axes}) == 1
 
 

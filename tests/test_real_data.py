@@ -110,3 +110,37 @@ def test_baselines_on_david_m10_h1(david_root):
     assert np.isfinite(mean) and 0 < mean < np.pi
     errors[name] = mean
   assert errors["constant-velocity"] < errors["no-motion"], errors
+
+
+def test_track_protocol_tests_new_viewers_on_the_published_test_set(david_root):
+  from fedvp_jax.config import RunConfig
+  from fedvp_jax.experiment import baseline_summaries, prepare
+
+  config = RunConfig.of(
+    dataset="David-m5-h25", protocol="track", data_dir=str(david_root), num_clients=4
+  )
+  experiment = prepare(config)
+  traces = load_traces(parse_spec("David-m5-h25"), david_root)
+  train_users = {u for u, _ in traces.split["train"]}
+  test_users = {u for u, _ in traces.split["test"]}
+  assert set(experiment.users) <= train_users
+  assert set(experiment.new_users) == test_users - set(experiment.users)
+  # Clients' windows start at t = 30 (6 s), like the published test windows.
+  assert experiment.data.test_mask.shape[1] == max(
+    sum(len(traces.traces[v, u]) - 30 - 25 for v in {v for _, v in traces.split["test"]})
+    for u in experiment.users
+  )
+  no_motion = baseline_summaries(experiment.new_viewers, 25)["no-motion"]
+  radians = np.radians(np.asarray(no_motion.orthodromic_deg))
+  for seconds, published in PUBLISHED_NO_MOTION.items():
+    assert abs(radians[round(seconds / 0.2) - 1] - published) <= 0.001, (seconds, published)
+
+
+def test_track_protocol_refuses_other_window_shapes(david_root):
+  from fedvp_jax.config import RunConfig
+  from fedvp_jax.errors import SettingError
+  from fedvp_jax.experiment import prepare
+
+  config = RunConfig.of(dataset="David-m10-h5", protocol="track", data_dir=str(david_root))
+  with pytest.raises(SettingError, match="protocol track: evaluates M=5, H=25 windows"):
+    prepare(config)

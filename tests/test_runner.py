@@ -106,8 +106,10 @@ def test_a_resume_over_a_damaged_metrics_log_starts_over(tmp_path, caplog):
     resumed = resume(tmp_path / "r")
   assert "lacks records before the checkpoint (seed 0: rounds [0])" in caplog.text
   assert [r["round"] for r in target.read_metrics(0)] == [0, 1, 2, 3]
-  assert resumed["seeds"][0]["best_round"] == whole["seeds"][0]["best_round"]
-  assert resumed["seeds"][0]["best_loss"] == pytest.approx(whole["seeds"][0]["best_loss"])
+  assert resumed["seeds"][0]["selected"]["round"] == whole["seeds"][0]["selected"]["round"]
+  assert resumed["seeds"][0]["selected"]["loss"] == pytest.approx(
+    whole["seeds"][0]["selected"]["loss"]
+  )
 
 
 def test_two_processes_never_write_one_run_directory(tmp_path):

@@ -48,10 +48,10 @@ def test_vmapped_seeds_equal_seeds_run_one_by_one(algo):
     seed_k = jax.tree.map(
       lambda x, axis, k=k: x if axis is None else x[k], together, seed_axes(together)
     )
-    chex.assert_trees_all_close(seed_k, alone, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(seed_k, alone, rtol=5e-4, atol=1e-6)
   # The seeds really differ, so the comparison above is not between copies of one run.
-  first = jax.tree.leaves(together.client_params if algo == "fedavg" else together)[0]
-  assert not np.allclose(first[0], first[1])
+  leaves = jax.tree.leaves(together.client_params if algo == "fedavg" else together.clients)
+  assert any(not np.allclose(leaf[0], leaf[1], rtol=1e-3, atol=0) for leaf in leaves)
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "fedgen"])
@@ -121,10 +121,14 @@ def test_one_seed_has_no_spread():
 
   mean, std = mean_std([0.5])
   assert mean == 0.5 and np.isnan(std)  # undefined, not 0
-  seeds = [{"final": {"loss": 0.5, "orthodromic_deg": [1.0, 2.0]}}]
+  seed = lambda loss, degrees: {
+    "final": {"loss": loss, "orthodromic_deg": degrees},
+    "selected": {"round": 3, "loss": loss, "orthodromic_deg": degrees},
+  }
+  seeds = [seed(0.5, [1.0, 2.0])]
   summary = run_summary({}, {}, seeds)
   assert summary["final_loss_mean"] == 0.5 and summary["final_loss_std"] is None
   assert summary["orthodromic_deg_mean"] == [1.0, 2.0]
   assert summary["orthodromic_deg_std"] == [None, None]
-  two = run_summary({}, {}, seeds + [{"final": {"loss": 0.7, "orthodromic_deg": [3.0, 4.0]}}])
+  two = run_summary({}, {}, [*seeds, seed(0.7, [3.0, 4.0])])
   assert two["final_loss_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))

@@ -242,9 +242,9 @@ def test_the_report_is_computed_from_the_saved_metrics(finished_sweep, tmp_path)
     finals = [s["final"]["loss"] for s in summary["seeds"]]
     assert float(table[name]["final_loss_mean"]) == pytest.approx(np.mean(finals))
     assert float(table[name]["final_loss_std"]) == pytest.approx(np.std(finals, ddof=1))
-    bests = [s["best_loss"] for s in summary["seeds"]]
-    assert float(table[name]["best_loss_mean"]) == pytest.approx(np.mean(bests))
-    step1 = [s["final"]["orthodromic_deg"][0] for s in summary["seeds"]]
+    selected = [s["selected"]["loss"] for s in summary["seeds"]]
+    assert float(table[name]["selected_loss_mean"]) == pytest.approx(np.mean(selected))
+    step1 = [s["selected"]["orthodromic_deg"][0] for s in summary["seeds"]]
     assert float(table[name]["orthodromic_deg_step1_mean"]) == pytest.approx(np.mean(step1))
   baselines = json.loads((out / "avg" / "baselines.json").read_text())
   assert float(table["baseline: constant-velocity"]["final_loss_mean"]) == pytest.approx(

@@ -128,7 +128,7 @@ def test_time_split_never_crosses_the_cut(length, m, h):
   ts = coded_set(
     {("1_a", "0"): length, ("2_b", "0"): length, ("3_c", "0"): length, ("2_b", "1"): 9}
   )
-  train, test = viewer_windows(ts, "0", m, h, "time")
+  train, _, test = viewer_windows(ts, "0", m, h, "time")
   cut = length * 4 // 5
   span = m + h
   expected_train = {
@@ -168,7 +168,7 @@ def test_video_split_uses_split_files(tmp_path):
   assert split_videos(ts, seed=5) == (("1_video", "3_video"), ("4_video",))
   m, h = 4, 2
   for user in ts.users:
-    train, test = viewer_windows(ts, user, m, h, "video")
+    train, _, test = viewer_windows(ts, user, m, h, "video")
     parts = [reference_windows(ts.traces[v, user], m, h) for v in ("1_video", "3_video")]
     np.testing.assert_array_equal(train.x, np.concatenate([p[0] for p in parts]))
     np.testing.assert_array_equal(train.y, np.concatenate([p[1] for p in parts]))
@@ -181,7 +181,7 @@ def test_video_split_uses_split_files(tmp_path):
 def test_video_split_tiny(tiny_root):
   ts = load_trace_dir(tiny_root / "Tiny")
   for user in ts.users:
-    train, test = viewer_windows(ts, user, 3, 2, "video")
+    train, _, test = viewer_windows(ts, user, 3, 2, "video")
     assert len(train) == 2 * 36 and len(test) == 36
 
 
@@ -191,7 +191,7 @@ def test_video_split_skips_missing_traces():
     {("1_a", "0"): 20, ("2_b", "0"): 20, ("3_c", "0"): 20, ("1_a", "1"): 15, ("3_c", "1"): 12},
     split,
   )
-  train, test = viewer_windows(ts, "1", 3, 1, "video")
+  train, _, test = viewer_windows(ts, "1", 3, 1, "video")
   assert {v for v, _ in window_ids(train)} == {0}
   assert {v for v, _ in window_ids(test)} == {2}
   assert len(train) == 15 - 3 and len(test) == 12 - 3
@@ -227,10 +227,10 @@ def test_seeded_video_split_from_files(tmp_path):
   train_videos, test_videos = split_videos(ts, seed=11)
   assert len(test_videos) == 2 and len(train_videos) == 4
   for user in ts.users:
-    train, test = viewer_windows(ts, user, 2, 1, "video", seed=11)
+    train, _, test = viewer_windows(ts, user, 2, 1, "video", seed=11)
     again = viewer_windows(ts, user, 2, 1, "video", seed=11)
     np.testing.assert_array_equal(train.x, again[0].x)
-    np.testing.assert_array_equal(test.y, again[1].y)
+    np.testing.assert_array_equal(test.y, again[2].y)
     ref_train = [reference_windows(ts.traces[v, user], 2, 1) for v in train_videos]
     ref_test = [reference_windows(ts.traces[v, user], 2, 1) for v in test_videos]
     np.testing.assert_array_equal(train.x, np.concatenate([r[0] for r in ref_train]))
@@ -264,3 +264,62 @@ def test_split_files_sharing_a_video_are_rejected():
   ts = coded_set({("1_a", "4"): 20, ("2_b", "4"): 20}, split, name="Leaky")
   with pytest.raises(DataError, match=r"Leaky.*train_set and test_set both name video\(s\) 2_b"):
     viewer_windows(ts, "4", 5, 3, "video")
+
+
+# --- the validation split --------------------------------------------------------------------
+
+
+def _samples(w: Windows) -> set[tuple[int, int]]:
+  """Every (video, sample index) a set of windows touches, inputs and targets."""
+  return {(v, i) for v, ids in window_ids(w) for i in ids}
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
+def test_validation_by_video_shares_no_video_with_train_or_test(fraction):
+  lengths = {(f"{j + 1}_v", "0"): 25 for j in range(9)}
+  ts = coded_set(lengths)
+  train, validation, test = viewer_windows(
+    ts, "0", 3, 2, "video", seed=4, validation_fraction=fraction
+  )
+  videos = [{v for v, _ in window_ids(w)} for w in (train, validation, test)]
+  assert not videos[0] & videos[1] and not videos[1] & videos[2] and not videos[0] & videos[2]
+  train_videos, _ = split_videos(ts, seed=4)
+  assert len(videos[1]) == min(len(train_videos) - 1, max(1, round(fraction * len(train_videos))))
+  assert videos[0] | videos[1] == {ts.videos.index(v) for v in train_videos}
+  # Without validation the same viewer trains on every training video.
+  whole, empty, same_test = viewer_windows(ts, "0", 3, 2, "video", seed=4)
+  assert len(empty) == 0 and len(whole) == len(train) + len(validation)
+  np.testing.assert_array_equal(same_test.x, test.x)
+
+
+@pytest.mark.parametrize("split", ["video", "time"])
+def test_validation_by_time_shares_no_sample_with_train(split):
+  # One training video under the video split (2 videos, 1 tests) validates by time, as does
+  # the time split.
+  ts = coded_set({("1_a", "0"): 60, ("2_b", "0"): 60})
+  train, validation, test = viewer_windows(ts, "0", 4, 3, split, seed=1, validation_fraction=0.25)
+  assert len(train) and len(validation) and len(test)
+  assert not _samples(train) & _samples(validation)
+  assert not _samples(validation) & _samples(test)
+  for video in {v for v, _ in window_ids(validation)}:
+    # Validation comes after training in time: the end of each training trace.
+    last_train = max(i for v, i in _samples(train) if v == video)
+    first_validation = min(i for v, i in _samples(validation) if v == video)
+    assert first_validation > last_train
+
+
+def test_validation_differs_between_viewers_but_not_between_calls():
+  ts = coded_set({(f"{j + 1}_v", u): 20 for j in range(9) for u in ("0", "1", "2", "3")})
+  held = []
+  for user in ts.users:
+    _, validation, _ = viewer_windows(ts, user, 3, 1, "video", seed=2, validation_fraction=0.2)
+    again = viewer_windows(ts, user, 3, 1, "video", seed=2, validation_fraction=0.2)[1]
+    np.testing.assert_array_equal(validation.x, again.x)
+    held.append(frozenset(v for v, _ in window_ids(validation)))
+  assert len(set(held)) > 1
+
+
+def test_too_short_for_validation_is_a_clear_error():
+  ts = coded_set({("1_a", "0"): 12, ("2_b", "0"): 12})
+  with pytest.raises(DataError, match=r"no validation windows.*validation_fraction"):
+    viewer_windows(ts, "0", 4, 3, "video", seed=1, validation_fraction=0.2)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedvp_jax.geometry import turn_about_vertical
 from fedvp_jax.metrics import mse
 from fedvp_jax.models import Model
 from fedvp_jax.types import Batch, OptState, Params, PRNGKey, StackedOptState, StackedParams
@@ -31,6 +32,27 @@ def prediction_loss(model: Model) -> LossFn:
     del key, context
     history, future = batch
     return mse(model.apply(params, history), future)
+
+  return loss
+
+
+def augmented(loss_fn: LossFn, augment: str) -> LossFn:
+  """``loss_fn`` on batches augmented as ``augment`` says (see
+  :class:`~fedvp_jax.config.RoundConfig`): with ``"yaw"`` every window's history and future
+  ``(f32[B, M, 3], f32[B, H, 3], ...)`` are turned about the vertical axis by one random angle
+  per window; further batch elements (FedGen's labels) are left as they are."""
+  if augment == "none":
+    return loss_fn
+
+  def loss(params: Params, batch: Batch, key: PRNGKey, context: Any) -> jax.Array:
+    turn_key, key = jax.random.split(key)
+    history, future, *rest = batch
+    angle = jax.random.uniform(turn_key, history.shape[:-2], maxval=2 * jnp.pi)
+    turned = (
+      turn_about_vertical(history, angle[..., None]),
+      turn_about_vertical(future, angle[..., None]),
+    )
+    return loss_fn(params, (*turned, *rest), key, context)
 
   return loss
 

@@ -18,10 +18,35 @@ from flax import struct
 from fedvp_jax.algorithms.aggregation import aggregate, is_finite, receive, where_clients
 from fedvp_jax.algorithms.client import LocalUpdate, stack
 from fedvp_jax.config import RoundConfig
-from fedvp_jax.data.federated import ClientData, sample_batches, sample_final_targets
-from fedvp_jax.metrics import ErrorSums, error_sums
+from fedvp_jax.data.federated import (
+  ClientData,
+  EvalWindows,
+  sample_batches,
+  sample_final_targets,
+)
+from fedvp_jax.metrics import ErrorSums, error_sums, summarize
 from fedvp_jax.models import Model
 from fedvp_jax.types import Params, PRNGKey, StackedOptState, StackedParams, State
+
+
+@struct.dataclass
+class Selected:
+  """The models of the evaluated round with the lowest validation loss so far: what a run
+  deploys (model selection on validation, never on test).
+
+  Attributes:
+    client_params: ``StackedParams``, leaves ``f32[clients, ...]``: each client's deployed
+      model at that round (its own after receiving the server's).
+    server_params: ``Params``, the server's model at that round.
+    validation_loss: ``f32[]`` their validation loss (the sample-weighted MSE over every
+      client's validation windows); ``inf`` before the first evaluation.
+    from_round: ``i32[]`` the round whose start they are (-1 before the first evaluation).
+  """
+
+  client_params: StackedParams
+  server_params: Params
+  validation_loss: jax.Array
+  from_round: jax.Array
 
 
 @struct.dataclass
@@ -34,12 +59,14 @@ class ClientsState:
       it stands after its last local training.
     client_opt_state: ``StackedOptState``, leaves ``[clients, ...]``.
     round: ``i32[]`` rounds completed.
+    selected: the models chosen on validation so far (:class:`Selected`).
   """
 
   server_params: Params
   client_params: StackedParams
   client_opt_state: StackedOptState
   round: jax.Array
+  selected: Selected
 
 
 class RoundMetrics(NamedTuple):
@@ -50,7 +77,8 @@ class RoundMetrics(NamedTuple):
       their sample counts.
     test: per-client :class:`ErrorSums` of the deployed models on the test windows (zeros when
       this round did not evaluate).
-    evaluated: ``bool[]`` whether ``test`` was computed this round.
+    validation: the same on the validation windows.
+    evaluated: ``bool[]`` whether ``test`` and ``validation`` were computed this round.
     selected: ``i32[K]`` the clients that trained.
     excluded: ``bool[K]`` clients left out of aggregation because their update was
       non-finite.
@@ -59,10 +87,16 @@ class RoundMetrics(NamedTuple):
 
   train_loss: jax.Array
   test: ErrorSums
+  validation: ErrorSums
   evaluated: jax.Array
   selected: jax.Array
   excluded: jax.Array
   extra: dict[str, jax.Array] = {}  # noqa: RUF012  (never mutated; pytrees need a dict)
+
+
+Part = str
+"""Which of a :class:`~fedvp_jax.data.ClientData`'s windows to evaluate on: ``"test"`` or
+``"validation"``."""
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -71,13 +105,20 @@ class FederatedAlgorithm(NamedTuple):
   Attributes:
     init: ``(key, data) -> state``.
     apply: ``(state, data, key) -> (state, RoundMetrics)``: one round.
-    evaluate: ``(state, data) -> ErrorSums``: the deployed models (each client's model after
-      receiving the server's) on every client's test windows.
+    evaluate: ``(state, data, part="test", best=False) -> ErrorSums``: the deployed models
+      (each client's model after receiving the server's; with ``best``, those chosen on
+      validation, :class:`Selected`) on every client's ``part`` windows. ``part`` and
+      ``best`` are static.
+    evaluate_global: ``(state, windows, best=False) -> ErrorSums``: the server's model on
+      ``windows`` of viewers who never trained (:class:`~fedvp_jax.data.EvalWindows`, one row
+      per viewer); ``None`` for algorithms whose server model is not what clients deploy
+      (local training, head-only sending).
   """
 
   init: Callable[[PRNGKey, ClientData], State]
   apply: Callable[[State, ClientData, PRNGKey], tuple[State, RoundMetrics]]
-  evaluate: Callable[[State, ClientData], ErrorSums]
+  evaluate: Callable[..., ErrorSums]
+  evaluate_global: Callable[..., ErrorSums] | None = None
 
 
 def seed_axes(state: State) -> Any:
@@ -116,10 +157,34 @@ def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
     axes = seed_axes(state)
     return jax.vmap(algorithm.apply, in_axes=(axes, None, 0), out_axes=(axes, 0))(state, data, keys)
 
-  def evaluate(state: State, data: ClientData) -> ErrorSums:
-    return jax.vmap(algorithm.evaluate, in_axes=(seed_axes(state), None))(state, data)
+  def evaluate(
+    state: State, data: ClientData, part: Part = "test", best: bool = False
+  ) -> ErrorSums:
+    one = lambda state, data: algorithm.evaluate(state, data, part, best)
+    return jax.vmap(one, in_axes=(seed_axes(state), None))(state, data)
 
-  return FederatedAlgorithm(init, apply, evaluate)
+  evaluate_global = None
+  if algorithm.evaluate_global is not None:
+    by_seed = algorithm.evaluate_global
+
+    def evaluate_global(state: State, windows: EvalWindows, best: bool = False) -> ErrorSums:
+      one = lambda state, windows: by_seed(state, windows, best)
+      return jax.vmap(one, in_axes=(seed_axes(state), None))(state, windows)
+
+  return FederatedAlgorithm(init, apply, evaluate, evaluate_global)
+
+
+def clients_state(state: State) -> ClientsState:
+  """The :class:`ClientsState` inside an algorithm's state (FedAvg's is one; FedGen's holds
+  one beside the generator)."""
+  found = [
+    node
+    for node in jax.tree.leaves(state, is_leaf=lambda node: isinstance(node, ClientsState))
+    if isinstance(node, ClientsState)
+  ]
+  if len(found) != 1:
+    raise TypeError(f"a state with {len(found)} ClientsState parts; expected one")
+  return found[0]
 
 
 def init_clients(
@@ -127,26 +192,51 @@ def init_clients(
 ) -> ClientsState:
   """Server and every client start from the same initial model, like FedGen's deep copies."""
   params = model.init(key)
+  clients = stack(params, num_clients)
   return ClientsState(
     server_params=params,
-    client_params=stack(params, num_clients),
+    client_params=clients,
     client_opt_state=stack(optimizer.init(params), num_clients),
     round=jnp.zeros((), jnp.int32),
+    selected=Selected(clients, params, jnp.array(jnp.inf), jnp.array(-1, jnp.int32)),
   )
 
 
-def evaluate_clients(model: Model, params: StackedParams, data: ClientData) -> ErrorSums:
-  """Every client's model on its own test windows."""
-  prediction = jax.vmap(model.apply)(params, data.test_x)
-  return error_sums(prediction, data.test_y, data.test_mask)
+def evaluate_clients(model: Model, params: StackedParams, windows: EvalWindows) -> ErrorSums:
+  """Every client's model on its own ``windows`` (row i is client i's)."""
+  prediction = jax.vmap(model.apply)(params, windows.x)
+  return error_sums(prediction, windows.y, windows.mask)
+
+
+def deployed_params(config: RoundConfig, state: ClientsState, best: bool = False) -> StackedParams:
+  """The models clients would use now (theirs after receiving the server's), or with ``best``
+  those chosen on validation."""
+  if best:
+    return state.selected.client_params
+  return receive(state.server_params, state.client_params, config.send, config.beta)
 
 
 def evaluate_deployed(
-  model: Model, config: RoundConfig, state: ClientsState, data: ClientData
+  model: Model,
+  config: RoundConfig,
+  state: ClientsState,
+  data: ClientData,
+  part: Part = "test",
+  best: bool = False,
 ) -> ErrorSums:
-  """Test errors of the models clients would use now: theirs after receiving the server's."""
-  deployed = receive(state.server_params, state.client_params, config.send, config.beta)
-  return evaluate_clients(model, deployed, data)
+  """Errors of the deployed models (:func:`deployed_params`) on every client's ``part``
+  windows."""
+  windows = {"test": data.test, "validation": data.validation}[part]
+  return evaluate_clients(model, deployed_params(config, state, best), windows)
+
+
+def evaluate_server(
+  model: Model, state: ClientsState, windows: EvalWindows, best: bool = False
+) -> ErrorSums:
+  """The server's model (with ``best``, the one chosen on validation) on every row of
+  ``windows``: viewers who never trained."""
+  server = state.selected.server_params if best else state.server_params
+  return evaluate_clients(model, stack(server, windows.x.shape[0]), windows)
 
 
 def evaluate_on_schedule(
@@ -155,13 +245,34 @@ def evaluate_on_schedule(
   params: StackedParams,
   data: ClientData,
   round_index: jax.Array,
-) -> tuple[ErrorSums, jax.Array]:
-  """Evaluates on rounds ``0, eval_every, 2 * eval_every, ...``; zeros (not computed) otherwise."""
+) -> tuple[ErrorSums, ErrorSums, jax.Array]:
+  """Validation and test errors on rounds ``0, eval_every, 2 * eval_every, ...``; zeros (not
+  computed) otherwise."""
   due = round_index % config.eval_every == 0
-  evaluate = lambda: evaluate_clients(model, params, data)
+  evaluate = lambda: (
+    evaluate_clients(model, params, data.validation),
+    evaluate_clients(model, params, data.test),
+  )
   skip = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(evaluate))
-  sums = jax.lax.cond(due, evaluate, skip)
-  return sums, due
+  validation, test = jax.lax.cond(due, evaluate, skip)
+  return validation, test, due
+
+
+def select_on_validation(
+  state: ClientsState,
+  params: StackedParams,
+  validation: ErrorSums,
+  evaluated: jax.Array,
+  has_validation: bool,
+) -> Selected:
+  """``state.selected``, replaced by this round's deployed ``params`` (and the server's
+  model) when they were evaluated and their validation loss is lower. Without validation
+  windows (``has_validation`` False) the latest evaluated models are kept, so the selection
+  is the final model, and its validation loss is NaN."""
+  loss = summarize(validation).loss if has_validation else jnp.array(jnp.nan)
+  improved = evaluated & (loss < state.selected.validation_loss if has_validation else True)
+  candidate = Selected(params, state.server_params, loss, state.round)
+  return jax.tree.map(lambda new, old: jnp.where(improved, new, old), candidate, state.selected)
 
 
 def select_clients(key: PRNGKey, num_clients: int, clients_per_round: int | None) -> jax.Array:
@@ -291,7 +402,9 @@ def clients_round(
   """The round every algorithm shares: receive, evaluate, train the selected clients,
   aggregate their models weighted by their training-sample counts."""
   params = receive(state.server_params, state.client_params, config.send, config.beta)
-  test, evaluated = evaluate_on_schedule(model, config, params, data, state.round)
+  validation, test, evaluated = evaluate_on_schedule(model, config, params, data, state.round)
+  has_validation = data.val_mask.shape[1] > 0
+  selected = select_on_validation(state, params, validation, evaluated, has_validation)
   result = train_clients(
     config, update, params, state.client_opt_state, data, key, context, label_batch_size
   )
@@ -301,9 +414,12 @@ def clients_round(
   metrics = RoundMetrics(
     train_loss=mean_train_loss(result.losses, weights),
     test=test,
+    validation=validation,
     evaluated=evaluated,
     selected=result.selected,
     excluded=~used,
   )
-  new_state = ClientsState(server, result.client_params, result.client_opt_state, state.round + 1)
+  new_state = ClientsState(
+    server, result.client_params, result.client_opt_state, state.round + 1, selected
+  )
   return ClientsRound(new_state, metrics, result, used)

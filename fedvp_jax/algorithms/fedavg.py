@@ -11,10 +11,10 @@ from __future__ import annotations
 import optax
 
 from fedvp_jax.algorithms import core
-from fedvp_jax.algorithms.client import local_update, prediction_loss
+from fedvp_jax.algorithms.client import augmented, local_update, prediction_loss
 from fedvp_jax.algorithms.core import ClientsState, FederatedAlgorithm, RoundMetrics
 from fedvp_jax.config import RoundConfig
-from fedvp_jax.data.federated import ClientData
+from fedvp_jax.data.federated import ClientData, EvalWindows
 from fedvp_jax.metrics import ErrorSums
 from fedvp_jax.models import Model
 from fedvp_jax.types import PRNGKey
@@ -32,7 +32,7 @@ def fedavg(
     optimizer: every client's local optimizer.
     config: the round's settings.
   """
-  update = local_update(prediction_loss(model), optimizer)
+  update = local_update(augmented(prediction_loss(model), config.augment), optimizer)
 
   def init(key: PRNGKey, data: ClientData) -> ClientsState:
     config.check_clients(data.num_clients)
@@ -44,7 +44,14 @@ def fedavg(
     outcome = core.clients_round(model, config, update, state, data, key)
     return outcome.state, outcome.metrics
 
-  def evaluate(state: ClientsState, data: ClientData) -> ErrorSums:
-    return core.evaluate_deployed(model, config, state, data)
+  def evaluate(
+    state: ClientsState, data: ClientData, part: core.Part = "test", best: bool = False
+  ) -> ErrorSums:
+    return core.evaluate_deployed(model, config, state, data, part, best)
 
-  return FederatedAlgorithm(init, apply, evaluate)
+  def evaluate_global(state: ClientsState, windows: EvalWindows, best: bool = False) -> ErrorSums:
+    return core.evaluate_server(model, state, windows, best)
+
+  return FederatedAlgorithm(
+    init, apply, evaluate, evaluate_global if config.send == "full" else None
+  )

@@ -46,17 +46,19 @@ import optax
 from flax import struct
 
 from fedvp_jax.algorithms.aggregation import where_clients
-from fedvp_jax.algorithms.client import LossFn, local_update
+from fedvp_jax.algorithms.client import LossFn, augmented, local_update
 from fedvp_jax.algorithms.core import (
   ClientsState,
   FederatedAlgorithm,
+  Part,
   RoundMetrics,
   clients_round,
   evaluate_deployed,
+  evaluate_server,
   init_clients,
 )
 from fedvp_jax.config import FedGenConfig, RoundConfig
-from fedvp_jax.data.federated import ClientData
+from fedvp_jax.data.federated import ClientData, EvalWindows
 from fedvp_jax.heatmap import combined, heatmaps, label_weights, sample_labels
 from fedvp_jax.metrics import ErrorSums, mse
 from fedvp_jax.models import Model
@@ -279,7 +281,8 @@ def fedgen(
     cfg.gen_learning_rate, transition_steps=cfg.gen_steps, decay_rate=SCHEDULE_DECAY, staircase=True
   )
   g_optimizer = optax.adam(schedule)
-  update = local_update(fedgen_client_loss(model, generator, cfg.latent_weight > 0), optimizer)
+  client_loss = fedgen_client_loss(model, generator, cfg.latent_weight > 0)
+  update = local_update(augmented(client_loss, config.augment), optimizer)
   train_generator = generator_update(
     model,
     generator,
@@ -322,7 +325,14 @@ def fedgen(
     extra = {"generator_weight": alpha, "teacher_loss": teacher, "diversity_loss": diversity}
     return FedGenState(outcome.state, g_params, g_opt), outcome.metrics._replace(extra=extra)
 
-  def evaluate(state: FedGenState, data: ClientData) -> ErrorSums:
-    return evaluate_deployed(model, config, state.clients, data)
+  def evaluate(
+    state: FedGenState, data: ClientData, part: Part = "test", best: bool = False
+  ) -> ErrorSums:
+    return evaluate_deployed(model, config, state.clients, data, part, best)
 
-  return FederatedAlgorithm(init, apply, evaluate)
+  def evaluate_global(state: FedGenState, windows: EvalWindows, best: bool = False) -> ErrorSums:
+    return evaluate_server(model, state.clients, windows, best)
+
+  return FederatedAlgorithm(
+    init, apply, evaluate, evaluate_global if config.send == "full" else None
+  )

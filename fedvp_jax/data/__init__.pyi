@@ -11,6 +11,7 @@ from .datasets import (
 )
 from .federated import (
   ClientData,
+  EvalWindows,
   build_client_data,
   sample_batches,
   sample_final_targets,
@@ -18,6 +19,7 @@ from .federated import (
   select_users,
   stack_windows,
 )
+from .protocols import client_candidates, first_window, new_viewer_windows
 from .synthetic import synthetic_traces
 from .traces import (
   SAMPLE_PERIOD,
@@ -36,14 +38,18 @@ __all__ = [
   "SPLITS",
   "ClientData",
   "DatasetSpec",
+  "EvalWindows",
   "TraceSet",
   "Windows",
   "available_datasets",
   "build_client_data",
+  "client_candidates",
+  "first_window",
   "load_trace_dir",
   "load_traces",
   "make_windows",
   "natural_key",
+  "new_viewer_windows",
   "parse_spec",
   "read_split_file",
   "read_trace_file",

@@ -8,6 +8,7 @@ largest client, with a mask marking real windows, so that every per-client opera
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,27 @@ from fedvp_jax.data.windows import Windows, viewer_windows
 from fedvp_jax.errors import DataError, SettingError
 
 
+class EvalWindows(NamedTuple):
+  """Windows to evaluate on, one row per viewer, padded like :class:`ClientData`'s.
+
+  Attributes:
+    x: ``f32[viewers, n, M, 3]``.
+    y: ``f32[viewers, n, H, 3]``.
+    mask: ``bool[viewers, n]``, True for real windows.
+  """
+
+  x: jax.Array
+  y: jax.Array
+  mask: jax.Array
+
+
 @struct.dataclass
 class ClientData:
-  """All clients' train and test windows, padded to a common length.
+  """All clients' train, validation and test windows, each padded to a common length.
+
+  The validation windows come from the clients' training traces (see
+  :mod:`fedvp_jax.data.windows`); they choose the deployed model, the test windows only
+  report on it.
 
   Attributes:
     train_x: ``f32[clients, n_train, M, 3]`` past unit vectors.
@@ -31,6 +50,9 @@ class ClientData:
     test_x: ``f32[clients, n_test, M, 3]``.
     test_y: ``f32[clients, n_test, H, 3]``.
     test_mask: ``bool[clients, n_test]``.
+    val_x: ``f32[clients, n_val, M, 3]`` (``n_val`` is 0 without a validation split).
+    val_y: ``f32[clients, n_val, H, 3]``.
+    val_mask: ``bool[clients, n_val]``.
   """
 
   train_x: jax.Array
@@ -39,6 +61,19 @@ class ClientData:
   test_x: jax.Array
   test_y: jax.Array
   test_mask: jax.Array
+  val_x: jax.Array
+  val_y: jax.Array
+  val_mask: jax.Array
+
+  @property
+  def test(self) -> EvalWindows:
+    """The test windows."""
+    return EvalWindows(self.test_x, self.test_y, self.test_mask)
+
+  @property
+  def validation(self) -> EvalWindows:
+    """The validation windows."""
+    return EvalWindows(self.val_x, self.val_y, self.val_mask)
 
   @property
   def num_clients(self) -> int:
@@ -56,7 +91,11 @@ class ClientData:
 
 
 def select_users(
-  traces: TraceSet, num_users: int | None = None, users: Sequence[str] | None = None, seed: int = 0
+  traces: TraceSet,
+  num_users: int | None = None,
+  users: Sequence[str] | None = None,
+  seed: int = 0,
+  candidates: Sequence[str] | None = None,
 ) -> tuple[str, ...]:
   """The viewers who become clients: an explicit list, or ``num_users`` drawn with ``seed``.
 
@@ -65,6 +104,8 @@ def select_users(
     num_users: how many viewers to draw (all when both this and ``users`` are None).
     users: explicit viewer names; takes precedence over ``num_users``.
     seed: the draw's seed. The same seed always picks the same viewers.
+    candidates: the viewers who may be clients (an evaluation protocol's training users);
+      all of the dataset's when ``None``.
 
   Returns:
     Viewer names in natural order.
@@ -73,24 +114,25 @@ def select_users(
     DataError: for unknown names.
     SettingError: for more viewers than the dataset has (``num_clients``).
   """
+  pool = traces.users if candidates is None else tuple(candidates)
   if users is not None:
-    unknown = [u for u in users if u not in traces.users]
+    unknown = [u for u in users if u not in pool]
     if unknown:
       raise DataError(
-        f"dataset {traces.name} has no user(s) {', '.join(map(repr, unknown))}; "
-        f"its users are {', '.join(traces.users)}"
+        f"dataset {traces.name} has no user(s) {', '.join(map(repr, unknown))} that may be "
+        f"clients; they are {', '.join(pool)}"
       )
-    return tuple(u for u in traces.users if u in set(users))
+    return tuple(u for u in pool if u in set(users))
   if num_users is None:
-    return traces.users
-  if not 1 <= num_users <= len(traces.users):
+    return pool
+  if not 1 <= num_users <= len(pool):
     raise SettingError(
       "num_clients",
       num_users,
-      f"dataset {traces.name} has {len(traces.users)} users; ask for 1 to {len(traces.users)}",
+      f"dataset {traces.name} has {len(pool)} users that may be clients; ask for 1 to {len(pool)}",
     )
-  chosen = set(np.random.default_rng(seed).choice(len(traces.users), num_users, replace=False))
-  return tuple(u for i, u in enumerate(traces.users) if i in chosen)
+  chosen = set(np.random.default_rng(seed).choice(len(pool), num_users, replace=False))
+  return tuple(u for i, u in enumerate(pool) if i in chosen)
 
 
 def stack_windows(per_client: Sequence[Windows]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,12 +146,19 @@ def stack_windows(per_client: Sequence[Windows]) -> tuple[np.ndarray, np.ndarray
   # would give NaN gradients through normalisation even though the mask drops them.
   for i, w in enumerate(per_client):
     x[i, : len(w)], y[i, : len(w)], mask[i, : len(w)] = w.x, w.y, True
-    x[i, len(w) :], y[i, len(w) :] = w.x[0], w.y[0]
+    if len(w):
+      x[i, len(w) :], y[i, len(w) :] = w.x[0], w.y[0]
   return x, y, mask
 
 
 def build_client_data(
-  traces: TraceSet, spec: DatasetSpec, users: Sequence[str], split: str = "video", seed: int = 0
+  traces: TraceSet,
+  spec: DatasetSpec,
+  users: Sequence[str],
+  split: str = "video",
+  seed: int = 0,
+  validation_fraction: float = 0.0,
+  first: int | None = None,
 ) -> ClientData:
   """Windows every viewer in ``users`` and stacks them into device arrays.
 
@@ -118,12 +167,16 @@ def build_client_data(
     spec: gives the window shape (M, H).
     users: the clients, in order; client i is ``users[i]``.
     split: ``"video"`` or ``"time"`` (see :mod:`fedvp_jax.data.windows`).
-    seed: seeds the video split of a dataset without split files.
+    seed: seeds the video split of a dataset without split files, and the validation videos.
+    validation_fraction: the share of each client's training traces held out to validate.
+    first: the earliest window time (see :func:`~fedvp_jax.data.windows.make_windows`).
   """
-  pairs = [viewer_windows(traces, u, spec.history, spec.horizon, split, seed) for u in users]
-  train = stack_windows([p[0] for p in pairs])
-  test = stack_windows([p[1] for p in pairs])
-  return ClientData(*map(jnp.asarray, train), *map(jnp.asarray, test))
+  parts = [
+    viewer_windows(traces, u, spec.history, spec.horizon, split, seed, validation_fraction, first)
+    for u in users
+  ]
+  train, validation, test = (stack_windows([p[i] for p in parts]) for i in range(3))
+  return ClientData(*map(jnp.asarray, (*train, *test, *validation)))
 
 
 def sample_indices(key: jax.Array, mask: jax.Array, num_steps: int, batch_size: int) -> jax.Array:

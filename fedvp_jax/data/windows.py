@@ -1,4 +1,5 @@
-"""Cutting traces into (history, future) windows, and splitting them into train and test.
+"""Cutting traces into (history, future) windows, and splitting them into train, validation
+and test.
 
 A window at time t of a trace ``p[0..T-1]`` has inputs ``p[t-M+1 .. t]`` (M samples, the last
 observed position is ``p[t]``) and targets ``p[t+1 .. t+H]`` (H samples, 0.2 s apart, so target
@@ -14,11 +15,19 @@ Two train/test splits of each viewer's windows:
   one), the rest train — one third, like David's 10 train / 5 test videos.
 * ``time``: the first ``TIME_TRAIN_FRACTION`` of every trace trains, the rest tests; a window
   lies wholly on one side of the cut (no input or target crosses it).
+
+A validation split is then carved out of each viewer's training traces, for model selection
+and early stopping (the test windows serve the report only). It mirrors the test split: under
+the ``video`` split a viewer with two or more training videos holds out
+``round(fraction * videos)`` of them (at least one, never all), drawn with the seed and the
+viewer's name; otherwise (one training video, or the ``time`` split) the last ``fraction`` of
+every training trace validates, again with no window crossing the cut.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -112,42 +121,107 @@ def split_videos(traces: TraceSet, seed: int) -> tuple[tuple[str, ...], tuple[st
 
 
 def viewer_windows(
-  traces: TraceSet, user: str, history: int, horizon: int, split: str, seed: int = 0
-) -> tuple[Windows, Windows]:
-  """One viewer's train and test windows under the ``video`` or ``time`` split.
+  traces: TraceSet,
+  user: str,
+  history: int,
+  horizon: int,
+  split: str,
+  seed: int = 0,
+  validation_fraction: float = 0.0,
+  first: int | None = None,
+) -> tuple[Windows, Windows, Windows]:
+  """One viewer's train, validation and test windows (see the module doc for the splits).
+
+  Args:
+    traces: the dataset.
+    user: the viewer.
+    history: M.
+    horizon: H.
+    split: ``"video"`` or ``"time"``.
+    seed: seeds the video split of a dataset without split files and the validation videos.
+    validation_fraction: the share of the training traces that validates; 0 for none (the
+      validation windows are then empty).
+    first: the earliest window time t (:func:`make_windows`).
 
   Raises:
     DataError: for an unknown split, a trace too short for one window, or a viewer left
-      with no train or no test windows.
+      with no train, validation or test windows.
   """
   if split not in SPLITS:
     raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-  train_parts: list[Windows] = []
+  train_traces: list[tuple[str, np.ndarray]] = []
   test_parts: list[Windows] = []
   if split == "video":
     train_videos, test_videos = split_videos(traces, seed)
-    for videos, parts in ((train_videos, train_parts), (test_videos, test_parts)):
-      for video in videos:
-        trace = traces.traces.get((video, user))
-        if trace is not None:
-          _check_length(traces, video, user, len(trace), history + horizon)
-          parts.append(make_windows(trace, history, horizon))
+    for video in train_videos:
+      trace = traces.traces.get((video, user))
+      if trace is not None:
+        _check_length(traces, video, user, len(trace), history + horizon)
+        train_traces.append((video, trace))
+    for video in test_videos:
+      trace = traces.traces.get((video, user))
+      if trace is not None:
+        _check_length(traces, video, user, len(trace), history + horizon)
+        test_parts.append(make_windows(trace, history, horizon, first=first))
   else:
     for video in traces.videos_of(user):
       trace = traces.traces[(video, user)]
       cut = int(TIME_TRAIN_FRACTION * len(trace))
       _check_length(traces, video, user, min(cut, len(trace) - cut), history + horizon)
-      train_parts.append(make_windows(trace, history, horizon, stop=cut))
+      train_traces.append((video, trace[:cut]))
       test_parts.append(make_windows(trace[cut:], history, horizon))
-  train = Windows.concatenate(train_parts, history, horizon)
-  test = Windows.concatenate(test_parts, history, horizon)
-  for name, windows in (("train", train), ("test", test)):
-    if len(windows) == 0:
+  train_parts, validation_parts = _hold_out(
+    train_traces, user, history, horizon, split, seed, validation_fraction, first
+  )
+  windows = {
+    name: Windows.concatenate(parts, history, horizon)
+    for name, parts in (
+      ("train", train_parts),
+      ("validation", validation_parts),
+      ("test", test_parts),
+    )
+  }
+  for name, part in windows.items():
+    if len(part) == 0 and (name != "validation" or validation_fraction > 0):
+      hint = "" if name != "validation" else "; lower validation_fraction, or set it to 0"
       raise DataError(
         f"dataset {traces.name}: user {user!r} has no {name} windows under the {split} "
-        "split (no traces of those videos)"
+        f"split (no traces of those videos, or too short){hint}"
       )
-  return train, test
+  return windows["train"], windows["validation"], windows["test"]
+
+
+def _hold_out(
+  train_traces: list[tuple[str, np.ndarray]],
+  user: str,
+  history: int,
+  horizon: int,
+  split: str,
+  seed: int,
+  fraction: float,
+  first: int | None,
+) -> tuple[list[Windows], list[Windows]]:
+  """Train and validation windows of one viewer's training traces (see the module doc)."""
+  if fraction <= 0:
+    return [make_windows(t, history, horizon, first=first) for _, t in train_traces], []
+  if split == "video" and len(train_traces) >= 2:
+    count = min(len(train_traces) - 1, max(1, round(fraction * len(train_traces))))
+    # The viewer's name joins the seed so that viewers hold out different videos, and the
+    # choice does not change when other viewers join the run.
+    rng = np.random.default_rng([seed, zlib.crc32(user.encode())])
+    held = set(rng.permutation(len(train_traces))[:count].tolist())
+    parts = [make_windows(t, history, horizon, first=first) for _, t in train_traces]
+    return (
+      [p for i, p in enumerate(parts) if i not in held],
+      [p for i, p in enumerate(parts) if i in held],
+    )
+  train, validation = [], []
+  for _, trace in train_traces:
+    cut = int((1 - fraction) * len(trace))
+    train.append(make_windows(trace, history, horizon, first=first, stop=cut))
+    # Validation windows start after the cut: their inputs never reach back into training.
+    validation.append(make_windows(trace[cut:], history, horizon))
+  return train, validation
 
 
 def _check_length(traces: TraceSet, video: str, user: str, length: int, needed: int) -> None:
