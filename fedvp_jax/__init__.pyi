@@ -1,4 +1,4 @@
-from . import algorithms, config, data, heatmap, models
+from . import algorithms, config, data, heatmap, models, privacy
 from .algorithms import (
   ClientsState,
   FederatedAlgorithm,
@@ -15,7 +15,14 @@ from .algorithms import (
   weighted_mean,
 )
 from .baselines import BASELINES, constant_velocity, no_motion
-from .config import ALGORITHMS, FedGenConfig, RoundConfig, RunConfig, with_settings
+from .config import (
+  ALGORITHMS,
+  FedGenConfig,
+  PrivacyConfig,
+  RoundConfig,
+  RunConfig,
+  with_settings,
+)
 from .data.datasets import DatasetSpec, load_traces, parse_spec
 from .data.federated import ClientData, build_client_data, select_users
 from .errors import ConfigError, DataError, DivergenceError, FedVPError, SettingError
@@ -24,6 +31,7 @@ from .geometry import lonlat_to_vec, normalize, orthodromic_distance, rotate, ve
 from .heatmap import heatmaps, label_weights, sample_labels
 from .metrics import ErrorSums, Summary, error_sums, mse, summarize
 from .models import Model, build_model
+from .privacy import Accounting, account
 from .report import write_report
 from .rounds import iterate_rounds, run_rounds
 from .runner import resume, run
@@ -35,6 +43,7 @@ __version__: str
 __all__ = [
   "ALGORITHMS",
   "BASELINES",
+  "Accounting",
   "ClientData",
   "ClientsState",
   "ConfigError",
@@ -48,11 +57,13 @@ __all__ = [
   "FedVPError",
   "FederatedAlgorithm",
   "Model",
+  "PrivacyConfig",
   "RoundConfig",
   "RoundMetrics",
   "RunConfig",
   "SettingError",
   "Summary",
+  "account",
   "aggregate",
   "algorithms",
   "build_algorithm",
@@ -82,6 +93,7 @@ __all__ = [
   "parse_spec",
   "prediction_loss",
   "prepare",
+  "privacy",
   "read_spec",
   "receive",
   "resume",

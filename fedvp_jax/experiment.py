@@ -16,6 +16,7 @@ from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
 from fedvp_jax.data.federated import ClientData, build_client_data, select_users
 from fedvp_jax.metrics import Summary, error_sums, summarize
 from fedvp_jax.models import build_model
+from fedvp_jax.privacy import Accounting, account
 from fedvp_jax.sharding import client_mesh, shard_data
 
 
@@ -30,6 +31,7 @@ class Experiment:
     data: their windows on device.
     algorithm: the federated algorithm.
     mesh: the ``"clients"`` device mesh ``data`` is split over, or ``None`` (one device).
+    privacy: the run's differential privacy (ε, δ, σ, ...), or ``None`` without DP.
   """
 
   config: RunConfig
@@ -38,6 +40,7 @@ class Experiment:
   data: ClientData
   algorithm: FederatedAlgorithm
   mesh: Mesh | None = None
+  privacy: Accounting | None = None
 
 
 def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
@@ -56,14 +59,20 @@ def prepare(config: RunConfig) -> Experiment:
   users = select_users(traces, config.num_clients, config.users, seed=config.seed)
   data = build_client_data(traces, spec, users, config.split, seed=config.seed)
   model = build_model(config.model, spec.history, spec.horizon, latent_dim=config.latent_dim)
+  accounting = account(config, data.num_clients)
+  privacy = config.privacy
+  if accounting is not None:  # the algorithm runs with the noise multiplier the budget chose
+    privacy = dataclasses.replace(
+      privacy, noise_multiplier=accounting.noise_multiplier, target_epsilon=None
+    )
   algorithm = build_algorithm(
-    config.algorithm, model, make_optimizer(config), config.round, config.fedgen
+    config.algorithm, model, make_optimizer(config), config.round, config.fedgen, privacy
   )
   mesh = None
   if config.devices is not None:
     mesh = client_mesh(config.devices)
     data = shard_data(data, mesh)
-  return Experiment(config, spec, users, data, algorithm, mesh)
+  return Experiment(config, spec, users, data, algorithm, mesh, accounting)
 
 
 def baseline_summaries(data: ClientData, horizon: int) -> dict[str, Summary]:
