@@ -260,7 +260,7 @@ def test_a_dp_run_records_and_prints_its_privacy(tmp_path, capsys):
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   argv = (
-    "--dataset Synthetic-m4-h2 --num-users 3 --rounds 2 --local-steps 1 --batch-size 4 "
+    "--dataset Synthetic-m4-h2 --num-users 3 --rounds 1 --local-steps 1 --batch-size 4 "
     "--model lstm --latent-dim 8 --no-progress --algorithm fedavg --clients-per-round 2 "
     f"--target-epsilon 8 --delta 1e-4 --out {tmp_path} --name dp"
   ).split()
