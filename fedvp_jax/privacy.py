@@ -199,11 +199,12 @@ def account(config: RunConfig, num_clients: int) -> Accounting | None:
   heatmap = ALGORITHMS[config.algorithm].generator
   k = config.round.clients_per_round or num_clients
   rounds = config.total_rounds
-  sigma = privacy.noise_multiplier
-  if sigma is None:
+  if privacy.target_epsilon is not None:
     sigma = noise_for_epsilon(
       privacy.target_epsilon, privacy.delta, rounds, num_clients, k, heatmap
     )
+  else:  # DP is on, so one of the two is given
+    sigma = float(privacy.noise_multiplier)  # type: ignore[arg-type]
   spent = epsilon(dp_event(sigma, rounds, num_clients, k, heatmap), privacy.delta)
   return Accounting(
     epsilon=spent,

@@ -9,6 +9,7 @@ minibatches as the plain one.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -121,7 +122,8 @@ def private_round(
     "dp_clipped": jnp.sum(outcome.used & (norms > privacy.clip_norm)) / count,
   }
   metrics = outcome.metrics._replace(extra={**outcome.metrics.extra, **extra})
-  return outcome._replace(state=outcome.state.replace(server_params=server), metrics=metrics)
+  state = dataclasses.replace(outcome.state, server_params=server)
+  return outcome._replace(state=state, metrics=metrics)
 
 
 class HeatmapUpload(NamedTuple):

@@ -39,9 +39,9 @@ def fedavg(
       FedAvg.
   """
   update = local_update(prediction_loss(model), optimizer)
-  private = privacy is not None and privacy.enabled
-  if private:
-    dp.noise_multiplier(privacy)  # fail now, not while tracing, if it was never chosen
+  private = privacy if privacy is not None and privacy.enabled else None
+  if private is not None:
+    dp.noise_multiplier(private)  # fail now, not while tracing, if it was never chosen
 
   def init(key: PRNGKey, data: ClientData) -> ClientsState:
     config.check_clients(data.num_clients)
@@ -51,8 +51,8 @@ def fedavg(
     state: ClientsState, data: ClientData, key: PRNGKey
   ) -> tuple[ClientsState, RoundMetrics]:
     outcome = core.clients_round(model, config, update, state, data, key)
-    if private:
-      outcome = dp.private_round(state.server_params, outcome, privacy, config.send, key)
+    if private is not None:
+      outcome = dp.private_round(state.server_params, outcome, private, config.send, key)
     return outcome.state, outcome.metrics
 
   def evaluate(state: ClientsState, data: ClientData) -> ErrorSums:

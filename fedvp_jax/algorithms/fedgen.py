@@ -274,7 +274,7 @@ def fedgen(
   ``generator_weight``, ``teacher_loss`` and ``diversity_loss``.
   """
   cfg = fedgen_config or FedGenConfig()
-  private = privacy is not None and privacy.enabled
+  private = privacy if privacy is not None and privacy.enabled else None
   upload = dp.heatmap_upload(privacy, cfg.grain, cfg.heatmap_sigma)
   generator = build_generator(
     cfg.generator,
@@ -321,8 +321,8 @@ def fedgen(
     points = targets.reshape(targets.shape[0], -1, 3)
     heat = dp.uploaded_heatmaps(points, upload, jax.random.fold_in(key, dp.HEATMAP_NOISE))
     heads, usable = outcome.result.trained, outcome.used
-    if private:
-      outcome = dp.private_round(state.clients.server_params, outcome, privacy, config.send, key)
+    if private is not None:
+      outcome = dp.private_round(state.clients.server_params, outcome, private, config.send, key)
       heads = stack(outcome.state.server_params, 1)
       usable = jnp.ones((1,), bool)
       heat = jnp.sum(heat, axis=0, keepdims=True)
