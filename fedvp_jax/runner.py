@@ -374,7 +374,8 @@ def _config_record(experiment: Experiment, checkpoint_every: int | None) -> dict
     "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
     # The device a `with jax.default_device(...)` block (the command line's --device) selected.
     "device": str(getattr(jax.config, "jax_default_device", None) or jax.devices()[0]),
-    "privacy": experiment.privacy.record() if experiment.privacy else None,
+    # Only DP runs carry it, so other runs' directories are as before.
+    **({"privacy": experiment.privacy.record()} if experiment.privacy else {}),
   }
 
 
