@@ -1,4 +1,4 @@
-from . import algorithms, config, data, heatmap, models
+from . import algorithms, config, data, heatmap, models, privacy
 from .algorithms import (
   ClientsState,
   FederatedAlgorithm,
@@ -15,7 +15,14 @@ from .algorithms import (
   weighted_mean,
 )
 from .baselines import BASELINES, best_trivial, constant_velocity, linear_extrapolation, no_motion
-from .config import ALGORITHMS, FedGenConfig, RoundConfig, RunConfig, with_settings
+from .config import (
+  ALGORITHMS,
+  FedGenConfig,
+  PrivacyConfig,
+  RoundConfig,
+  RunConfig,
+  with_settings,
+)
 from .data.datasets import DatasetSpec, load_traces, parse_spec
 from .data.federated import ClientData, build_client_data, select_users
 from .errors import ConfigError, DataError, DivergenceError, FedVPError, SettingError
@@ -31,6 +38,7 @@ from .geometry import (
 from .heatmap import heatmaps, label_weights, sample_labels
 from .metrics import ErrorSums, Summary, error_sums, mse, summarize
 from .models import Model, build_model
+from .privacy import Accounting, account
 from .report import write_report
 from .rounds import iterate_rounds, run_rounds
 from .runner import resume, run
@@ -42,6 +50,7 @@ __version__: str
 __all__ = [
   "ALGORITHMS",
   "BASELINES",
+  "Accounting",
   "ClientData",
   "ClientsState",
   "ConfigError",
@@ -55,11 +64,13 @@ __all__ = [
   "FedVPError",
   "FederatedAlgorithm",
   "Model",
+  "PrivacyConfig",
   "RoundConfig",
   "RoundMetrics",
   "RunConfig",
   "SettingError",
   "Summary",
+  "account",
   "aggregate",
   "algorithms",
   "best_trivial",
@@ -91,6 +102,7 @@ __all__ = [
   "parse_spec",
   "prediction_loss",
   "prepare",
+  "privacy",
   "read_spec",
   "receive",
   "resume",

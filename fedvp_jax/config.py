@@ -1,8 +1,9 @@
 """Every setting of a run, declared once: its type, default, help text, flag spellings and check.
 
-Three frozen records hold the settings: :class:`RoundConfig` (what every algorithm's round
-uses), :class:`FedGenConfig` (the FedGen family's) and :class:`RunConfig` (the run: data,
-model, optimizer, rounds, seeds, placement, with the other two inside). Each field carries its
+Four frozen records hold the settings: :class:`RoundConfig` (what every algorithm's round
+uses), :class:`FedGenConfig` (the FedGen family's), :class:`PrivacyConfig` (differential
+privacy) and :class:`RunConfig` (the run: data, model, optimizer, rounds, seeds, placement,
+with the other three inside). Each field carries its
 :class:`Setting` in its metadata, and everything else is derived from them: the command
 line's flags (:mod:`fedvp_jax.cli.flags`), a sweep spec's keys (:mod:`fedvp_jax.sweep`),
 ``config.json`` (:func:`to_record`, :func:`from_record`) and resume.
@@ -69,6 +70,7 @@ OPTIMIZERS = ("sgd", "adam")
 SPLITS = ("video", "time")
 PROTOCOLS = ("fedvp", "track")
 AUGMENTATIONS = ("yaw", "none")
+LABEL_UPLOADS = ("points", "heatmap", "dp-heatmap")
 MOTION_DIM = 6
 """Leading coordinates of the latent z holding the motion state: position (3), then
 displacement (3) (see :mod:`fedvp_jax.models.head`), so ``latent_dim`` must exceed it."""
@@ -101,6 +103,14 @@ def _in_unit_interval(value: float) -> str | None:
 
 def _validation_share(value: float) -> str | None:
   return None if 0.0 <= value <= 0.5 else "must be in [0, 0.5] (0: no validation split)"
+
+
+def _positive_finite(value: float) -> str | None:
+  return None if 0 < value < math.inf else "must be a finite number > 0"
+
+
+def _in_open_unit_interval(value: float) -> str | None:
+  return None if 0.0 < value < 1.0 else "must be in (0, 1)"
 
 
 def _check_grain(grain: int) -> str | None:
@@ -406,6 +416,93 @@ class FedGenConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+  """Client-level differential privacy: what clients upload, DP-FedAvg, the accounting.
+
+  DP is on when ``noise_multiplier`` or ``target_epsilon`` is given; see
+  :mod:`fedvp_jax.privacy` for the mechanisms and what ε covers.
+
+  Attributes:
+    label_upload: what FedGen's clients upload as labels: ``"points"`` (their viewpoints;
+      the server builds the heatmaps), ``"heatmap"`` (each client builds its own heatmap and
+      uploads only that) or ``"dp-heatmap"`` (the same, clipped to L2 norm
+      ``heatmap_clip`` and noised with standard deviation ``noise_multiplier *
+      heatmap_clip`` per cell before upload).
+    noise_multiplier: σ: DP-FedAvg adds noise of standard deviation ``σ * clip_norm`` to the
+      sum of the clipped updates (and dp-heatmap ``σ * heatmap_clip`` to every cell);
+      ``None``: no DP unless ``target_epsilon`` picks σ.
+    target_epsilon: choose σ so that the whole run spends this ε at ``delta``.
+    delta: the δ of the (ε, δ) guarantee.
+    clip_norm: C, the L2 norm each client's model update is clipped to.
+    heatmap_clip: the L2 norm each client's uploaded heatmap (in viewpoint counts) is
+      clipped to under ``dp-heatmap``.
+  """
+
+  label_upload: str = _setting(
+    "points",
+    "what FedGen's clients upload as labels: points (the viewpoints), heatmap (their own "
+    "heatmap), dp-heatmap (clipped and noised heatmap)",
+    choices=LABEL_UPLOADS,
+  )
+  noise_multiplier: float | None = _setting(
+    None,
+    "DP-FedAvg noise multiplier sigma: noise std sigma*C on the summed clipped updates "
+    "(default: no DP)",
+    check=_positive_finite,
+  )
+  target_epsilon: float | None = _setting(
+    None,
+    "DP: choose the noise multiplier so that the whole run spends this epsilon at --delta",
+    check=_positive_finite,
+  )
+  delta: float = _setting(1e-5, "DP: the delta of (epsilon, delta)", check=_in_open_unit_interval)
+  clip_norm: float = _setting(
+    1e-3,
+    "DP: L2 norm C each client's model update is clipped to (metrics.jsonl's dp_update_norm "
+    "is the clients' mean norm before clipping)",
+    check=_positive_finite,
+  )
+  heatmap_clip: float = _setting(
+    1.0,
+    "dp-heatmap: L2 norm each client's uploaded heatmap (viewpoint counts) is clipped to",
+    check=_positive_finite,
+  )
+
+  def __post_init__(self) -> None:
+    _validate_fields(self)
+    if self.noise_multiplier is not None and self.target_epsilon is not None:
+      raise SettingError(
+        "target_epsilon", self.target_epsilon, "give either it or noise_multiplier, not both"
+      )
+    if self.label_upload == "dp-heatmap" and not self.enabled:
+      raise SettingError(
+        "label_upload", self.label_upload, "needs noise_multiplier or target_epsilon (DP on)"
+      )
+
+  @property
+  def enabled(self) -> bool:
+    """Whether the run is differentially private."""
+    return self.noise_multiplier is not None or self.target_epsilon is not None
+
+  def check_algorithm(self, algorithm: str) -> None:
+    """Raises SettingError when DP cannot cover ``algorithm`` (a name of :data:`ALGORITHMS`):
+    local training shares no model, and FedGen's labels must then be uploaded with noise."""
+    if not self.enabled:
+      return
+    spec = ALGORITHMS[algorithm]
+    if not spec.generator and spec.send == "none":
+      raise SettingError(
+        "noise_multiplier", self.noise_multiplier, "local training shares nothing to privatize"
+      )
+    if spec.generator and self.label_upload != "dp-heatmap":
+      raise SettingError(
+        "label_upload",
+        self.label_upload,
+        "with DP, FedGen's clients must upload dp-heatmap labels (anything else is not private)",
+      )
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Everything that defines a run.
 
@@ -434,6 +531,7 @@ class RunConfig:
     devices: split the clients over this many devices (``None``: the default device only).
     round: the round's settings (``round.send`` follows ``algorithm``).
     fedgen: FedGen's settings (used by the FedGen family only).
+    privacy: differential privacy and what clients upload.
   """
 
   algorithm: str = _setting(
@@ -503,6 +601,7 @@ class RunConfig:
   )
   round: RoundConfig = dataclasses.field(default_factory=RoundConfig)
   fedgen: FedGenConfig = dataclasses.field(default_factory=FedGenConfig)
+  privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
 
   def __post_init__(self) -> None:
     _validate_fields(self)
@@ -629,7 +728,7 @@ def with_settings(
   Raises:
     SettingError: naming the setting, for an unknown name or a bad value.
   """
-  changes: dict[str, dict[str, Any]] = {"": {}, "round": {}, "fedgen": {}}
+  changes: dict[str, dict[str, Any]] = {"": {}, "round": {}, "fedgen": {}, "privacy": {}}
   for given_name, value in settings.items():
     name = resolve_name(given_name)
     s = SCHEMA[name]
@@ -639,6 +738,7 @@ def with_settings(
     **changes[""],
     round=dataclasses.replace(config.round, **changes["round"]),
     fedgen=dataclasses.replace(config.fedgen, **changes["fedgen"]),
+    privacy=dataclasses.replace(config.privacy, **changes["privacy"]),
   )
 
 
@@ -676,6 +776,7 @@ __all__ = [
   "ALGORITHMS",
   "AUGMENTATIONS",
   "GENERATORS",
+  "LABEL_UPLOADS",
   "MODELS",
   "OPTIMIZERS",
   "PROTOCOLS",
@@ -685,6 +786,7 @@ __all__ = [
   "SPLITS",
   "AlgorithmSpec",
   "FedGenConfig",
+  "PrivacyConfig",
   "RoundConfig",
   "RunConfig",
   "Setting",

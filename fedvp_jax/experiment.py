@@ -17,6 +17,7 @@ from fedvp_jax.data.federated import ClientData, EvalWindows, build_client_data,
 from fedvp_jax.data.protocols import client_candidates, first_window, new_viewer_windows
 from fedvp_jax.metrics import Summary, error_sums, summarize
 from fedvp_jax.models import build_model
+from fedvp_jax.privacy import Accounting, account
 from fedvp_jax.sharding import client_mesh, shard_data
 
 
@@ -34,6 +35,7 @@ class Experiment:
     new_users: the viewers who never train and test the server's model (see
       :mod:`fedvp_jax.data.protocols`).
     new_viewers: their test windows, one row per viewer, or ``None`` when there are none.
+    privacy: the run's differential privacy (ε, δ, σ, ...), or ``None`` without DP.
   """
 
   config: RunConfig
@@ -44,6 +46,7 @@ class Experiment:
   mesh: Mesh | None = None
   new_users: tuple[str, ...] = ()
   new_viewers: EvalWindows | None = None
+  privacy: Accounting | None = None
 
 
 def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
@@ -74,14 +77,20 @@ def prepare(config: RunConfig) -> Experiment:
     config.protocol, traces, spec, users, config.split, config.seed
   )
   model = build_model(config.model, spec.history, spec.horizon, latent_dim=config.latent_dim)
+  accounting = account(config, data.num_clients)
+  privacy = config.privacy
+  if accounting is not None:  # the algorithm runs with the noise multiplier the budget chose
+    privacy = dataclasses.replace(
+      privacy, noise_multiplier=accounting.noise_multiplier, target_epsilon=None
+    )
   algorithm = build_algorithm(
-    config.algorithm, model, make_optimizer(config), config.round, config.fedgen
+    config.algorithm, model, make_optimizer(config), config.round, config.fedgen, privacy
   )
   mesh = None
   if config.devices is not None:
     mesh = client_mesh(config.devices)
     data = shard_data(data, mesh)
-  return Experiment(config, spec, users, data, algorithm, mesh, new_users, new_viewers)
+  return Experiment(config, spec, users, data, algorithm, mesh, new_users, new_viewers, accounting)
 
 
 def baseline_summaries(windows: EvalWindows, horizon: int) -> dict[str, Summary]:

@@ -24,6 +24,7 @@ from fedvp_jax.algorithms.core import over_seeds
 from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.errors import ConfigError, DivergenceError
 from fedvp_jax.experiment import Experiment, baseline_summaries, prepare
+from fedvp_jax.privacy import Accounting
 from fedvp_jax.rounds import seed_keys, train
 from fedvp_jax.rundir import RunDir
 from fedvp_jax.sharding import state_shardings
@@ -321,8 +322,10 @@ def _finish(
   target: RunDir, baselines: dict[str, Any], seeds: list[dict[str, Any]]
 ) -> dict[str, Any]:
   """Writes the run's summary.json from its seeds' summaries and logs it."""
-  record = target.read_record()["config"]
-  result = run_summary(record, baselines, seeds)
+  record = target.read_record()
+  result = run_summary(record["config"], baselines, seeds)
+  if record.get("privacy") is not None:
+    result["privacy"] = record["privacy"]
   target.write_summary(result)
   spread = "" if result["final_loss_std"] is None else f" ± {_fmt(result['final_loss_std'])}"
   log.info(
@@ -344,6 +347,8 @@ def _finish(
       f"{_degrees(new['selected_orthodromic_deg_mean'])}; gain {_percents(new['gain_percent'])}"
     )
     _log_verdict("on new viewers, the selected server model", new["beats_baselines"]["best"])
+  if "privacy" in result:
+    log.info(f"  {Accounting.from_record(result['privacy']).describe()}")
   log.info(f"run directory: {target.path}")
   return result
 
@@ -395,6 +400,8 @@ def _config_record(experiment: Experiment, checkpoint_every: int | None) -> dict
     "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
     # The device a `with jax.default_device(...)` block (the command line's --device) selected.
     "device": str(getattr(jax.config, "jax_default_device", None) or jax.devices()[0]),
+    # Only DP runs carry it, so other runs' directories are as before.
+    **({"privacy": experiment.privacy.record()} if experiment.privacy else {}),
   }
 
 

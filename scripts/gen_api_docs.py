@@ -20,6 +20,7 @@ PACKAGES = (
   "fedvp_jax.models",
   "fedvp_jax.algorithms",
   "fedvp_jax.heatmap",
+  "fedvp_jax.privacy",
   "fedvp_jax.experiment",
   "fedvp_jax.rounds",
   "fedvp_jax.summaries",

@@ -57,6 +57,12 @@ VALID = {
   "gen_warmup": 5,
   "noise_dim": 8,
   "generator_hidden": 64,
+  "label_upload": "heatmap",
+  "noise_multiplier": 1.5,
+  "target_epsilon": 4.0,
+  "delta": 1e-6,
+  "clip_norm": 0.5,
+  "heatmap_clip": 2.0,
 }
 
 # Values each setting must refuse (as Python/TOML values; the command line gets their text).
@@ -93,6 +99,12 @@ INVALID = {
   "gen_warmup": [-1],
   "noise_dim": [0],
   "generator_hidden": [0],
+  "label_upload": ["x", "dp-heatmap"],  # dp-heatmap: only with DP on
+  "noise_multiplier": [0.0, -1.0, math.inf, math.nan],
+  "target_epsilon": [0.0, -1.0, math.inf],
+  "delta": [0.0, 1.0, 1.5],
+  "clip_norm": [0.0, -1.0, math.inf],
+  "heatmap_clip": [0.0, math.inf],
 }
 # Settings whose every value of the right type is valid (a path; a switch).
 ANY_VALUE = {"data_dir", "embedding"}

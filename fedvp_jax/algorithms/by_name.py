@@ -9,7 +9,7 @@ import optax
 from fedvp_jax.algorithms.core import FederatedAlgorithm
 from fedvp_jax.algorithms.fedavg import fedavg
 from fedvp_jax.algorithms.fedgen import fedgen
-from fedvp_jax.config import ALGORITHMS, FedGenConfig, RoundConfig, require
+from fedvp_jax.config import ALGORITHMS, FedGenConfig, PrivacyConfig, RoundConfig, require
 from fedvp_jax.models import Model
 
 
@@ -19,16 +19,20 @@ def build_algorithm(
   optimizer: optax.GradientTransformation,
   config: RoundConfig,
   fedgen_config: FedGenConfig | None = None,
+  privacy: PrivacyConfig | None = None,
 ) -> FederatedAlgorithm:
   """The named algorithm. ``config.send`` is replaced by what the name implies;
-  ``fedgen_config`` is used by the FedGen family only (defaults when ``None``).
+  ``fedgen_config`` is used by the FedGen family only (defaults when ``None``); ``privacy``
+  (its noise multiplier resolved, see :func:`fedvp_jax.privacy.account`) by every algorithm.
 
   Raises:
-    SettingError: for an unknown name.
+    SettingError: for an unknown name, or DP settings the algorithm cannot honour.
   """
   require("algorithm", name)
   spec = ALGORITHMS[name]
   config = dataclasses.replace(config, send=spec.send)
+  if privacy is not None:
+    privacy.check_algorithm(name)
   if spec.generator:
-    return fedgen(model, optimizer, config, fedgen_config or FedGenConfig())
-  return fedavg(model, optimizer, config)
+    return fedgen(model, optimizer, config, fedgen_config or FedGenConfig(), privacy)
+  return fedavg(model, optimizer, config, privacy)

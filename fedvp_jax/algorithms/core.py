@@ -292,6 +292,8 @@ class TrainResult(NamedTuple):
     client_opt_state: likewise for optimizer states.
     trained: the selected clients' trained params, ``f32[K, ...]`` (non-finite ones as they
       came out), for aggregation.
+    started: the params they started training from, ``f32[K, ...]`` (DP-FedAvg's updates are
+      ``trained - started``).
     selected: ``i32[K]``.
     batches: the minibatches they trained on, ``(f32[K, S, B, M, 3], f32[K, S, B, H, 3])``
       (and the label batches, see :func:`train_clients`).
@@ -302,6 +304,7 @@ class TrainResult(NamedTuple):
   client_params: StackedParams
   client_opt_state: StackedOptState
   trained: StackedParams
+  started: StackedParams
   selected: jax.Array
   batches: tuple[jax.Array, ...]
   losses: jax.Array
@@ -348,6 +351,7 @@ def train_clients(
     client_params=put(params, where_clients(finite, trained, start_params)),
     client_opt_state=put(opt_state, where_clients(finite, trained_opt, start_opt)),
     trained=trained,
+    started=start_params,
     selected=selected,
     batches=batches,
     losses=losses,

@@ -3,17 +3,18 @@
 One round: every client receives the server's model (all of it, its head, or nothing) and
 blends it in with ``beta``; the deployed models are evaluated; the selected clients train
 ``local_steps`` minibatch steps from there; the server averages their models weighted by
-their training-sample counts.
+their training-sample counts. With DP on (``privacy``), the server instead applies DP-FedAvg's
+noised mean of the clipped updates (:func:`fedvp_jax.algorithms.dp.private_round`).
 """
 
 from __future__ import annotations
 
 import optax
 
-from fedvp_jax.algorithms import core
+from fedvp_jax.algorithms import core, dp
 from fedvp_jax.algorithms.client import augmented, local_update, prediction_loss
 from fedvp_jax.algorithms.core import ClientsState, FederatedAlgorithm, RoundMetrics
-from fedvp_jax.config import RoundConfig
+from fedvp_jax.config import PrivacyConfig, RoundConfig
 from fedvp_jax.data.federated import ClientData, EvalWindows
 from fedvp_jax.metrics import ErrorSums
 from fedvp_jax.models import Model
@@ -21,7 +22,10 @@ from fedvp_jax.types import PRNGKey
 
 
 def fedavg(
-  model: Model, optimizer: optax.GradientTransformation, config: RoundConfig
+  model: Model,
+  optimizer: optax.GradientTransformation,
+  config: RoundConfig,
+  privacy: PrivacyConfig | None = None,
 ) -> FederatedAlgorithm:
   """FedAvg with ``config.send`` deciding what clients receive (``none`` is local training).
 
@@ -31,8 +35,13 @@ def fedavg(
     model: the viewport model.
     optimizer: every client's local optimizer.
     config: the round's settings.
+    privacy: DP-FedAvg's settings, its noise multiplier resolved; ``None`` or DP off: plain
+      FedAvg.
   """
   update = local_update(augmented(prediction_loss(model), config.augment), optimizer)
+  private = privacy if privacy is not None and privacy.enabled else None
+  if private is not None:
+    dp.noise_multiplier(private)  # fail now, not while tracing, if it was never chosen
 
   def init(key: PRNGKey, data: ClientData) -> ClientsState:
     config.check_clients(data.num_clients)
@@ -42,6 +51,8 @@ def fedavg(
     state: ClientsState, data: ClientData, key: PRNGKey
   ) -> tuple[ClientsState, RoundMetrics]:
     outcome = core.clients_round(model, config, update, state, data, key)
+    if private is not None:
+      outcome = dp.private_round(state.server_params, outcome, private, config.send, key)
     return outcome.state, outcome.metrics
 
   def evaluate(

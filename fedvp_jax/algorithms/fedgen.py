@@ -45,8 +45,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from fedvp_jax.algorithms import dp
 from fedvp_jax.algorithms.aggregation import where_clients
-from fedvp_jax.algorithms.client import LossFn, augmented, local_update
+from fedvp_jax.algorithms.client import LossFn, augmented, local_update, stack
 from fedvp_jax.algorithms.core import (
   ClientsState,
   FederatedAlgorithm,
@@ -57,9 +58,9 @@ from fedvp_jax.algorithms.core import (
   evaluate_server,
   init_clients,
 )
-from fedvp_jax.config import FedGenConfig, RoundConfig
+from fedvp_jax.config import FedGenConfig, PrivacyConfig, RoundConfig
 from fedvp_jax.data.federated import ClientData, EvalWindows
-from fedvp_jax.heatmap import combined, heatmaps, label_weights, sample_labels
+from fedvp_jax.heatmap import combined, label_weights, sample_labels
 from fedvp_jax.metrics import ErrorSums, mse
 from fedvp_jax.models import Model
 from fedvp_jax.models.generator import Generator, build_generator
@@ -261,14 +262,22 @@ def fedgen(
   optimizer: optax.GradientTransformation,
   config: RoundConfig,
   fedgen_config: FedGenConfig | None = None,
+  privacy: PrivacyConfig | None = None,
 ) -> FederatedAlgorithm:
   """The FedGen family: ``config.send`` is ``full`` (FedGen), ``none`` (localFedGen: only the
   generator is shared) or ``partial`` (partialFedGen: the head is aggregated and sent).
+
+  ``privacy`` (its noise multiplier resolved) says how clients upload labels and, with DP on,
+  makes the server model DP-FedAvg's. The generator then trains against the DP server
+  model's head alone, on the pooled dp-heatmaps: the clients' own heads would reach the server
+  unnoised.
 
   The state is a :class:`FedGenState`; round metrics carry ``extra`` scalars
   ``generator_weight``, ``teacher_loss`` and ``diversity_loss``.
   """
   cfg = fedgen_config or FedGenConfig()
+  private = privacy if privacy is not None and privacy.enabled else None
+  upload = dp.heatmap_upload(privacy, cfg.grain, cfg.heatmap_sigma)
   generator = build_generator(
     cfg.generator,
     model.latent_dim,
@@ -309,21 +318,23 @@ def fedgen(
     outcome = clients_round(
       model, config, update, state.clients, data, clients_key, context, cfg.gen_batch_size
     )
-    # Clients upload the final targets of what they trained on; counts, not normalised, so a
-    # client's weight at a label grows with how often it saw it.
+    # Clients upload the final targets of what they trained on (as points or heatmaps);
+    # counts, not normalised, so a client's weight at a label grows with how often it saw it.
     targets = outcome.result.batches[1][..., -1, :]
-    uploaded = targets.reshape(targets.shape[0], -1, 3)
-    heat = heatmaps(uploaded, cfg.grain, cfg.heatmap_sigma, normalize=False)
+    points = targets.reshape(targets.shape[0], -1, 3)
+    heat = dp.uploaded_heatmaps(points, upload, jax.random.fold_in(key, dp.HEATMAP_NOISE))
+    heads, usable = outcome.result.trained, outcome.used
+    if private is not None:
+      outcome = dp.private_round(state.clients.server_params, outcome, private, config.send, key)
+      heads = stack(outcome.state.server_params, 1)
+      usable = jnp.ones((1,), bool)
+      heat = jnp.sum(heat, axis=0, keepdims=True)
     g_params, g_opt, teacher, diversity = train_generator(
-      state.generator_params,
-      state.generator_opt_state,
-      outcome.result.trained,
-      outcome.used,
-      heat,
-      server_key,
+      state.generator_params, state.generator_opt_state, heads, usable, heat, server_key
     )
     extra = {"generator_weight": alpha, "teacher_loss": teacher, "diversity_loss": diversity}
-    return FedGenState(outcome.state, g_params, g_opt), outcome.metrics._replace(extra=extra)
+    metrics = outcome.metrics._replace(extra={**outcome.metrics.extra, **extra})
+    return FedGenState(outcome.state, g_params, g_opt), metrics
 
   def evaluate(
     state: FedGenState, data: ClientData, part: Part = "test", best: bool = False

@@ -63,6 +63,9 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     "fedgen": parser.add_argument_group(
       "FedGen", "used by fedgen, local-fedgen and partial-fedgen; accepted by every algorithm"
     ),
+    "privacy": parser.add_argument_group(
+      "privacy", "differential privacy: on with --noise-multiplier or --target-epsilon"
+    ),
   }
   for s in SCHEMA.values():
     group = groups[".".join(s.path[:-1])]
