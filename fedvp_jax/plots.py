@@ -238,7 +238,9 @@ def plot_orthodromic(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
   styles = _styles(len(runs))
   shown = [(r, styles[k]) for k, r in enumerate(runs) if "orthodromic_deg" in r]
   baselines = [r for r in rows if r["status"] == "baseline"]
-  steps = _shown_steps(max((len(r["orthodromic_deg"]) for r, _ in shown), default=0))
+  # Runs of a sweep may predict different horizons: draw the steps every run and baseline has.
+  lengths = [len(r["orthodromic_deg"]) for r in [*(r for r, _ in shown), *baselines]]
+  steps = _shown_steps(min(lengths, default=0))
 
   height = 1.4 + 0.32 * max(len(shown), 3)
   fig = _figure(2.0 + 3.6 * max(len(steps), 1), height)

@@ -213,12 +213,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     else:
       rounds = "/".join(str(r) for r in row["selected_round"])
       cells.append(f"{_pm(row['selected_loss'], '.6f')} ({rounds})")
-    cells += [_pm(row["orthodromic_deg"][k], ".3f") for k in shown]
+    # Runs of a sweep may predict different horizons: a step a run lacks shows as a dash.
+    degrees = row["orthodromic_deg"]
+    cells += [_pm(degrees[k], ".3f") if k < len(degrees) else "—" for k in shown]
     if row["status"] == "baseline":
       cells += [""] * (len(shown) + 2)
     else:
       gains = row["gain_percent"]
-      cells += ["—" if gains[k] is None else f"{gains[k]:+.1f}" for k in shown]
+      cells += ["—" if k >= len(gains) or gains[k] is None else f"{gains[k]:+.1f}" for k in shown]
       verdict = "yes" if row["beats"].get("best") else "NO"
       cells += [f"{row['wall_seconds'] / 60:.1f} min", verdict]
     lines.append("| " + " | ".join(cells) + " |")

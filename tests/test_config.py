@@ -23,6 +23,10 @@ from fedvp_jax.sweep import expand_spec
 
 # A valid value other than the default, for every setting.
 VALID = {
+  "validation_fraction": 0.3,
+  "patience": 5,
+  "protocol": "track",
+  "augment": "none",
   "algorithm": "fedgen",
   "dataset": "Synthetic-m4-h2",
   "data_dir": "/tmp/fedvp-data",
@@ -67,6 +71,10 @@ VALID = {
 
 # Values each setting must refuse (as Python/TOML values; the command line gets their text).
 INVALID = {
+  "validation_fraction": [-0.1, 0.6],
+  "patience": [0],
+  "protocol": ["x"],
+  "augment": ["x"],
   "algorithm": ["x", "fedprox"],
   "dataset": ["x", "David-m0-h1"],
   "model": ["x"],

@@ -178,3 +178,13 @@ def test_importing_the_report_does_not_import_matplotlib():
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
   code = "import sys, fedvp_jax.report; sys.exit('matplotlib' in sys.modules)"
   assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
+
+
+def test_a_table_of_runs_with_different_horizons_shows_dashes(results):
+  from fedvp_jax.report import markdown_table
+
+  rows = table_rows(results[:2])
+  short = {**rows[0], "orthodromic_deg": rows[0]["orthodromic_deg"][:1]}
+  short["gain_percent"] = short["gain_percent"][:1]
+  lines = markdown_table([short, rows[1]]).splitlines()
+  assert "—" in lines[2] and "—" not in lines[3]

@@ -112,7 +112,7 @@ def test_dp_round_equals_a_loop_over_clients(setup, algo):
   trained alone, its update clipped alone, the sum noised, divided by K."""
   data, model = setup
   send = ALGORITHMS[algo].send
-  config = RoundConfig(send=send, local_steps=2, batch_size=5, clients_per_round=3)
+  config = RoundConfig(send=send, local_steps=2, batch_size=5, clients_per_round=3, augment="none")
   sigma, clip = 0.7, 0.002  # a bound that binds for some clients and not others
   privacy = PrivacyConfig(noise_multiplier=sigma, clip_norm=clip)
   algorithm = build_algorithm(algo, model, optax.sgd(LR), config, privacy=privacy)

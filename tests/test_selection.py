@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedvp_jax.algorithms.client import augmented
-from fedvp_jax.algorithms.core import ClientsState, Selected, select_on_validation
+from fedvp_jax.algorithms.core import NOT_VALIDATED, ClientsState, Selected, select_on_validation
 from fedvp_jax.config import RunConfig
 from fedvp_jax.experiment import prepare
 from fedvp_jax.metrics import ErrorSums
@@ -33,7 +33,7 @@ TINY = RunConfig.of(
 def planted_state(num_clients: int = 2) -> ClientsState:
   params = {"w": jnp.zeros((3,))}
   stacked = jax.tree.map(lambda x: jnp.zeros((num_clients, *x.shape)), params)
-  selected = Selected(stacked, params, jnp.array(jnp.inf), jnp.array(-1, jnp.int32))
+  selected = Selected(stacked, params, jnp.array(NOT_VALIDATED), jnp.array(-1, jnp.int32))
   return ClientsState(params, stacked, (), jnp.zeros((), jnp.int32), selected)
 
 
@@ -67,7 +67,8 @@ def test_without_validation_windows_the_selection_is_the_latest():
     state = state.replace(
       selected=select_on_validation(state, params, sums, jnp.array(True), False)
     )
-  assert int(state.selected.from_round) == 2 and math.isnan(float(state.selected.validation_loss))
+  assert int(state.selected.from_round) == 2
+  assert float(state.selected.validation_loss) == NOT_VALIDATED
 
 
 @pytest.fixture(scope="module")

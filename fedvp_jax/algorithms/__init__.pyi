@@ -11,6 +11,7 @@ from .aggregation import (
 from .by_name import build_algorithm
 from .client import LocalUpdate, LossFn, augmented, local_update, prediction_loss, stack
 from .core import (
+  NOT_VALIDATED,
   ClientsRound,
   ClientsState,
   FederatedAlgorithm,
@@ -62,6 +63,7 @@ from .fedgen import (
 
 __all__ = [
   "HEATMAP_NOISE",
+  "NOT_VALIDATED",
   "UPDATE_NOISE",
   "ClientsRound",
   "ClientsState",

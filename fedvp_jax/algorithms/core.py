@@ -28,6 +28,10 @@ from fedvp_jax.metrics import ErrorSums, error_sums, summarize
 from fedvp_jax.models import Model
 from fedvp_jax.types import Params, PRNGKey, StackedOptState, StackedParams, State
 
+NOT_VALIDATED = float(jnp.finfo(jnp.float32).max)
+"""``Selected.validation_loss`` of models never validated: finite, so that a state stays
+finite unless training diverged, and above every real loss."""
+
 
 @struct.dataclass
 class Selected:
@@ -39,7 +43,8 @@ class Selected:
       model at that round (its own after receiving the server's).
     server_params: ``Params``, the server's model at that round.
     validation_loss: ``f32[]`` their validation loss (the sample-weighted MSE over every
-      client's validation windows); ``inf`` before the first evaluation.
+      client's validation windows); :data:`NOT_VALIDATED` before the first evaluation and
+      without validation windows.
     from_round: ``i32[]`` the round whose start they are (-1 before the first evaluation).
   """
 
@@ -198,7 +203,7 @@ def init_clients(
     client_params=clients,
     client_opt_state=stack(optimizer.init(params), num_clients),
     round=jnp.zeros((), jnp.int32),
-    selected=Selected(clients, params, jnp.array(jnp.inf), jnp.array(-1, jnp.int32)),
+    selected=Selected(clients, params, jnp.array(NOT_VALIDATED), jnp.array(-1, jnp.int32)),
   )
 
 
@@ -268,8 +273,8 @@ def select_on_validation(
   """``state.selected``, replaced by this round's deployed ``params`` (and the server's
   model) when they were evaluated and their validation loss is lower. Without validation
   windows (``has_validation`` False) the latest evaluated models are kept, so the selection
-  is the final model, and its validation loss is NaN."""
-  loss = summarize(validation).loss if has_validation else jnp.array(jnp.nan)
+  is the final model, and its validation loss stays :data:`NOT_VALIDATED`."""
+  loss = summarize(validation).loss if has_validation else jnp.array(NOT_VALIDATED)
   improved = evaluated & (loss < state.selected.validation_loss if has_validation else True)
   candidate = Selected(params, state.server_params, loss, state.round)
   return jax.tree.map(lambda new, old: jnp.where(improved, new, old), candidate, state.selected)
