@@ -31,7 +31,7 @@ def client_arrays(client_data: Any) -> list[dict[str, np.ndarray]]:
 def initial_torch_model(name: str, history: int, horizon: int, seed: int) -> Any:
   """``torch_models``' PyTorch twin of fedvp_jax's ``name`` model (PyTorch's fused kernels),
   holding the very parameters fedvp_jax's run with ``seed`` starts from (``init`` gets the
-  first half of ``split(key(seed))``, as in :func:`fedvp_jax.training.iterate_rounds`)."""
+  first half of ``split(key(seed))``, as in :func:`fedvp_jax.rounds.iterate_rounds`)."""
   import jax
   import torch_models
 

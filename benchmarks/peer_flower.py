@@ -13,7 +13,7 @@ Tested with flwr 1.42.0 (its ``simulation`` extra pins ray 2.55.1), torch 2.13.0
 3.11.7; ``pip check`` finds no conflict.
 
 What is measured: the same FedAvg workload as ``benchmarks/round_time.py --algos fedavg``: 10
-clients (the users ``prepare(RunConfig(num_users=10))`` draws) as 10 virtual SuperNodes, all
+clients (the users ``prepare(RunConfig.of(num_clients=10))`` draws) as 10 virtual SuperNodes, all
 of them in every round (``FedAvg(fraction_train=1.0, min_train_nodes=10)``, the message-API
 strategy of ``flwr.serverapp.strategy``), each running a ``ClientApp`` that does 10 SGD steps
 (lr 0.01) of batch 64 on its own windows and replies with its weights and its number of

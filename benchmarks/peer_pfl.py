@@ -14,7 +14,7 @@ pip then reports ``chex 0.1.92 requires absl-py>=2.3.1, but you have absl-py 1.4
 chex and fedvp_jax still import and run in that environment.
 
 What is measured: the same FedAvg workload as ``benchmarks/round_time.py --algos fedavg``: 10
-clients (the users ``prepare(RunConfig(num_users=10))`` draws), every client in every round
+clients (the users ``prepare(RunConfig.of(num_clients=10))`` draws), every client in every round
 (cohort size 10, users drawn with pfl's ``MinimizeReuseUserSampler``, which cycles through
 them, so each round trains each user exactly once), 10 local SGD steps (lr 0.01) of batch 64,
 then the update averaged weighted by each client's number of training windows

@@ -11,7 +11,6 @@ and the median of ``--repeats`` further rounds, each synchronised with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import statistics
 import sys
@@ -20,7 +19,8 @@ from datetime import date
 
 import jax
 
-from fedvp_jax.training import RunConfig, prepare
+from fedvp_jax.config import RunConfig
+from fedvp_jax.experiment import prepare
 
 
 def time_rounds(config: RunConfig, repeats: int) -> tuple[float, float]:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out", help="also write the table to this file")
   args = parser.parse_args(argv)
-  base = RunConfig(dataset=args.dataset, data_dir=args.data_dir, num_users=10)
+  base = RunConfig.of(dataset=args.dataset, data_dir=args.data_dir, num_clients=10)
   device = jax.devices()[0]
   lines = [
     f"Round time, {args.dataset}, 10 clients x 10 local steps x batch 64 (FedGen: 256 generated "
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
   ]
   for algo in args.algos.split(","):
     for model in args.models.split(","):
-      first, median = time_rounds(dataclasses.replace(base, algo=algo, model=model), args.repeats)
+      first, median = time_rounds(base.replace(algorithm=algo, model=model), args.repeats)
       lines.append(f"| {algo} | {model} | {first:.2f} | {median:.3f} | {1 / median:.2f} |")
       print(lines[-1], flush=True)
   table = "\n".join(lines)

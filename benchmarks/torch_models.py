@@ -530,7 +530,7 @@ SCHEDULE_FLOOR = 1e-4
 
 def generator_weights(fedgen: Any, round_index: int) -> tuple[float, float]:
   """``(alpha_t, beta_t)`` of a round, as ``fedvp_jax.algorithms.fedgen.generator_weights``."""
-  start = max(fedgen.pretrain_epochs, 1)
+  start = max(fedgen.pretrain_rounds, 1)
   if round_index < start:
     return 0.0, 0.0
   t = round_index - start

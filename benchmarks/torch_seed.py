@@ -63,7 +63,7 @@ import torch
 import torch_models as tm
 from torch import nn
 
-from fedvp_jax.algorithms import FedGenConfig
+from fedvp_jax.config import FedGenConfig
 
 
 def heatmaps(points: Any, grain: int, sigma_deg: float, normalize: bool = True) -> torch.Tensor:
@@ -186,7 +186,9 @@ class SeedStyleFederation:
     if algo == "fedgen":
       tm.check_fedgen(fedgen)
       self.generator = tm.build_torch_generator(
-        self.server.head.hidden.in_features, noise_dim=fedgen.noise_dim, hidden=fedgen.hidden
+        self.server.head.hidden.in_features,
+        noise_dim=fedgen.noise_dim,
+        hidden=fedgen.generator_hidden,
       )
       if generator_params is not None:
         tm.load_from_jax(self.generator, generator_params)

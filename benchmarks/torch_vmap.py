@@ -58,7 +58,7 @@ import torch_seed
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedvp_jax.algorithms import FedGenConfig
+from fedvp_jax.config import FedGenConfig
 
 # --- fedvp_jax's heatmaps. ---
 
@@ -257,7 +257,9 @@ class VmapFederation:
     if algo == "fedgen":
       tm.check_fedgen(fedgen)
       self.generator = tm.build_torch_generator(
-        self.model.head.hidden.in_features, noise_dim=fedgen.noise_dim, hidden=fedgen.hidden
+        self.model.head.hidden.in_features,
+        noise_dim=fedgen.noise_dim,
+        hidden=fedgen.generator_hidden,
       )
       if generator_params is not None:
         tm.load_from_jax(self.generator, generator_params)

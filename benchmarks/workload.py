@@ -1,8 +1,9 @@
 """The benchmarks' workload, built from the stable library API only.
 
-``fedvp_jax.training`` is the command line's layer and changes with it; the benchmarks need
-just data, a model and an algorithm, so they build those from ``fedvp_jax.data``,
-``fedvp_jax.models`` and ``fedvp_jax.algorithms`` with the researcher's settings as defaults.
+``fedvp_jax.experiment``, ``fedvp_jax.rounds`` and ``fedvp_jax.runner`` are the command line's
+layers and change with it; the benchmarks need just data, a model and an algorithm, so they
+build those from ``fedvp_jax.data``, ``fedvp_jax.models``, ``fedvp_jax.algorithms`` and the
+settings' records in ``fedvp_jax.config``, with the researcher's settings as defaults.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 import jax
 import optax
 
-from fedvp_jax.algorithms import FederatedAlgorithm, FedGenConfig, RoundConfig, build_algorithm
+from fedvp_jax.algorithms import FederatedAlgorithm, build_algorithm
+from fedvp_jax.config import FedGenConfig, RoundConfig
 from fedvp_jax.data import build_client_data, load_traces, parse_spec, select_users
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.models import Model, build_model
@@ -82,5 +84,5 @@ def build(workload: Workload) -> Built:
 
 
 def resolve_device(name: str) -> jax.Device:
-  """The first device of platform ``name`` (``cpu`` or ``gpu``)."""
-  return jax.devices(name)[0]
+  """The first device of platform ``name`` (``cpu``, or ``gpu`` / ``cuda``)."""
+  return jax.devices("gpu" if name in ("gpu", "cuda") else name)[0]

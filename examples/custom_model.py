@@ -29,8 +29,9 @@ import optax
 from flax import nnx
 
 import fedvp_jax as fv
+from fedvp_jax.config import MOTION_DIM
 from fedvp_jax.data import SAMPLE_PERIOD
-from fedvp_jax.models import MOTION_DIM, Head, ViewportModel, functional, motion_features
+from fedvp_jax.models import Head, ViewportModel, functional, motion_features
 
 INPUT_FEATURES = 6
 """Per-step inputs from ``motion_features``: position (3) and displacement (3)."""
@@ -97,7 +98,7 @@ def custom_model(
 def run_rounds(
   algorithm: fv.FederatedAlgorithm, data: fv.ClientData, rounds: int, seed: int
 ) -> Any:
-  """Runs ``rounds`` jitted rounds from ``seed`` (keys as in ``fedvp_jax.train``).
+  """Runs ``rounds`` jitted rounds from ``seed`` (keys as in ``fedvp_jax.rounds``).
 
   Returns:
     ``(state, summary)``: the final state and the final evaluation of the deployed models.
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--dataset", default="Synthetic-m10-h5", help="<Name>-m<M>-h<H>")
   parser.add_argument("--data-dir", default=None, help="data root for real datasets")
   parser.add_argument("--latent-dim", type=int, default=32)
-  parser.add_argument("--num-users", type=int, default=10)
+  parser.add_argument("--num-clients", "--num-users", dest="num_clients", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=30)
   parser.add_argument("--local-steps", type=int, default=10)
   parser.add_argument("--batch-size", type=int, default=32)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
   spec = fv.parse_spec(args.dataset)
   traces = fv.load_traces(spec, args.data_dir, seed=args.seed)
-  users = fv.select_users(traces, args.num_users, seed=args.seed)
+  users = fv.select_users(traces, args.num_clients, seed=args.seed)
   data = fv.build_client_data(traces, spec, users, seed=args.seed)
   config = fv.RoundConfig(send="full", local_steps=args.local_steps, batch_size=args.batch_size)
   print(

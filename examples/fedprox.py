@@ -82,11 +82,11 @@ def fedprox(
     mu: the proximal coefficient, >= 0; 0 is FedAvg.
 
   Raises:
-    ConfigError: for a negative ``mu`` or impossible round settings.
+    SettingError: for a negative ``mu`` (``config``'s round settings were checked when it was
+      built).
   """
-  config.check()
   if not mu >= 0:
-    raise fv.ConfigError(f"--mu {mu}: must be >= 0 (0 is FedAvg)")
+    raise fv.SettingError("mu", mu, "must be >= 0 (0 is FedAvg)")
   train = local_update(proximal_loss(model, mu), optimizer)
 
   def update(params, opt_state, batches, key, context):
@@ -115,7 +115,7 @@ def fedprox(
 def run_rounds(
   algorithm: fv.FederatedAlgorithm, data: fv.ClientData, rounds: int, seed: int
 ) -> fv.Summary:
-  """Runs ``rounds`` jitted rounds from ``seed`` (keys as in ``fedvp_jax.train``) and returns
+  """Runs ``rounds`` jitted rounds from ``seed`` (keys as in ``fedvp_jax.rounds``) and returns
   the final evaluation of the deployed models."""
   state = fv.run_rounds(algorithm, data, seed, rounds)
   return fv.summarize(jax.jit(algorithm.evaluate)(state, data))
@@ -136,9 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   )
   parser.add_argument("--dataset", default="Synthetic-m10-h5", help="<Name>-m<M>-h<H>")
   parser.add_argument("--data-dir", default=None, help="data root for real datasets")
-  parser.add_argument("--model", default="lstm", choices=fv.models.MODELS)
+  parser.add_argument("--model", default="lstm", choices=fv.config.MODELS)
   parser.add_argument("--latent-dim", type=int, default=32)
-  parser.add_argument("--num-users", type=int, default=10)
+  parser.add_argument("--num-clients", "--num-users", dest="num_clients", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=30)
   parser.add_argument("--local-steps", type=int, default=20)
   parser.add_argument("--batch-size", type=int, default=32)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   args = parse_args(argv)
   spec = fv.parse_spec(args.dataset)
   traces = fv.load_traces(spec, args.data_dir, seed=args.seed)
-  users = fv.select_users(traces, args.num_users, seed=args.seed)
+  users = fv.select_users(traces, args.num_clients, seed=args.seed)
   data = fv.build_client_data(traces, spec, users, seed=args.seed)
   model = fv.build_model(args.model, spec.history, spec.horizon, latent_dim=args.latent_dim)
   optimizer = optax.sgd(args.learning_rate)

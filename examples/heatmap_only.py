@@ -182,5 +182,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
 if __name__ == "__main__":
   try:
     main()
+  except fv.SettingError as err:  # a setting is named as this script's flag
+    sys.exit(f"error: --{err.setting.replace('_', '-')}: {err.reason}")
   except fv.FedVPError as err:
     sys.exit(f"error: {err}")

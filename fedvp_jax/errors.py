@@ -20,3 +20,19 @@ class ConfigError(FedVPError):
 
 class DivergenceError(FedVPError):
   """Training diverged: every client's update in a round was non-finite."""
+
+
+class SettingError(ConfigError):
+  """A setting's value is impossible. Names the quantity (``beta``), never a flag, so that the
+  command line can name its flag and a sweep its spec file and key.
+
+  Attributes:
+    setting: the setting's name (see :data:`fedvp_jax.config.SCHEMA`).
+    value: the value given (``None`` when the name itself is wrong).
+    reason: what is wrong with it.
+  """
+
+  def __init__(self, setting: str, value: object, reason: str):
+    self.setting, self.value, self.reason = setting, value, reason
+    shown = "" if value is None else f" {value!r}" if isinstance(value, str) else f" {value}"
+    super().__init__(f"{setting}{shown}: {reason}")

@@ -7,25 +7,32 @@ For a set of run directories (a sweep folder's, or any), :func:`write_report` wr
   over seeds, the wall time, and whether it beats the no-motion and constant-velocity
   baselines at every step; the baselines as rows of their own;
 * ``loss.png``: test loss against round for every configuration (mean over seeds, a band of
-  ± one std), and ``loss_<group>.png`` per group;
+  ± one std), one panel per group, and ``loss_<group>.png`` with the one group's panel;
 * ``orthodromic.png``: orthodromic error per horizon step, every configuration and baseline.
+
+The figures are :mod:`fedvp_jax.plots`'s.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedvp_jax.algorithms import ALGORITHMS
+from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.errors import ConfigError
+from fedvp_jax.plots import plot_loss, plot_orthodromic
+from fedvp_jax.rundir import RunDir, read_sweep_index
+from fedvp_jax.summaries import mean_std
+
+log = logging.getLogger("fedvp_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +42,7 @@ class RunResult:
   Attributes:
     name: the run's label (its directory's name).
     group: its group (from the sweep's ``sweep.json``; the algorithm otherwise).
-    config: its configuration, as saved.
+    config: its settings by name (:func:`fedvp_jax.config.to_record`).
     summary: its ``summary.json``, or ``None`` when it did not finish.
     curves: ``f32[seeds, rounds + 1]`` test loss of every seed after every number of
       aggregations, 0 to ``rounds`` (NaN where it was not evaluated).
@@ -64,45 +71,34 @@ def find_runs(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
   """
   found: list[tuple[Path, str | None]] = []
   for path in map(Path, paths):
-    if (path / "config.json").is_file():
+    index = read_sweep_index(path) if path.is_dir() else {}
+    if RunDir(path).exists():
       found.append((path, None))
-    elif (path / "sweep.json").is_file():
-      for entry in json.loads((path / "sweep.json").read_text()):
-        if (path / entry["name"] / "config.json").is_file():
-          found.append((path / entry["name"], entry["group"]))
-    elif path.is_dir() and any((p / "config.json").is_file() for p in path.iterdir()):
-      found.extend((p, None) for p in sorted(path.iterdir()) if (p / "config.json").is_file())
+    elif index:
+      found.extend((path / n, e["group"]) for n, e in index.items() if RunDir(path / n).exists())
+    elif path.is_dir() and any(RunDir(p).exists() for p in path.iterdir()):
+      found.extend((p, None) for p in sorted(path.iterdir()) if RunDir(p).exists())
     else:
       raise ConfigError(f"{path}: not a run directory or a folder of them (no config.json)")
   return found
 
 
 def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
-  """Reads one run directory (see :mod:`fedvp_jax.training` for its layout).
+  """Reads one run directory (see :mod:`fedvp_jax.rundir`).
 
   Raises:
-    ConfigError: naming the file, when ``config.json`` or ``baselines.json`` is unreadable.
+    ConfigError: naming the file, when a file the run needs is unreadable.
   """
-  run_dir = Path(run_dir)
-  try:
-    config = json.loads((run_dir / "config.json").read_text())["config"]
-    baselines = json.loads((run_dir / "baselines.json").read_text())
-  except (OSError, ValueError, KeyError) as err:
-    raise ConfigError(f"{run_dir}: unreadable config.json or baselines.json ({err})") from err
-  summary_path, diverged_path = run_dir / "summary.json", run_dir / "diverged.json"
-  summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-  diverged = json.loads(diverged_path.read_text())["message"] if diverged_path.is_file() else None
-  seeds = [config["seed"] + k for k in range(config["times"])]
-  rounds = config["rounds"] + _pretrain(config)
+  target = RunDir(run_dir)
+  config: RunConfig = target.read_config()
+  baselines = target.read_baselines()
+  summary = target.read_summary()
+  seeds = [config.seed + k for k in range(config.num_seeds)]
+  rounds = config.total_rounds
   curves = np.full((len(seeds), rounds + 1), np.nan)
   seconds = 0.0
   for k, seed in enumerate(seeds):
-    metrics = run_dir / f"seed{seed}" / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:  # a torn last line of a killed run
-        break
+    for record in target.read_metrics(seed):
       if record.get("test_loss") is not None and record["round"] < rounds:
         curves[k, record["round"]] = record["test_loss"]
       if k == 0:  # the seeds of a run share their rounds
@@ -111,19 +107,22 @@ def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
     finals = [s["final"]["loss"] for s in summary["seeds"]]
     curves[:, rounds] = [np.nan if f is None else f for f in finals]
   return RunResult(
-    run_dir.name, group or config["algo"], config, summary, curves, baselines, seconds, diverged
+    target.name,
+    group or config.algorithm,
+    to_record(config),
+    summary,
+    curves,
+    baselines,
+    seconds,
+    target.diverged(),
   )
 
 
 def _pretrain(config: dict[str, Any]) -> int:
-  """Stage-one rounds of a saved configuration (only the FedGen family has them)."""
-  return config["fedgen"]["pretrain_epochs"] if ALGORITHMS[config["algo"]].generator else 0
+  """Stage-one rounds of a run's settings (only the FedGen family has them)."""
+  from fedvp_jax.config import ALGORITHMS
 
-
-def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-  array = np.array([np.nan if v is None else v for v in values], dtype=float)
-  std = float(array.std(ddof=1)) if len(array) > 1 else math.nan
-  return float(array.mean()), std
+  return config["pretrain_rounds"] if ALGORITHMS[config["algorithm"]].generator else 0
 
 
 def _pm(mean_std: tuple[float, float], spec: str) -> str:
@@ -141,11 +140,11 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     row: dict[str, Any] = {
       "run": result.name,
       "group": result.group,
-      "algorithm": config["algo"],
+      "algorithm": config["algorithm"],
       "beta": config["beta"],
       "pretrain": _pretrain(config),
       "rounds": result.curves.shape[1] - 1,
-      "seeds": config["times"],
+      "seeds": config["num_seeds"],
     }
     summary = result.summary
     if summary is None:
@@ -153,12 +152,11 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
       continue
     seeds = summary["seeds"]
     row["status"] = "done"
-    row["final_loss"] = _mean_std([s["final"]["loss"] for s in seeds])
-    row["best_loss"] = _mean_std([s["best_loss"] for s in seeds])
+    row["final_loss"] = mean_std([s["final"]["loss"] for s in seeds])
+    row["best_loss"] = mean_std([s["best_loss"] for s in seeds])
     row["best_round"] = sorted({s["best_round"] for s in seeds if s["best_round"] is not None})
-    degrees = np.array([s["final"]["orthodromic_deg"] for s in seeds], dtype=float)
-    ddof_std = degrees.std(axis=0, ddof=1) if len(seeds) > 1 else np.full(degrees.shape[1], np.nan)
-    row["orthodromic_deg"] = list(zip(degrees.mean(axis=0), ddof_std, strict=True))
+    per_step = zip(*(s["final"]["orthodromic_deg"] for s in seeds), strict=True)
+    row["orthodromic_deg"] = [mean_std(step) for step in per_step]
     row["wall_seconds"] = result.seconds
     row["beats"] = {name: all(wins) for name, wins in summary["beats_baselines"].items()}
     rows.append(row)
@@ -184,7 +182,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     "algorithm",
     "beta",
     "pretrain",
-    "rounds",
+    "rounds (pretrain included)",
     "seeds",
     "Average Global Loss (final)",
     "best (round)",
@@ -251,106 +249,12 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
       )
 
 
-def plot_loss(results: Sequence[RunResult], path: Path, title: str) -> None:
-  """Test loss against round: every run's mean over seeds with a ± std band.
-
-  The y range is zoomed onto the runs after their first rounds, where the differences between
-  algorithms live; a baseline inside that range is a dashed line, one outside it is named in
-  the corner with its loss.
-  """
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(10, 6))
-  colors = [plt.get_cmap("tab20")(k) for k in range(20)]
-  settled = []
-  for i, result in enumerate(results):
-    rounds = np.arange(result.curves.shape[1])
-    evaluated = ~np.all(np.isnan(result.curves), axis=0)
-    mean = np.nanmean(result.curves[:, evaluated], axis=0)
-    style = ("-", "--", ":")[i // len(colors) % 3]
-    color = colors[i % len(colors)]
-    ax.plot(rounds[evaluated], mean, style, color=color, label=result.name, linewidth=1.3)
-    if result.curves.shape[0] > 1:
-      std = np.nanstd(result.curves[:, evaluated], axis=0, ddof=1)
-      ax.fill_between(rounds[evaluated], mean - std, mean + std, color=color, alpha=0.15)
-    settled.extend(mean[len(mean) // 10 :])
-  finite = np.asarray(settled, dtype=float)
-  finite = finite[np.isfinite(finite)]
-  if finite.size:
-    low, high = float(finite.min()), float(finite.max())
-    pad = 0.15 * (high - low) or 0.01 * high
-    ax.set_ylim(low - pad, high + 2 * pad)
-  off_scale = []
-  for name, baseline in results[0].baselines.items() if results else []:
-    loss = baseline["loss"]
-    if loss is None:
-      continue
-    bottom, top = ax.get_ylim()
-    if bottom <= loss <= top:
-      ax.axhline(loss, linestyle="--", color="gray", linewidth=1)
-      ax.annotate(f"{name} {loss:.6f}", (0, loss), fontsize=8, color="gray", va="bottom")
-    else:
-      off_scale.append(f"{name}: {loss:.6f} ({'above' if loss > top else 'below'})")
-  if off_scale:
-    ax.text(
-      0.99,
-      0.99,
-      "baselines off the scale:\n" + "\n".join(off_scale),
-      transform=ax.transAxes,
-      ha="right",
-      va="top",
-      fontsize=8,
-      color="gray",
-    )
-  ax.set_xlabel("round (models after that many aggregations)")
-  ax.set_ylabel("Average Global Loss (test MSE)")
-  ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, ncol=2, loc="upper center")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_orthodromic(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-  """Orthodromic error per horizon step: grouped bars, one bar per run and baseline."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  shown = [r for r in rows if "orthodromic_deg" in r]
-  steps = max((len(r["orthodromic_deg"]) for r in shown), default=0)
-  fig, ax = plt.subplots(figsize=(max(6, 1.5 + 0.35 * len(shown) * steps), 5))
-  width = 0.8 / max(len(shown), 1)
-  for i, row in enumerate(shown):
-    means = np.array([m for m, _ in row["orthodromic_deg"]])
-    stds = np.array([0.0 if math.isnan(s) else s for _, s in row["orthodromic_deg"]])
-    x = np.arange(len(means)) + (i - (len(shown) - 1) / 2) * width
-    hatch = "//" if row["status"] == "baseline" else None
-    ax.bar(x, means, width, yerr=stds, label=row["run"], hatch=hatch)
-  ax.set_xticks(np.arange(steps), [f"step {k + 1}" for k in range(steps)])
-  ax.set_ylabel("orthodromic error (degrees)")
-  ax.set_title(title)
-  ax.legend(fontsize=7, ncol=2)
-  ax.grid(True, axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def write_report(
-  *paths: str | Path, out_dir: str | Path | None = None, log: Callable[[str], None] = print
-) -> list[dict[str, Any]]:
+def write_report(*paths: str | Path, out_dir: str | Path | None = None) -> list[dict[str, Any]]:
   """Writes the table and plots of the runs in ``paths`` into ``out_dir``.
 
   Args:
     paths: run directories and folders of them (a sweep folder keeps its order and groups).
     out_dir: where the files go; by default the single folder given.
-    log: where the table and the files' names go.
 
   Returns:
     The table's rows.
@@ -359,7 +263,7 @@ def write_report(
     ConfigError: when ``paths`` hold no run, or ``out_dir`` is needed but not given.
   """
   if out_dir is None:
-    if len(paths) != 1 or (Path(paths[0]) / "config.json").is_file():
+    if len(paths) != 1 or RunDir(paths[0]).exists():
       raise ConfigError("give --out: the report of several folders, or of one run, needs one")
     out_dir = paths[0]
   results = [load_run(run_dir, group) for run_dir, group in find_runs(paths)]
@@ -373,13 +277,13 @@ def write_report(
   write_csv(rows, out_dir / "results.csv")
   plot_loss(results, out_dir / "loss.png", f"{dataset}: test loss per round")
   for group in dict.fromkeys(r.group for r in results):
-    members = [r for r in results if r.group == group]
-    if len(members) < len(results):
-      safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
-      plot_loss(members, out_dir / f"loss_{safe}.png", f"{dataset}: {group}")
+    if all(r.group == group for r in results):
+      break  # the one panel of loss.png already
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
+    plot_loss(results, out_dir / f"loss_{safe}.png", f"{dataset}: {group}", groups=[group])
   plot_orthodromic(rows, out_dir / "orthodromic.png", f"{dataset}: orthodromic error")
-  log(markdown_table(rows))
-  log(f"table and plots written to {out_dir}")
+  log.info(markdown_table(rows))
+  log.info(f"table and plots written to {out_dir}")
   return rows
 
 
@@ -388,8 +292,6 @@ __all__ = [
   "find_runs",
   "load_run",
   "markdown_table",
-  "plot_loss",
-  "plot_orthodromic",
   "table_rows",
   "write_csv",
   "write_report",

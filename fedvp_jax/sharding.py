@@ -18,7 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDev
 
 from fedvp_jax.algorithms.core import ClientsState
 from fedvp_jax.data.federated import ClientData
-from fedvp_jax.errors import ConfigError
+from fedvp_jax.errors import SettingError
 
 CLIENTS_AXIS = "clients"
 
@@ -28,14 +28,13 @@ def client_mesh(num_devices: int) -> Mesh:
   default kind (the one a ``jax.default_device`` block, e.g. the script's ``--device``, chose).
 
   Raises:
-    ConfigError: when fewer devices are visible.
+    SettingError: when fewer devices are visible.
   """
   default = getattr(jax.config, "jax_default_device", None)
   available = jax.devices(default.platform) if default is not None else jax.devices()
   if not 1 <= num_devices <= len(available):
-    raise ConfigError(
-      f"--devices {num_devices}: {len(available)} {available[0].platform} device(s) visible"
-    )
+    visible = f"{len(available)} {available[0].platform} device(s) are visible"
+    raise SettingError("devices", num_devices, visible)
   return jax.make_mesh(
     (num_devices,), (CLIENTS_AXIS,), axis_types=(AxisType.Auto,), devices=available[:num_devices]
   )
@@ -51,13 +50,15 @@ def shard_data(data: ClientData, mesh: Mesh) -> ClientData:
   """Splits every client array of ``data`` over ``mesh``.
 
   Raises:
-    ConfigError: when the clients do not divide evenly over the devices.
+    SettingError: when the clients do not divide evenly over the devices.
   """
   devices = mesh.devices.size
   if data.num_clients % devices:
-    raise ConfigError(
-      f"--devices {devices}: the {data.num_clients} clients do not divide evenly over "
-      f"{devices} devices; choose a number of users that is a multiple of --devices"
+    raise SettingError(
+      "devices",
+      devices,
+      f"the {data.num_clients} clients do not divide evenly over them; choose a number of "
+      "clients that is a multiple of the number of devices",
     )
   return split_clients(data, mesh)
 
@@ -101,3 +102,13 @@ def state_shardings(state: Any, mesh: Mesh | None, *, seeds_axis: bool = False) 
 def shard_state(state: Any, mesh: Mesh, *, seeds_axis: bool = False) -> Any:
   """Places ``state`` as :func:`state_shardings` says."""
   return jax.device_put(state, state_shardings(state, mesh, seeds_axis=seeds_axis))
+
+
+__all__ = [
+  "CLIENTS_AXIS",
+  "client_mesh",
+  "shard_data",
+  "shard_state",
+  "split_clients",
+  "state_shardings",
+]

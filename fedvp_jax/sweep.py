@@ -2,8 +2,8 @@
 
 A spec is TOML (Python reads it without a dependency)::
 
-    # Settings every run shares. Keys are the train.py flags' names with underscores
-    # (fedvp_jax.cli.SETTINGS): RunConfig fields and FedGen's fields, side by side.
+    # Settings every run shares. Keys are the settings' names (fedvp_jax.config.SCHEMA; the
+    # flags' names with underscores, e.g. learning_rate, local_steps, pretrain_rounds).
     [shared]
     dataset = "David-m10-h1"
     model = "transformer"
@@ -12,149 +12,52 @@ A spec is TOML (Python reads it without a dependency)::
     # One table per configuration: ``name`` (its run directory and table label, default
     # the algorithm) and ``group`` (plots per group, default the algorithm), then settings.
     [[run]]
-    name = "FedAvg b1"
+    name = "FedAvg-b1"
     group = "FedAvg"
-    algo = "fedavg"
+    algorithm = "fedavg"
 
     # Optional: every run is repeated for every combination of these values, and the
-    # values are appended to its name ("FedAvg b1 lr=0.03").
+    # values are appended to its name ("FedAvg-b1-learning_rate=0.03").
     [grid]
     learning_rate = [0.01, 0.03]
 
 Command-line overrides replace ``[shared]`` settings in every run; a setting that runs or the
 grid set individually cannot be overridden (it would erase the differences between runs).
-``weekly-table`` (:data:`PRESETS`) is the
-researcher's comparison table written in this format.
+Presets (:data:`PRESETS`, files in ``fedvp_jax/presets/``) are specs shipped with the package;
+``weekly-table`` is the researcher's comparison table.
 
 A sweep folder holds ``sweep.json`` (every run's name, group and configuration), one run
-directory per configuration (see :mod:`fedvp_jax.training`), and the table and plots of
+directory per configuration (:mod:`fedvp_jax.rundir`), and the table and plots of
 :mod:`fedvp_jax.report`. A configuration whose run directory already holds a finished run with
 the same settings is not recomputed; an interrupted one is resumed from its checkpoints; one
-with other settings is an error unless ``overwrite``.
+with other settings is an error unless ``overwrite``. Every run's data is checked before any
+trains; a run that fails (bad data, divergence) is recorded and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import itertools
-import json
+import logging
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedvp_jax.cli import with_settings
-from fedvp_jax.errors import ConfigError, DivergenceError
-from fedvp_jax.training import RunConfig, resume, run
+from fedvp_jax.config import RunConfig, differences, resolve_name, to_record, with_settings
+from fedvp_jax.errors import ConfigError, DivergenceError, FedVPError, SettingError
+from fedvp_jax.rundir import RunDir, read_sweep_index, write_sweep_index
+from fedvp_jax.runner import Progress, drain, resume_steps, run_steps
 
-WEEKLY_TABLE = """\
-# The researcher's weekly comparison: every algorithm of the FedGen family beside local
-# training, FedAvg and partial FedAvg, with full (beta 1) and blended (beta 0.5) updates, and
-# the generator-based ones without and with 50 rounds of generator pretraining.
-[shared]
-dataset = "David-m10-h1"
-model = "transformer"
-num_users = 10
-rounds = 100
-times = 2
-optimizer = "sgd"
-learning_rate = 0.01
-local_epochs = 10
-batch_size = 64
+log = logging.getLogger("fedvp_jax")
 
-[[run]]
-name = "local"
-algo = "local"
-
-[[run]]
-name = "FedAvg b1"
-group = "FedAvg"
-algo = "fedavg"
-
-[[run]]
-name = "FedAvg b0.5"
-group = "FedAvg"
-algo = "fedavg"
-beta = 0.5
-
-[[run]]
-name = "partialFedAvg b1"
-group = "partialFedAvg"
-algo = "partial-fedavg"
-
-[[run]]
-name = "partialFedAvg b0.5"
-group = "partialFedAvg"
-algo = "partial-fedavg"
-beta = 0.5
-
-[[run]]
-name = "FedGen b1"
-group = "FedGen"
-algo = "fedgen"
-
-[[run]]
-name = "FedGen b0.5"
-group = "FedGen"
-algo = "fedgen"
-beta = 0.5
-
-[[run]]
-name = "FedGen b1 pretrain50"
-group = "FedGen"
-algo = "fedgen"
-pretrain_epochs = 50
-
-[[run]]
-name = "FedGen b0.5 pretrain50"
-group = "FedGen"
-algo = "fedgen"
-beta = 0.5
-pretrain_epochs = 50
-
-# localFedGen receives no model, so beta has nothing to blend.
-[[run]]
-name = "localFedGen"
-group = "localFedGen"
-algo = "local-fedgen"
-
-[[run]]
-name = "localFedGen pretrain50"
-group = "localFedGen"
-algo = "local-fedgen"
-pretrain_epochs = 50
-
-[[run]]
-name = "partialFedGen b1"
-group = "partialFedGen"
-algo = "partial-fedgen"
-
-[[run]]
-name = "partialFedGen b0.5"
-group = "partialFedGen"
-algo = "partial-fedgen"
-beta = 0.5
-
-[[run]]
-name = "partialFedGen b1 pretrain50"
-group = "partialFedGen"
-algo = "partial-fedgen"
-pretrain_epochs = 50
-
-[[run]]
-name = "partialFedGen b0.5 pretrain50"
-group = "partialFedGen"
-algo = "partial-fedgen"
-beta = 0.5
-pretrain_epochs = 50
-"""
-
-PRESETS = {"weekly-table": WEEKLY_TABLE}
-"""Built-in specs by name, as TOML text."""
-
-# Where a run's data lives and how its clients are placed change nothing it computes, so a
-# finished run is reused even when they differ.
-_PLACEMENT = ("data_dir", "devices")
+PRESETS = {
+  path.name.removesuffix(".toml"): path.read_text()
+  for path in importlib.resources.files("fedvp_jax.presets").iterdir()
+  if path.name.endswith(".toml")
+}
+"""Built-in specs by name, as TOML text: the files shipped in ``fedvp_jax/presets/``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +79,7 @@ def read_spec(source: str) -> tuple[str, str]:
   """``(text, label)`` of a preset name or a spec file path.
 
   Raises:
-    ConfigError: when ``source`` is neither.
+    ConfigError: when ``source`` is neither, or the file is empty.
   """
   if source in PRESETS:
     return PRESETS[source], f"preset {source}"
@@ -185,7 +88,17 @@ def read_spec(source: str) -> tuple[str, str]:
     raise ConfigError(
       f"{source}: no such spec file, and not a preset (presets: {', '.join(PRESETS)})"
     )
-  return path.read_text(), str(path)
+  text = path.read_text()
+  if not text.strip():
+    raise ConfigError(f"{path} is empty: a spec needs at least a [shared] or [[run]] table")
+  return text, str(path)
+
+
+def _settings(settings: Mapping[str, Any], base: RunConfig, where: str) -> RunConfig:
+  try:
+    return with_settings(base, settings)
+  except SettingError as err:
+    raise ConfigError(f"{where}: {err}") from None
 
 
 def expand_spec(
@@ -217,155 +130,205 @@ def expand_spec(
   for key, values in grid.items():
     if not isinstance(values, list) or not values:
       raise ConfigError(f"{label}: [grid] {key} must be a non-empty list of values")
-  per_run = {key for entry in entries for key in entry} | set(grid)
-  clashes = sorted(set(overrides or {}) & per_run)
+  names = _setting_names(shared, grid, entries, label, overrides or {})
+  base = _settings(shared, RunConfig(), f"{label} [shared]")
+  runs = []
+  for index, entry in enumerate(entries):
+    own = {key: value for key, value in entry.items() if key not in ("name", "group")}
+    where = f"{label} run {index + 1}"
+    varied = {names[k] for k in own} & {names[k] for k in grid}
+    if varied:
+      raise ConfigError(f"{where} sets {sorted(varied)}, which the grid varies")
+    for combination in itertools.product(*grid.values()):
+      settings = dict(zip(grid, combination, strict=True))
+      config = _settings({**own, **settings, **(overrides or {})}, base, where)
+      name = str(entry.get("name", config.algorithm))
+      group = str(entry.get("group", config.algorithm))
+      suffix = "-".join(f"{key}={value}" for key, value in settings.items())
+      runs.append(SweepRun(f"{name}-{suffix}" if suffix else name, group, config))
+  _check_run_names(runs, label)
+  return runs
+
+
+def _setting_names(
+  shared: dict[str, Any],
+  grid: dict[str, Any],
+  entries: list[dict[str, Any]],
+  label: str,
+  overrides: Mapping[str, Any],
+) -> dict[str, str]:
+  """Every key of the spec with its setting's name, each unknown key reported with its table;
+  refuses overrides of settings that runs or the grid set individually."""
+  names = {
+    **_canonical_names(shared, f"{label} [shared]"),
+    **_canonical_names(grid, f"{label} [grid]"),
+  }
+  for index, entry in enumerate(entries):
+    own_keys = [k for k in entry if k not in ("name", "group")]
+    names.update(_canonical_names(own_keys, f"{label} run {index + 1}"))
+  per_run = {names[key] for entry in entries for key in entry if key in names} | {
+    names[key] for key in grid
+  }
+  clashes = sorted(set(overrides) & per_run)
   if clashes:
     raise ConfigError(
       f"{label} sets {', '.join(clashes)} per run or in its grid, so the command line cannot "
       "override it for every run; copy the spec (--print-spec) and edit it instead"
     )
-  base = with_settings(RunConfig(), shared, f"{label} [shared]")
-  runs = []
-  for index, entry in enumerate(entries):
-    own = {key: value for key, value in entry.items() if key not in ("name", "group")}
-    where = f"{label} run {index + 1}"
-    if set(own) & set(grid):
-      raise ConfigError(f"{where} sets {sorted(set(own) & set(grid))}, which the grid varies")
-    name = str(entry.get("name", own.get("algo", base.algo)))
-    group = str(entry.get("group", own.get("algo", base.algo)))
-    for combination in itertools.product(*grid.values()):
-      settings = dict(zip(grid, combination, strict=True))
-      config = with_settings(base, {**own, **settings, **(overrides or {})}, where)
-      suffix = " ".join(f"{key}={value}" for key, value in settings.items())
-      runs.append(SweepRun(f"{name} {suffix}".strip(), group, config))
-  names = [r.name for r in runs]
-  for name in names:
-    if names.count(name) > 1:
+  return names
+
+
+def _check_run_names(runs: Sequence[SweepRun], label: str) -> None:
+  """Refuses two runs of one name and names that are not plain folder names."""
+  run_names = [r.name for r in runs]
+  for name in run_names:
+    if run_names.count(name) > 1:
       raise ConfigError(f"{label}: two runs are named {name!r}; give each run its own name")
     if not name or name in (".", "..") or "/" in name or "\\" in name:
       raise ConfigError(f"{label}: run name {name!r} must be a plain folder name")
-  return runs
 
 
-def run_sweep(
+def _canonical_names(keys: Iterable[str], label: str) -> dict[str, str]:
+  """Every key's setting name (legacy names accepted).
+
+  Raises:
+    ConfigError: naming ``label``, for an unknown key.
+  """
+  try:
+    return {key: resolve_name(key) for key in keys}
+  except SettingError as err:
+    raise ConfigError(f"{label}: {err}") from None
+
+
+SweepSteps = Generator[tuple[str, Progress], None, dict[str, str]]
+"""Yields ``(run name, Progress)``; returns every run's outcome by name."""
+
+
+def run_sweep(runs: Sequence[SweepRun], out_dir: str | Path, **options: Any) -> dict[str, str]:
+  """Runs every configuration; arguments as :func:`sweep_steps`."""
+  return drain(sweep_steps(runs, out_dir, **options))  # type: ignore[arg-type]
+
+
+def sweep_steps(
   runs: Sequence[SweepRun],
   out_dir: str | Path,
   *,
   overwrite: bool = False,
-  checkpoint_every: int | None = None,
-  progress: bool = True,
-  log: Callable[[str], None] = print,
-) -> dict[str, str]:
+  **run_options: Any,
+) -> SweepSteps:
   """Runs every configuration into ``out_dir/<name>/``, skipping finished ones.
 
   Args:
     runs: the configurations (from :func:`expand_spec`).
     out_dir: the sweep folder.
     overwrite: rerun configurations whose folder holds a run with other settings.
-    checkpoint_every: passed to :func:`fedvp_jax.training.run`, so a killed sweep resumes
-      each run from its checkpoints.
-    progress: progress lines on stderr.
-    log: where human-readable lines go.
+    run_options: ``checkpoint_every`` (so that a killed sweep resumes each run from its
+      checkpoints) and ``tensorboard``, for every run (see :func:`fedvp_jax.runner.run_steps`).
 
   Returns:
-    Every run's outcome by name: ``"done"``, ``"reused"``, ``"diverged: <message>"``, or
+    Every run's outcome by name: ``"done"``, ``"reused"``, ``"diverged: <message>"``,
     ``"diverged before"`` (a run that diverged in an earlier sweep is not repeated unless
-    ``overwrite``).
+    ``overwrite``) or ``"failed: <message>"`` (its data or settings could not serve it).
 
   Raises:
     ConfigError: when a folder holds a run with other settings and not ``overwrite`` (checked
       for every run before any runs).
   """
   out_dir = Path(out_dir)
-  plans = {r.name: _plan(r, out_dir / r.name, overwrite) for r in runs}
-  out_dir.mkdir(parents=True, exist_ok=True)
-  _update_index(out_dir / "sweep.json", runs)
+  plans = {r.name: _plan(r, RunDir(out_dir / r.name), overwrite) for r in runs}
+  problems = _check_data(runs)
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as err:
+    raise ConfigError(f"cannot create the sweep folder {out_dir}: {err}") from None
+  index = read_sweep_index(out_dir)
+  index.update(
+    {r.name: {"name": r.name, "group": r.group, "config": to_record(r.config)} for r in runs}
+  )
+  write_sweep_index(out_dir, list(index.values()))
   outcomes = {}
   for number, sweep_run in enumerate(runs, start=1):
-    run_dir, plan = out_dir / sweep_run.name, plans[sweep_run.name]
-    log(f"[{number}/{len(runs)}] {sweep_run.name}: {plan}")
+    target, plan = RunDir(out_dir / sweep_run.name), plans[sweep_run.name]
+    log.info(f"[{number}/{len(runs)}] {sweep_run.name}: {plan}")
+    if sweep_run.name in problems:
+      outcomes[sweep_run.name] = f"failed: {problems[sweep_run.name]}"
+      log.info(f"  {sweep_run.name} failed: {problems[sweep_run.name]}")
+      continue
+    if plan in ("reuse", "diverged"):
+      outcomes[sweep_run.name] = "reused" if plan == "reuse" else "diverged before"
+      continue
+    config = sweep_run.config
+    if plan == "resume":
+      steps = resume_steps(
+        target.path,
+        devices=config.devices,
+        data_dir=config.data_dir,
+        **run_options,
+      )
+    else:
+      if plan == "run" and target.path.exists():
+        target.path.rmdir()  # empty, as _plan checked
+      steps = run_steps(
+        config,
+        target.path,
+        overwrite=plan == "overwrite",
+        **run_options,
+      )
     try:
-      if plan in ("reuse", "diverged"):
-        outcomes[sweep_run.name] = "reused" if plan == "reuse" else "diverged before"
-        continue
-      if plan == "resume":
-        resume(
-          run_dir,
-          devices=sweep_run.config.devices,
-          data_dir=sweep_run.config.data_dir,
-          checkpoint_every=checkpoint_every,
-          progress=progress,
-          log=log,
-        )
-      else:
-        if plan == "run" and run_dir.exists():
-          run_dir.rmdir()  # empty, as _plan checked
-        run(
-          sweep_run.config,
-          run_dir,
-          overwrite=plan == "overwrite",
-          checkpoint_every=checkpoint_every,
-          progress=progress,
-          log=log,
-        )
+      for progress in steps:
+        yield sweep_run.name, progress
       outcomes[sweep_run.name] = "done"
-    except DivergenceError as err:  # one bad configuration does not stop the others
-      log(f"  {sweep_run.name} diverged: {err}")
-      outcomes[sweep_run.name] = f"diverged: {err}"
+    except FedVPError as err:  # one bad configuration does not stop the others
+      kind = "diverged" if isinstance(err, DivergenceError) else "failed"
+      log.info(f"  {sweep_run.name} {kind}: {err}")
+      outcomes[sweep_run.name] = f"{kind}: {err}"
   return outcomes
 
 
-def _update_index(path: Path, runs: Sequence[SweepRun]) -> None:
-  """Adds ``runs`` to the sweep's index (a run of the same name is replaced; the index of runs
-  from earlier invocations is kept, as their folders are)."""
-  index = {}
-  if path.is_file():
-    try:
-      index = {entry["name"]: entry for entry in json.loads(path.read_text())}
-    except (ValueError, KeyError, TypeError) as err:
-      raise ConfigError(f"{path} is not a sweep index ({err}); move it out of the way") from err
+def _check_data(runs: Sequence[SweepRun]) -> dict[str, str]:
+  """Every run whose data cannot serve it, with why: found before any run trains, so that a
+  bad dataset in the last run does not wait for the others to finish."""
+  from fedvp_jax.data.datasets import load_traces, parse_spec
+  from fedvp_jax.data.federated import select_users
+
+  problems = {}
   for r in runs:
-    index[r.name] = {"name": r.name, "group": r.group, "config": dataclasses.asdict(r.config)}
-  path.write_text(json.dumps(list(index.values()), indent=2) + "\n")
+    c = r.config
+    try:
+      traces = load_traces(parse_spec(c.dataset), c.data_dir, seed=c.seed)
+      select_users(traces, c.num_clients, c.users, seed=c.seed)
+    except FedVPError as err:
+      problems[r.name] = str(err)
+  return problems
 
 
-def _plan(sweep_run: SweepRun, run_dir: Path, overwrite: bool) -> str:
+def _plan(sweep_run: SweepRun, target: RunDir, overwrite: bool) -> str:
   """What to do with one configuration: ``run``, ``reuse``, ``resume``, ``diverged`` (it did
   before; rerun with ``overwrite``) or ``overwrite``."""
-  record_path = run_dir / "config.json"
-  if not record_path.is_file():
-    if run_dir.exists() and any(run_dir.iterdir()):
-      raise ConfigError(f"{run_dir} exists and is not a run directory; move it out of the way")
+  if not target.exists():
+    if target.path.exists() and any(target.path.iterdir()):
+      raise ConfigError(f"{target.path} exists and is not a run directory; move it out of the way")
     return "run"
-  try:
-    saved = json.loads(record_path.read_text())["config"]
-  except (ValueError, KeyError) as err:
-    raise ConfigError(f"{record_path} is unreadable ({err}); move {run_dir} aside") from err
-  wanted = json.loads(json.dumps(dataclasses.asdict(sweep_run.config)))
-  differences = [
-    f"{key}: {saved.get(key)!r} there, {wanted[key]!r} now"
-    for key in wanted
-    if key not in _PLACEMENT and saved.get(key) != wanted[key]
-  ]
-  if differences:
+  changed = differences(target.read_config(), sweep_run.config)
+  if changed:
     if overwrite:
       return "overwrite"
     raise ConfigError(
-      f"{run_dir} holds a run with other settings ({'; '.join(differences)}); pass --overwrite "
+      f"{target.path} holds a run with other settings ({'; '.join(changed)}); pass --overwrite "
       "to replace it, or choose another --out"
     )
-  if (run_dir / "summary.json").is_file():
+  if target.is_finished():
     return "reuse"
-  if (run_dir / "diverged.json").is_file():
+  if target.diverged() is not None:
     return "overwrite" if overwrite else "diverged"
   return "resume"
 
 
 __all__ = [
   "PRESETS",
-  "WEEKLY_TABLE",
   "SweepRun",
   "expand_spec",
   "read_spec",
   "run_sweep",
+  "sweep_steps",
 ]

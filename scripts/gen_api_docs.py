@@ -15,13 +15,28 @@ from pathlib import Path
 
 PACKAGES = (
   "fedvp_jax",
+  "fedvp_jax.config",
   "fedvp_jax.data",
   "fedvp_jax.models",
   "fedvp_jax.algorithms",
   "fedvp_jax.heatmap",
-  "fedvp_jax.cli",
+  "fedvp_jax.experiment",
+  "fedvp_jax.rounds",
+  "fedvp_jax.summaries",
+  "fedvp_jax.runner",
+  "fedvp_jax.rundir",
+  "fedvp_jax.tensorboard",
+  "fedvp_jax.sharding",
   "fedvp_jax.sweep",
   "fedvp_jax.report",
+  "fedvp_jax.plots",
+  "fedvp_jax.cli",
+  "fedvp_jax.cli.flags",
+  "fedvp_jax.cli.common",
+  "fedvp_jax.cli.progress",
+  "fedvp_jax.cli.train",
+  "fedvp_jax.cli.sweep",
+  "fedvp_jax.cli.report",
 )
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedvp_jax.algorithms.aggregation import aggregate, check_send, receive, weighted_mean
-from fedvp_jax.errors import ConfigError
+from fedvp_jax.algorithms.aggregation import aggregate, receive, weighted_mean
+from fedvp_jax.config import RoundConfig
+from fedvp_jax.errors import ConfigError, SettingError
 
 
 def stacked_params(rng, clients=3):
@@ -77,9 +78,10 @@ def test_receive_modes_by_hand(beta):
 
 
 def test_bad_send_settings():
-  with pytest.raises(ConfigError, match="beta 0"):
-    check_send("full", 0.0)
-  with pytest.raises(ConfigError, match=r"beta 1\.5"):
-    check_send("full", 1.5)
-  with pytest.raises(ConfigError, match="unknown send mode"):
-    check_send("half", 1.0)
+  # The round's send mode and beta are checked when its RoundConfig is built.
+  with pytest.raises(SettingError, match=r"^beta 0\.0: must be in \(0, 1\]"):
+    RoundConfig(send="full", beta=0.0)
+  with pytest.raises(SettingError, match=r"^beta 1\.5: must be in \(0, 1\]"):
+    RoundConfig(send="full", beta=1.5)
+  with pytest.raises(ConfigError, match=r"^send 'half': choose one of full, partial, none"):
+    RoundConfig(send="half", beta=1.0)

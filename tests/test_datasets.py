@@ -14,7 +14,7 @@ from fedvp_jax.data.datasets import (
   resolve_data_root,
 )
 from fedvp_jax.data.traces import load_trace_dir
-from fedvp_jax.errors import DataError
+from fedvp_jax.errors import DataError, SettingError
 
 
 @pytest.fixture(autouse=True)
@@ -70,18 +70,58 @@ def test_parse_bad_specs(text, what):
   assert repr(text) in str(info.value)
 
 
+@pytest.mark.parametrize(
+  "text, name",
+  [
+    ("../x-m10-h1", "../x"),
+    ("a/b-m1-h1", "a/b"),
+    ("/abs/David_MMSys_18-m10-h1", "/abs/David_MMSys_18"),
+    ("..-m1-h1", ".."),
+    (".-m1-h1", "."),
+    ("..\\x-m1-h1", "..\\x"),
+    ("C:\\data\\David-m1-h1", "C:\\data\\David"),
+    ("David/-m10-h1", "David/"),
+    ("a\0b-m1-h1", "a\0b"),
+  ],
+)
+def test_parse_rejects_names_with_path_components(text, name):
+  with pytest.raises(DataError, match="not a plain folder name") as info:
+    parse_spec(text)
+  message = str(info.value)
+  assert repr(text) in message and repr(name) in message
+
+
+def test_spec_built_directly_rejects_path_names(tmp_path):
+  with pytest.raises(DataError, match=r"'\.\./Tiny'.*not a plain folder name"):
+    DatasetSpec("../Tiny", 3, 2)
+
+
+@pytest.mark.parametrize("name", ["..x", "x..", "a.b", ".hidden_DS", "My Data"])
+def test_names_with_dots_but_no_path_components_are_plain(name):
+  assert parse_spec(f"{name}-m2-h1").name == name
+
+
+def test_escaping_name_cannot_load_a_dataset_beside_the_root(tmp_path):
+  write_dataset(tmp_path, name="Outside", videos=2, users=2, length=10)
+  root = tmp_path / "root"
+  root.mkdir()
+  with pytest.raises(DataError, match="not a plain folder name"):
+    load_traces(parse_spec("../Outside-m2-h1"), root)
+
+
 def test_missing_data_root_tells_how_to_set_it():
-  with pytest.raises(DataError) as info:
+  # A SettingError of data_dir: the command line names its flag (tests/test_cli.py).
+  with pytest.raises(SettingError) as info:
     resolve_data_root()
   message = str(info.value)
-  assert "--data-dir" in message and "FEDVP_DATA" in message
-  with pytest.raises(DataError, match=r"--data-dir.*FEDVP_DATA"):
+  assert message.startswith("data_dir: no data root") and "FEDVP_DATA" in message
+  with pytest.raises(SettingError, match=r"data_dir.*FEDVP_DATA"):
     load_traces(parse_spec("David-m10-h1"))
 
 
 def test_empty_env_var_is_missing(monkeypatch):
   monkeypatch.setenv("FEDVP_DATA", "")
-  with pytest.raises(DataError, match="FEDVP_DATA"):
+  with pytest.raises(SettingError, match="FEDVP_DATA"):
     resolve_data_root()
 
 
@@ -105,7 +145,7 @@ def test_data_root_not_a_folder(tmp_path, monkeypatch, via_env):
       monkeypatch.setenv("FEDVP_DATA", str(bad))
       arg, source = None, "FEDVP_DATA"
     else:
-      arg, source = bad, "--data-dir"
+      arg, source = bad, "data_dir"
     with pytest.raises(DataError, match="not a folder") as info:
       resolve_data_root(arg)
     assert str(bad) in str(info.value) and source in str(info.value)
@@ -142,6 +182,12 @@ def test_synthetic_needs_no_root():
   again = load_traces(parse_spec("Synthetic-m10-h1"), "/definitely/not/a/folder", seed=3)
   key = (ts.videos[0], ts.users[0])
   np.testing.assert_array_equal(again.traces[key], ts.traces[key])
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, None, "3", True])
+def test_synthetic_bad_seed_is_a_data_error(seed):
+  with pytest.raises(DataError, match=r"Synthetic dataset: seed must be an integer >= 0"):
+    load_traces(parse_spec("Synthetic-m10-h1"), seed=seed)
 
 
 def assert_is_tiny(ts, folder):

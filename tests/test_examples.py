@@ -21,7 +21,7 @@ import fedvp_jax as fv
 TINY_FEDERATED = [
   "--dataset",
   "Synthetic-m2-h2",
-  "--num-users",
+  "--num-clients",
   "3",
   "--rounds",
   "2",
@@ -127,8 +127,9 @@ def test_proximal_term_uses_each_clients_received_model(fedprox):
 
 def test_fedprox_rejects_negative_mu(fedprox):
   model = fv.build_model("lstm", 3, 2, latent_dim=10)
-  with pytest.raises(fv.ConfigError, match="--mu"):
+  with pytest.raises(fv.SettingError, match=r"^mu -1\.0: must be >= 0") as caught:
     fedprox.fedprox(model, optax.sgd(0.1), fv.RoundConfig(), mu=-1.0)
+  assert isinstance(caught.value, fv.ConfigError) and "--" not in str(caught.value)
 
 
 # ---- custom_model.py ----------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def test_heatmap_example_without_data_root_says_what_to_do(tmp_path):
     timeout=120,
   )
   assert result.returncode == 1
-  assert "error: no data root: pass --data-dir DIR or set FEDVP_DATA" in result.stderr
+  assert "error: --data-dir: no data root: give one or set FEDVP_DATA=DIR" in result.stderr
   assert "Traceback" not in result.stderr and not (tmp_path / "x.png").exists()
 
 

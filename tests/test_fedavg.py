@@ -8,8 +8,9 @@ import optax
 import pytest
 from conftest import tiny_client_data
 
-from fedvp_jax.algorithms import ALGORITHMS, build_algorithm
-from fedvp_jax.algorithms.core import RoundConfig, select_clients
+from fedvp_jax.algorithms import build_algorithm
+from fedvp_jax.algorithms.core import select_clients
+from fedvp_jax.config import ALGORITHMS, RoundConfig
 from fedvp_jax.data.federated import sample_batches
 from fedvp_jax.metrics import error_sums
 from fedvp_jax.models import build_model

@@ -13,7 +13,7 @@ from fedvp_jax.data.datasets import DatasetSpec
 from fedvp_jax.data.federated import ClientData, build_client_data, sample_batches, select_users
 from fedvp_jax.data.traces import TraceSet
 from fedvp_jax.data.windows import make_windows
-from fedvp_jax.errors import DataError
+from fedvp_jax.errors import DataError, SettingError
 
 
 def user_set(num_users: int = 12, name: str = "Users") -> TraceSet:
@@ -63,7 +63,7 @@ def test_select_unknown_users():
 @pytest.mark.parametrize("num", [13, 100, 0, -2])
 def test_select_wrong_number_of_users(num):
   ts = user_set(12)
-  with pytest.raises(DataError) as info:
+  with pytest.raises(SettingError) as info:  # a number of clients the dataset cannot serve
     select_users(ts, num)
   message = str(info.value)
   assert str(num) in message and "12 users" in message and "Users" in message

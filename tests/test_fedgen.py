@@ -11,15 +11,15 @@ import pytest
 from conftest import tiny_client_data
 
 from fedvp_jax.algorithms import build_algorithm
-from fedvp_jax.algorithms.core import RoundConfig, select_clients
+from fedvp_jax.algorithms.core import select_clients
 from fedvp_jax.algorithms.fedgen import (
   SCHEDULE_DECAY,
-  FedGenConfig,
   diversity_loss,
   generator_update,
   generator_weights,
   teacher_loss,
 )
+from fedvp_jax.config import FedGenConfig, RoundConfig
 from fedvp_jax.data.federated import sample_batches, sample_final_targets
 from fedvp_jax.geometry import normalize
 from fedvp_jax.heatmap import combined, heatmaps, label_weights, sample_labels
@@ -28,7 +28,7 @@ from fedvp_jax.models.generator import build_generator
 
 LR = 0.05
 SMALL = FedGenConfig(
-  grain=16, heatmap_sigma=30.0, gen_batch_size=6, gen_steps=3, hidden=16, noise_dim=4
+  grain=16, heatmap_sigma=30.0, gen_batch_size=6, gen_steps=3, generator_hidden=16, noise_dim=4
 )
 
 
@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
 
 
 def test_generator_weights_schedule_by_hand():
-  config = FedGenConfig(alpha=2.0, latent_weight=3.0, pretrain_epochs=5, gen_warmup=4)
+  config = FedGenConfig(alpha=2.0, latent_weight=3.0, pretrain_rounds=5, gen_warmup=4)
   for r in range(5):
     assert [float(w) for w in generator_weights(config, jnp.array(r))] == [0.0, 0.0]
   for t in range(6):
@@ -123,7 +123,7 @@ def test_stage_one_client_update_is_the_plain_one(setup, algo):
   data, model = setup
   config = RoundConfig(local_steps=2, batch_size=4)
   gen = build_algorithm(
-    algo, model, optax.sgd(LR), config, dataclasses.replace(SMALL, pretrain_epochs=2)
+    algo, model, optax.sgd(LR), config, dataclasses.replace(SMALL, pretrain_rounds=2)
   )
   plain = build_algorithm(
     algo.replace("fedgen", "fedavg").replace("local-fedavg", "local"), model, optax.sgd(LR), config
@@ -251,7 +251,7 @@ def test_round_matches_python_loop(setup, algo, per_round):
     embedding=True,
     grain=cfg.grain,
     noise_dim=cfg.noise_dim,
-    hidden=cfg.hidden,
+    hidden=cfg.generator_hidden,
   )
   state = algorithm.init(jax.random.key(0), data)
   # Start from round 1 with distinct clients, so the generator terms are on.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedvp_jax.errors import ConfigError
+from fedvp_jax.errors import ConfigError, SettingError
 from fedvp_jax.heatmap import (
   cell_areas,
   cell_center_vectors,
@@ -106,8 +106,10 @@ def _circular_spread_deg(row_mass, lon):
 
 @pytest.mark.parametrize("grain", [3, 2, 0, 7.0, True])
 def test_check_grain_rejects_bad_grains(grain):
-  with pytest.raises(ConfigError):
+  # A SettingError (a ConfigError) naming the quantity, never a flag.
+  with pytest.raises(SettingError, match=r"^grain .*: must be") as caught:
     check_grain(grain)
+  assert isinstance(caught.value, ConfigError) and "--" not in str(caught.value)
 
 
 def test_grid_layout_rows_north_to_south_columns_from_dateline():

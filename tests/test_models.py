@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedvp_jax.config import MODELS
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.geometry import normalize
-from fedvp_jax.models import MODELS, build_model
+from fedvp_jax.models import build_model
 
 
 def random_history(key, batch, m):
@@ -66,7 +67,7 @@ def test_init_is_seeded_and_gradients_are_finite(name):
 
 
 def test_bad_model_settings():
-  with pytest.raises(ConfigError, match="unknown model 'gru'"):
+  with pytest.raises(ConfigError, match=r"^model 'gru': choose one of lstm, transformer"):
     build_model("gru", 5, 1)
-  with pytest.raises(ConfigError, match="latent-dim 6"):
+  with pytest.raises(ConfigError, match=r"^latent_dim 6: must exceed 6"):
     build_model("lstm", 5, 1, latent_dim=6)

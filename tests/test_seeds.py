@@ -10,39 +10,66 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedvp_jax import training
-from fedvp_jax.algorithms import FederatedAlgorithm, FedGenConfig
+from fedvp_jax import runner
+from fedvp_jax.algorithms import FederatedAlgorithm, over_seeds, seed_axes
+from fedvp_jax.config import RunConfig
 from fedvp_jax.errors import DivergenceError
-from fedvp_jax.training import RunConfig, prepare, run, run_rounds
+from fedvp_jax.experiment import prepare
+from fedvp_jax.rounds import run_rounds
+from fedvp_jax.rundir import RunDir
+from fedvp_jax.runner import run
 
-TINY = RunConfig(
+TINY = RunConfig.of(
   dataset="Synthetic-m4-h2",
   model="lstm",
-  num_users=3,
+  num_clients=3,
   rounds=3,
-  local_epochs=2,
+  local_steps=2,
   batch_size=8,
   latent_dim=12,
-  fedgen=FedGenConfig(grain=16, heatmap_sigma=30.0, gen_batch_size=8, gen_steps=2),
+  grain=16,
+  heatmap_sigma=30.0,
+  gen_batch_size=8,
+  gen_steps=2,
 )
+
+
+def run_seeds(experiment, run_dir, checkpoint_every):
+  """The runner's loop over an experiment's seeds, into an existing folder, drained."""
+  return runner.drain(runner._run_seeds(experiment, RunDir(run_dir), checkpoint_every, False, {}))
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "partial-fedgen"])
 def test_vmapped_seeds_equal_seeds_run_one_by_one(algo):
-  experiment = prepare(dataclasses.replace(TINY, algo=algo, clients_per_round=2))
+  experiment = prepare(TINY.replace(algorithm=algo, clients_per_round=2))
   together = run_rounds(experiment.algorithm, experiment.data, (4, 7), 3)
   for k, seed in enumerate((4, 7)):
     alone = run_rounds(experiment.algorithm, experiment.data, seed, 3)
-    chex.assert_trees_all_close(
-      jax.tree.map(lambda x, k=k: x[k], together), alone, rtol=1e-4, atol=1e-6
+    seed_k = jax.tree.map(
+      lambda x, axis, k=k: x if axis is None else x[k], together, seed_axes(together)
     )
+    chex.assert_trees_all_close(seed_k, alone, rtol=1e-4, atol=1e-6)
   # The seeds really differ, so the comparison above is not between copies of one run.
   first = jax.tree.leaves(together.client_params if algo == "fedavg" else together)[0]
   assert not np.allclose(first[0], first[1])
 
 
+@pytest.mark.parametrize("algo", ["fedavg", "fedgen"])
+def test_vmapped_seeds_keep_the_rounds_conds(algo):
+  """Evaluation every k rounds and FedGen's stage one are lax.conds on the round counter; over
+  seeds they must stay conds, not become selects that compute both branches every round."""
+  experiment = prepare(TINY.replace(algorithm=algo, eval_every=1000))
+  algorithm, data = over_seeds(experiment.algorithm), experiment.data
+  keys = jax.random.split(jax.random.key(0), 2)
+  state = algorithm.init(keys, data)
+  clients = state.clients if algo == "fedgen" else state
+  assert clients.round.shape == ()
+  program = str(jax.make_jaxpr(algorithm.apply)(state, data, keys))  # nested jaxprs included
+  assert program.count(" cond[") >= (2 if algo == "fedgen" else 1)
+
+
 def test_times_writes_every_seed_and_their_spread(tmp_path):
-  summary = run(dataclasses.replace(TINY, times=3), tmp_path / "r", progress=False, log=lambda _: 0)
+  summary = run(TINY.replace(num_seeds=3), tmp_path / "r")
   losses = [s["final"]["loss"] for s in summary["seeds"]]
   assert [s["seed"] for s in summary["seeds"]] == [0, 1, 2]
   assert len(set(losses)) == 3
@@ -65,12 +92,12 @@ def poisoned_from(algorithm: FederatedAlgorithm, first_bad_round: int) -> Federa
 
 
 def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(tmp_path):
-  experiment = prepare(dataclasses.replace(TINY, rounds=6))
+  experiment = prepare(TINY.replace(rounds=6))
   experiment = dataclasses.replace(experiment, algorithm=poisoned_from(experiment.algorithm, 3))
   run_dir = tmp_path / "r"
   run_dir.mkdir()
   with pytest.raises(DivergenceError) as caught:
-    training._run_seeds(experiment, run_dir, 2, progress=False, log=lambda _: 0)
+    run_seeds(experiment, run_dir, 2)
   message = str(caught.value)
   assert "round 3, seed 0: every training client's update was non-finite" in message
   assert f"the last good checkpoint, of round 2, is kept in {run_dir / 'checkpoints'}" in message
@@ -86,4 +113,18 @@ def test_divergence_without_checkpoints_says_so(tmp_path):
   experiment = dataclasses.replace(experiment, algorithm=poisoned_from(experiment.algorithm, 1))
   (tmp_path / "r").mkdir()
   with pytest.raises(DivergenceError, match="no checkpoint was written"):
-    training._run_seeds(experiment, tmp_path / "r", None, progress=False, log=lambda _: 0)
+    run_seeds(experiment, tmp_path / "r", None)
+
+
+def test_one_seed_has_no_spread():
+  from fedvp_jax.summaries import mean_std, run_summary
+
+  mean, std = mean_std([0.5])
+  assert mean == 0.5 and np.isnan(std)  # undefined, not 0
+  seeds = [{"final": {"loss": 0.5, "orthodromic_deg": [1.0, 2.0]}}]
+  summary = run_summary({}, {}, seeds)
+  assert summary["final_loss_mean"] == 0.5 and summary["final_loss_std"] is None
+  assert summary["orthodromic_deg_mean"] == [1.0, 2.0]
+  assert summary["orthodromic_deg_std"] == [None, None]
+  two = run_summary({}, {}, seeds + [{"final": {"loss": 0.7, "orthodromic_deg": [3.0, 4.0]}}])
+  assert two["final_loss_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))

@@ -10,21 +10,22 @@ from conftest import REPO
 
 # Runs in a fresh interpreter: the fake-device flag must be set before JAX starts.
 SCRIPT = r"""
-import dataclasses, json
+import json
 import jax, numpy as np
-from fedvp_jax.algorithms import FedGenConfig
-from fedvp_jax.training import RunConfig, prepare, run_rounds
+from fedvp_jax.config import RunConfig
+from fedvp_jax.experiment import prepare
+from fedvp_jax.rounds import run_rounds
 
 assert len(jax.devices()) == 8, jax.devices()
 report = {}
 for algo in ("fedavg", "fedgen"):
-  config = RunConfig(
-    algo=algo, dataset="Synthetic-m4-h2", model="lstm", num_users=8, local_epochs=2, batch_size=8,
-    latent_dim=12, fedgen=FedGenConfig(grain=16, heatmap_sigma=30.0, gen_batch_size=8, gen_steps=2),
+  config = RunConfig.of(
+    algorithm=algo, dataset="Synthetic-m4-h2", model="lstm", num_clients=8, local_steps=2,
+    batch_size=8, latent_dim=12, grain=16, heatmap_sigma=30.0, gen_batch_size=8, gen_steps=2,
   )
   states = {}
   for devices in (None, 8):
-    experiment = prepare(dataclasses.replace(config, devices=devices))
+    experiment = prepare(config.replace(devices=devices))
     state = run_rounds(experiment.algorithm, experiment.data, 0, 3, experiment.mesh)
     states[devices] = jax.tree.map(np.asarray, state)
     if devices:
@@ -70,35 +71,36 @@ def test_sharded_rounds_equal_single_device_rounds(tmp_path, devices):
 # A run is checkpointed on one placement, "interrupted" (its newest checkpoint and summaries
 # removed), and resumed on another; in a fresh interpreter for the fake devices.
 RESTORE_SCRIPT = r"""
-import dataclasses, json, shutil, sys
+import json, shutil, sys
 from pathlib import Path
 import jax
-from fedvp_jax import training
-from fedvp_jax.algorithms import FedGenConfig
-from fedvp_jax.training import RunConfig, prepare, resume, run
+from fedvp_jax import runner
+from fedvp_jax.config import RunConfig
+from fedvp_jax.experiment import prepare
+from fedvp_jax.rundir import RunDir
+from fedvp_jax.runner import resume, run
 
-quiet = lambda _: None
 reports = []
 # (devices that write, devices that read): one interpreter for both directions, so the
 # programs they share compile once.
 for written, read in ((4, 1), (None, 4)):
-  config = RunConfig(
-    algo="fedgen", dataset="Synthetic-m4-h2", model="lstm", num_users=4, rounds=4,
-    local_epochs=2, batch_size=8, latent_dim=12, times=2, devices=written,
-    fedgen=FedGenConfig(grain=16, heatmap_sigma=30.0, gen_batch_size=8, gen_steps=2),
+  config = RunConfig.of(
+    algorithm="fedgen", dataset="Synthetic-m4-h2", model="lstm", num_clients=4, rounds=4,
+    local_steps=2, batch_size=8, latent_dim=12, num_seeds=2, devices=written, grain=16,
+    heatmap_sigma=30.0, gen_batch_size=8, gen_steps=2,
   )
   run_dir = Path(sys.argv[1]) / f"written{written}"
-  whole = run(config, run_dir, checkpoint_every=2, progress=False, log=quiet)
+  whole = run(config, run_dir, checkpoint_every=2)
   shutil.rmtree(run_dir / "checkpoints" / "4")
   for summary in run_dir.rglob("summary.json"):
     summary.unlink()
-  experiment = prepare(dataclasses.replace(config, devices=read))
-  manager = training._checkpoints(run_dir)
-  step, state = training._restore_newest(manager, experiment, [0, 1], quiet)
+  experiment = prepare(config.replace(devices=read))
+  target = RunDir(run_dir)
+  step, state = runner._restore_newest(target, target.checkpoints(), experiment, [0, 1])
   placements = {
     len(leaf.sharding.device_set) for leaf in jax.tree.leaves(state.clients.client_params)
   }
-  resumed = resume(run_dir, devices=read, progress=False, log=quiet)
+  resumed = resume(run_dir, devices=read)
   reports.append({
     "read": read, "step": step, "placements": sorted(placements),
     "whole": [s["final"] for s in whole["seeds"]],

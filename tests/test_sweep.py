@@ -1,10 +1,12 @@
 """Sweeps: spec files and the weekly-table preset, overrides, skipping finished runs,
 resuming interrupted ones, refusing to overwrite; reports from saved metrics alone."""
 
+import argparse
 import csv
 import dataclasses
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 
@@ -12,20 +14,20 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from fedvp_jax.cli import add_config_arguments, config_from_args, config_overrides
+from fedvp_jax.cli.flags import add_settings, config_from, given_settings, parse_known
+from fedvp_jax.config import SCHEMA, RunConfig
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.report import load_run, markdown_table, table_rows, write_report
 from fedvp_jax.sweep import PRESETS, expand_spec, run_sweep
-from fedvp_jax.training import RunConfig
 
 TINY = """
 [shared]
 dataset = "Synthetic-m4-h2"
 model = "lstm"
-num_users = 3
+num_clients = 3
 rounds = 3
-times = 2
-local_epochs = 2
+num_seeds = 2
+local_steps = 2
 batch_size = 8
 latent_dim = 12
 grain = 16
@@ -36,31 +38,32 @@ gen_steps = 2
 [[run]]
 name = "avg"
 group = "plain"
-algo = "fedavg"
+algorithm = "fedavg"
 
 [[run]]
 name = "gen"
-algo = "fedgen"
-pretrain_epochs = 1
+algorithm = "fedgen"
+pretrain_rounds = 1
 """
 
 
-def quiet(_):
-  return None
-
-
 def test_the_weekly_table_is_the_researchers_table():
-  runs = expand_spec(PRESETS["weekly-table"], "preset")
+  runs = expand_spec(PRESETS["weekly-table"], "preset weekly-table")
   described = {("local", 1.0, False)}
   for algo in ("fedavg", "partial-fedavg"):
     described |= {(algo, beta, False) for beta in (1.0, 0.5)}
   for algo in ("fedgen", "partial-fedgen"):
     described |= {(algo, beta, p) for beta in (1.0, 0.5) for p in (False, True)}
   described |= {("local-fedgen", 1.0, p) for p in (False, True)}  # no model to blend
-  got = [(r.config.algo, r.config.beta, r.config.fedgen.pretrain_epochs > 0) for r in runs]
+  got = [
+    (r.config.algorithm, r.config.round.beta, r.config.fedgen.pretrain_rounds > 0) for r in runs
+  ]
   assert sorted(got) == sorted(described) and len(got) == len(set(got))
+  names = [r.name for r in runs]
+  assert {"local", "FedAvg-b1", "FedAvg-b0.5", "FedGen-b1-pretrain50"} <= set(names)
+  assert not any(" " in name for name in names)
   for r in runs:
-    assert (r.config.dataset, r.config.model, r.config.num_users) == (
+    assert (r.config.dataset, r.config.model, r.config.num_clients) == (
       "David-m10-h1",
       "transformer",
       10,
@@ -71,18 +74,18 @@ def test_grid_runs_every_combination_with_overrides_on_top():
   spec = TINY + "\n[grid]\nlearning_rate = [0.01, 0.03]\nbeta = [1.0, 0.5]\n"
   runs = expand_spec(spec, "spec.toml", {"rounds": 5, "model": "transformer"})
   assert [r.name for r in runs[:4]] == [
-    "avg learning_rate=0.01 beta=1.0",
-    "avg learning_rate=0.01 beta=0.5",
-    "avg learning_rate=0.03 beta=1.0",
-    "avg learning_rate=0.03 beta=0.5",
+    "avg-learning_rate=0.01-beta=1.0",
+    "avg-learning_rate=0.01-beta=0.5",
+    "avg-learning_rate=0.03-beta=1.0",
+    "avg-learning_rate=0.03-beta=0.5",
   ]
   assert len(runs) == 8
-  assert {(r.config.learning_rate, r.config.beta) for r in runs[4:]} == {
+  assert {(r.config.learning_rate, r.config.round.beta) for r in runs[4:]} == {
     (lr, b) for lr in (0.01, 0.03) for b in (1.0, 0.5)
   }
   assert all(r.config.rounds == 5 and r.config.model == "transformer" for r in runs)
   assert {r.group for r in runs} == {"plain", "fedgen"}
-  assert runs[4].config.fedgen.pretrain_epochs == 1 and runs[4].config.fedgen.grain == 16
+  assert runs[4].config.fedgen.pretrain_rounds == 1 and runs[4].config.fedgen.grain == 16
 
 
 @pytest.mark.parametrize(
@@ -91,19 +94,39 @@ def test_grid_runs_every_combination_with_overrides_on_top():
     (
       TINY.replace("rounds = 3", "roundz = 3"),
       {},
-      r"\[shared\]: unknown setting 'roundz' \(did you mean 'rounds'",
+      r"spec.toml \[shared\]: roundz: no such setting \(did you mean 'rounds'",
     ),
-    (TINY.replace('algo = "fedgen"', 'algo = "fedgan"'), {}, "spec.toml run 2: --algo 'fedgan'"),
+    pytest.param(
+      TINY.replace("rounds = 3", "roundz = 3"),
+      {},
+      r"\[shared\].*roundz",
+      id="unknown-key-names-its-table",
+    ),
+    (
+      TINY.replace('algorithm = "fedgen"', 'algorithm = "fedgan"'),
+      {},
+      "spec.toml run 2: algorithm 'fedgan': choose one of",
+    ),
     (TINY + "\n[[run]]\nname = 'avg'\n", {}, "two runs are named 'avg'"),
     (TINY.replace('name = "avg"', 'name = "a/b"'), {}, "must be a plain folder name"),
-    (TINY + "\n[[run]]\nbeta = 2.0\n", {}, "run 3: --beta 2.0: must be in"),
-    (TINY.replace("rounds = 3", 'rounds = "3"'), {}, "rounds = '3' should be of type int"),
+    (TINY + "\n[[run]]\nbeta = 2.0\n", {}, r"spec.toml run 3: beta 2\.0: must be in \(0, 1\]"),
+    (
+      TINY.replace("rounds = 3", "rounds = 3.5"),
+      {},
+      r"\[shared\]: rounds 3\.5: should be an integer",
+    ),
+    pytest.param(
+      TINY.replace("rounds = 3", 'rounds = "3"'),
+      {},
+      r"\[shared\]: rounds '3': should be an integer",
+      id="toml-string-for-an-int",
+    ),
     (TINY + "\n[grid]\nbeta = 0.5\n", {}, "grid.*beta must be a non-empty list"),
     (TINY + "\n[extra]\n", {}, "unknown section"),
-    ("[run]\nalgo = 'fedavg'\n", {}, r"write each run as \[\[run\]\]"),
-    (TINY + "\n[grid]\npretrain_epochs = [0, 2]\n", {}, r"run 2 sets \['pretrain_epochs'\]"),
+    ("[run]\nalgorithm = 'fedavg'\n", {}, r"write each run as \[\[run\]\]"),
+    (TINY + "\n[grid]\npretrain_rounds = [0, 2]\n", {}, r"run 2 sets \['pretrain_rounds'\]"),
     ("[shared\n", {}, "not valid TOML"),
-    (TINY, {"pretrain_epochs": 5}, "sets pretrain_epochs per run"),
+    (TINY, {"pretrain_rounds": 5}, "sets pretrain_rounds per run"),
   ],
 )
 def test_bad_specs_name_the_spec_and_what_is_wrong(spec, overrides, message):
@@ -112,15 +135,14 @@ def test_bad_specs_name_the_spec_and_what_is_wrong(spec, overrides, message):
 
 
 def test_overrides_are_the_flags_given_and_defaults_match_run_config():
-  import argparse
-
   parser = argparse.ArgumentParser()
-  add_config_arguments(parser)
-  assert config_from_args(parser.parse_args([])) == RunConfig()
+  add_settings(parser)
+  assert config_from(parser, given_settings(parser.parse_args([]))) == RunConfig()
   argv = ["weekly-table", "--out", "x", "--device", "cpu", "--rounds", "7", "--algorithm", "FedAvg"]
-  assert config_overrides([*argv, "--beta", "1", "--alpha", "2"]) == {
+  given = parse_known([*argv, "--beta", "1", "--alpha", "2"])
+  assert {name: SCHEMA[name].coerce(value, from_text=True) for name, value in given.items()} == {
     "rounds": 7,
-    "algo": "fedavg",
+    "algorithm": "fedavg",
     "beta": 1.0,
     "alpha": 2.0,
   }
@@ -134,7 +156,7 @@ def folder_state(folder):
 def finished_sweep(tmp_path_factory):
   out = tmp_path_factory.mktemp("sweep") / "s"
   runs = expand_spec(TINY, "tiny")
-  outcomes = run_sweep(runs, out, checkpoint_every=2, progress=False, log=quiet)
+  outcomes = run_sweep(runs, out, checkpoint_every=2)
   return runs, out, outcomes
 
 
@@ -144,32 +166,29 @@ def test_a_sweep_runs_everything_once_then_reuses_it(finished_sweep):
   index = json.loads((out / "sweep.json").read_text())
   assert [(e["name"], e["group"]) for e in index] == [("avg", "plain"), ("gen", "fedgen")]
   before = {p: t for p, t in folder_state(out).items() if p.name != "sweep.json"}
-  assert run_sweep(runs, out, progress=False, log=quiet) == {"avg": "reused", "gen": "reused"}
+  assert run_sweep(runs, out) == {"avg": "reused", "gen": "reused"}
   assert {p: t for p, t in folder_state(out).items() if p.name != "sweep.json"} == before
 
 
 def test_other_settings_in_the_same_folder_are_refused_unless_overwrite(finished_sweep, tmp_path):
   runs, out, _ = finished_sweep
-  changed = [dataclasses.replace(r, config=dataclasses.replace(r.config, rounds=4)) for r in runs]
+  changed = [dataclasses.replace(r, config=r.config.replace(rounds=4)) for r in runs]
   before = folder_state(out)
-  with pytest.raises(ConfigError, match=r"other settings \(rounds: 3 there, 4 now"):
-    run_sweep(changed, out, progress=False, log=quiet)
+  with pytest.raises(ConfigError, match=r"avg holds a run with other settings \(rounds: 3 -> 4\)"):
+    run_sweep(changed, out)
   assert folder_state(out) == before
   # Where the data lives changes nothing computed: such runs are reused.
-  moved = [
-    dataclasses.replace(r, config=dataclasses.replace(r.config, data_dir=str(tmp_path)))
-    for r in runs
-  ]
-  assert set(run_sweep(moved, out, progress=False, log=quiet).values()) == {"reused"}
+  moved = [dataclasses.replace(r, config=r.config.replace(data_dir=str(tmp_path))) for r in runs]
+  assert set(run_sweep(moved, out).values()) == {"reused"}
 
 
 def test_overwrite_replaces_only_the_runs_whose_settings_changed(tmp_path):
   runs = expand_spec(TINY, "tiny")
   out = tmp_path / "s"
-  run_sweep(runs, out, progress=False, log=quiet)
+  run_sweep(runs, out)
   kept = folder_state(out / "gen")
-  changed = [dataclasses.replace(runs[0], config=dataclasses.replace(runs[0].config, rounds=2))]
-  assert run_sweep([*changed, runs[1]], out, overwrite=True, progress=False, log=quiet) == {
+  changed = [dataclasses.replace(runs[0], config=runs[0].config.replace(rounds=2))]
+  assert run_sweep([*changed, runs[1]], out, overwrite=True) == {
     "avg": "done",
     "gen": "reused",
   }
@@ -178,34 +197,35 @@ def test_overwrite_replaces_only_the_runs_whose_settings_changed(tmp_path):
   # The index keeps every run that has a folder; a run of the same name is replaced.
   index = json.loads((out / "sweep.json").read_text())
   assert [(e["name"], e["config"]["rounds"]) for e in index] == [("avg", 2), ("gen", 3)]
-  run_sweep(changed, out, progress=False, log=quiet)
+  run_sweep(changed, out)
   assert [e["name"] for e in json.loads((out / "sweep.json").read_text())] == ["avg", "gen"]
 
 
 def test_a_run_that_diverged_is_reported_and_not_repeated(tmp_path):
   runs = expand_spec(TINY, "tiny")[:1]
   out = tmp_path / "s"
-  run_sweep(runs, out, progress=False, log=quiet)
+  run_sweep(runs, out)
   for path in (out / "avg").rglob("summary.json"):  # as training leaves a diverged run
     path.unlink()
   (out / "avg" / "diverged.json").write_text(json.dumps({"message": "round 1: NaN"}))
   before = folder_state(out / "avg")
-  assert run_sweep(runs, out, progress=False, log=quiet) == {"avg": "diverged before"}
+  assert run_sweep(runs, out) == {"avg": "diverged before"}
   assert folder_state(out / "avg") == before
   assert "| avg | fedavg | 1 |  | 3 | 2 | diverged |" in markdown_table(
     table_rows([load_run(out / "avg")])
   )
 
 
-def test_an_interrupted_sweep_resumes_its_unfinished_run(tmp_path):
+def test_an_interrupted_sweep_resumes_its_unfinished_run(tmp_path, caplog):
   runs = expand_spec(TINY, "tiny")[:1]
   out = tmp_path / "s"
-  run_sweep(runs, out, checkpoint_every=2, progress=False, log=quiet)
+  run_sweep(runs, out, checkpoint_every=2)
   summary = json.loads((out / "avg" / "summary.json").read_text())
   for path in (out / "avg").rglob("summary.json"):
     path.unlink()
-  lines = []
-  assert run_sweep(runs, out, progress=False, log=lines.append) == {"avg": "done"}
+  caplog.set_level(logging.INFO, logger="fedvp_jax")
+  assert run_sweep(runs, out) == {"avg": "done"}
+  lines = [record.getMessage() for record in caplog.records if record.name == "fedvp_jax"]
   assert any("resuming from the checkpoint at round 2" in line for line in lines)
   again = json.loads((out / "avg" / "summary.json").read_text())
   for before, after in zip(summary["seeds"], again["seeds"], strict=True):
@@ -214,7 +234,7 @@ def test_an_interrupted_sweep_resumes_its_unfinished_run(tmp_path):
 
 def test_the_report_is_computed_from_the_saved_metrics(finished_sweep, tmp_path):
   _, out, _ = finished_sweep
-  rows = write_report(out, log=quiet)
+  rows = write_report(out)
   with (out / "results.csv").open() as file:
     table = {row["run"]: row for row in csv.DictReader(file)}
   for name in ("avg", "gen"):

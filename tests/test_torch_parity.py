@@ -16,7 +16,7 @@ import optax  # noqa: E402
 from conftest import tiny_client_data  # noqa: E402
 
 from fedvp_jax.algorithms import fedavg  # noqa: E402
-from fedvp_jax.algorithms.core import RoundConfig  # noqa: E402
+from fedvp_jax.config import RoundConfig  # noqa: E402
 from fedvp_jax.data.federated import sample_batches  # noqa: E402
 from fedvp_jax.heatmap import heatmaps, label_weights  # noqa: E402
 from fedvp_jax.metrics import summarize  # noqa: E402

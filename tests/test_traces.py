@@ -126,6 +126,27 @@ def test_irregular_timestamp_points_at_later_row(tmp_path):
   assert_data_error(path, 5, r"irregular timestamp.*0\.4", lambda: read_trace_file(path))
 
 
+def test_timestamp_going_backwards_names_file_and_line(tmp_path):
+  rows = good_rows(6)
+  rows[3] = "0.2," + rows[3].split(",", 1)[1]  # 0.0, 0.2, 0.4, then back to 0.2
+  path = write_rows(tmp_path / "back", rows)
+  message = assert_data_error(
+    path, 4, r"irregular timestamp: step of -0\.2000 s", lambda: read_trace_file(path)
+  )
+  assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+  "bad", ["0.2,1.0,0.0", "0.2,1,0,0,0", "0.2,nan,0,1", "0.2,0.5,0,0", "0.9,1,0,0", "a,b\tc,d,e"]
+)
+def test_bad_row_error_is_one_line(tmp_path, bad):
+  rows = good_rows(4)
+  rows[1] = bad
+  path = write_rows(tmp_path / "one", rows)
+  message = assert_data_error(path, 2, ".", lambda: read_trace_file(path))
+  assert "\n" not in message and "Traceback" not in message
+
+
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
 def test_empty_file(tmp_path, content):
   path = tmp_path / "3"
@@ -186,6 +207,68 @@ def test_bad_split_file(split_folder, file, content, line, what):
   assert_data_error(path, line, what, lambda: load_trace_dir(split_folder))
 
 
+@pytest.mark.parametrize("file", ["train_set", "test_set"])
+@pytest.mark.parametrize("content", ["user,video\n", "user,video", "user,video\n\n\n"])
+def test_split_file_with_only_a_header(split_folder, file, content):
+  path = split_folder / file
+  path.write_text(content)
+  assert_data_error(
+    path, None, r"lists no \(user, video\) pair", lambda: load_trace_dir(split_folder)
+  )
+
+
+def test_empty_split_file_says_it_lists_no_pair(split_folder):
+  path = split_folder / "train_set"
+  path.write_text("")
+  assert_data_error(
+    path, 1, r"empty.*lists no \(user, video\) pair", lambda: load_trace_dir(split_folder)
+  )
+
+
+def test_split_pair_listed_twice(split_folder):
+  path = split_folder / "test_set"
+  path.write_text("user,video\n0,3_video\n1,3_video\n 0 , 3_video\n")
+  assert_data_error(
+    path,
+    4,
+    r"user '0', video '3_video' is listed twice \(first on line 2\)",
+    lambda: load_trace_dir(split_folder),
+  )
+
+
+def test_unreadable_split_file(split_folder):
+  path = split_folder / "train_set"
+  path.write_bytes(b"\xff\xfeu\x00s\x00")
+  assert_data_error(path, None, "cannot read split file", lambda: load_trace_dir(split_folder))
+
+
+@pytest.mark.parametrize("kept, dropped", [("train_set", "test_set"), ("test_set", "train_set")])
+def test_one_split_file_without_the_other(split_folder, kept, dropped):
+  (split_folder / dropped).unlink()
+  message = assert_data_error(
+    split_folder / kept,
+    None,
+    f"without its partner {dropped}",
+    lambda: load_trace_dir(split_folder),
+  )
+  assert "both" in message
+
+
+@pytest.mark.parametrize(
+  "make, found", [("folder", "a folder"), ("link", "a broken symbolic link")]
+)
+def test_split_file_that_is_not_a_file(split_folder, make, found):
+  path = split_folder / "test_set"
+  path.unlink()
+  if make == "folder":
+    path.mkdir()
+  else:
+    path.symlink_to(split_folder / "nowhere")
+  assert_data_error(
+    path, None, f"expected a split file.*found {found}", lambda: load_trace_dir(split_folder)
+  )
+
+
 def test_split_pair_without_trace_is_rejected(tmp_path):
   folder = write_dataset(tmp_path, videos=2, users=2, length=10, split=(["1_video"], ["2_video"]))
   (folder / "sampled_dataset" / "2_video" / "1").unlink()  # user 1 exists, video 2 exists
@@ -205,6 +288,61 @@ def test_sampled_dataset_without_files(tmp_path):
   folder = tmp_path / "Empty"
   (folder / "sampled_dataset" / "1_video").mkdir(parents=True)
   assert_data_error(folder, None, "no trace files", lambda: load_trace_dir(folder))
+
+
+def test_folder_where_trace_file_belongs_is_an_error(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  stray = folder / "sampled_dataset" / "2_video" / "1"
+  stray.unlink()
+  stray.mkdir()
+  (stray / "0").write_text(trace_text(smooth_trace(np.random.default_rng(0), 10)))
+  message = assert_data_error(stray, None, "expected a trace file", lambda: load_trace_dir(folder))
+  assert "found a folder" in message
+
+
+def test_broken_link_where_trace_file_belongs_is_an_error(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  link = folder / "sampled_dataset" / "1_video" / "7"
+  link.symlink_to(tmp_path / "nowhere")
+  assert_data_error(link, None, "broken symbolic link", lambda: load_trace_dir(folder))
+
+
+def test_link_to_a_trace_file_is_a_trace(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  target = folder / "sampled_dataset" / "1_video" / "0"
+  (folder / "sampled_dataset" / "2_video" / "9").symlink_to(target)
+  ts = load_trace_dir(folder)
+  np.testing.assert_array_equal(ts.traces["2_video", "9"], ts.traces["1_video", "0"])
+
+
+def test_file_where_video_folder_belongs_is_an_error(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  stray = folder / "sampled_dataset" / "notes.txt"
+  stray.write_text("0.0,1,0,0\n")
+  message = assert_data_error(
+    stray, None, "expected a video folder", lambda: load_trace_dir(folder)
+  )
+  assert "found a file" in message
+
+
+def test_video_folder_without_traces_is_an_error(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  empty = folder / "sampled_dataset" / "3_video"
+  empty.mkdir()
+  (empty / ".DS_Store").write_bytes(b"\x00\x01")
+  assert_data_error(empty, None, "no trace files", lambda: load_trace_dir(folder))
+
+
+def test_hidden_entries_are_ignored(tmp_path):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  reference = load_trace_dir(folder, use_cache=False)
+  sampled = folder / "sampled_dataset"
+  (sampled / ".DS_Store").write_bytes(b"\x00\x01")
+  (sampled / "1_video" / "._0").write_bytes(b"\x00\x05Mac")
+  (sampled / "1_video" / ".0.swp").write_text("garbage")
+  (sampled / ".ipynb_checkpoints" / "0").mkdir(parents=True)
+  (sampled / "2_video" / ".git").mkdir()
+  same_traces(reference, load_trace_dir(folder, use_cache=False))
 
 
 # --- ordering --------------------------------------------------------------------------------
@@ -310,6 +448,36 @@ def test_changed_mtime_same_size_invalidates_cache(tmp_path):
   expected = np.round(new, 6) / np.linalg.norm(np.round(new, 6), axis=1, keepdims=True)
   np.testing.assert_allclose(second.traces["1_video", "0"], expected, atol=1e-6)
   assert not np.allclose(first.traces["1_video", "0"], second.traces["1_video", "0"])
+
+
+def test_edit_keeping_size_and_mtime_invalidates_cache(tmp_path, monkeypatch):
+  folder = tmp_path / "InPlace"
+  path = folder / "sampled_dataset" / "1_video" / "0"
+  path.parent.mkdir(parents=True)
+  old = smooth_trace(np.random.default_rng(1), 10)
+  path.write_text(trace_text(old, "{:+.6f}"))
+  before = path.stat()
+  first = load_trace_dir(folder)
+  new = smooth_trace(np.random.default_rng(2), 10)
+  path.write_text(trace_text(new, "{:+.6f}"))
+  os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+  assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+  parsed = count_parsing(monkeypatch)
+  second = load_trace_dir(folder)
+  assert parsed == [path]
+  expected = np.round(new, 6) / np.linalg.norm(np.round(new, 6), axis=1, keepdims=True)
+  np.testing.assert_allclose(second.traces["1_video", "0"], expected, atol=1e-6)
+  assert not np.allclose(first.traces["1_video", "0"], second.traces["1_video", "0"])
+
+
+def test_touch_without_edit_keeps_cache(tmp_path, monkeypatch):
+  folder = write_dataset(tmp_path, videos=2, users=2, length=10)
+  first = load_trace_dir(folder)
+  path = folder / "sampled_dataset" / "2_video" / "0"
+  later = path.stat().st_mtime_ns + 5_000_000_000
+  os.utime(path, ns=(later, later))
+  forbid_parsing(monkeypatch)
+  same_traces(first, load_trace_dir(folder))
 
 
 def test_added_trace_invalidates_cache(tmp_path):

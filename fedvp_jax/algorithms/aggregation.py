@@ -15,18 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedvp_jax.errors import ConfigError
 from fedvp_jax.types import Params, StackedParams
-
-SEND_MODES = ("full", "partial", "none")
-
-
-def check_send(send: str, beta: float) -> None:
-  """Raises ConfigError unless ``send`` is a send mode and ``0 < beta <= 1``."""
-  if send not in SEND_MODES:
-    raise ConfigError(f"unknown send mode {send!r}; choose one of {', '.join(SEND_MODES)}")
-  if not 0.0 < beta <= 1.0:
-    raise ConfigError(f"--beta {beta}: must be in (0, 1] (1 overwrites, smaller blends)")
 
 
 def weighted_mean(stacked: StackedParams, weights: jax.Array) -> Params:

@@ -7,7 +7,6 @@ the state and ``apply`` runs one round; ``apply`` is what gets jitted.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -16,16 +15,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedvp_jax.algorithms.aggregation import (
-  aggregate,
-  check_send,
-  is_finite,
-  receive,
-  where_clients,
-)
+from fedvp_jax.algorithms.aggregation import aggregate, is_finite, receive, where_clients
 from fedvp_jax.algorithms.client import LocalUpdate, stack
+from fedvp_jax.config import RoundConfig
 from fedvp_jax.data.federated import ClientData, sample_batches, sample_final_targets
-from fedvp_jax.errors import ConfigError
 from fedvp_jax.metrics import ErrorSums, error_sums
 from fedvp_jax.models import Model
 from fedvp_jax.types import Params, PRNGKey, StackedOptState, StackedParams, State
@@ -87,13 +80,25 @@ class FederatedAlgorithm(NamedTuple):
   evaluate: Callable[[State, ClientData], ErrorSums]
 
 
+def seed_axes(state: State) -> Any:
+  """The vmap axes of a seeds-batched state: 0 for every leaf but the round counters.
+
+  Every seed is at the same round, so ``round`` stays one unbatched ``i32[]``: a batched
+  counter would make each ``lax.cond`` it steers (evaluation on its schedule, FedGen's stage
+  one) a ``select`` that computes both branches every round.
+  """
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: None if getattr(path[-1], "name", None) == "round" else 0, state
+  )
+
+
 def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
   """``algorithm`` run for several seeds at once, as one vmapped program.
 
   The keys and the state gain a leading seeds axis (``key[seeds]``, state leaves
-  ``[seeds, ...]``) and so do the round's metrics and the evaluation; every seed shares
-  ``data``. Seed s of the result equals ``algorithm`` run alone with seed s's keys, up to float
-  rounding.
+  ``[seeds, ...]``, except the shared round counter, see :func:`seed_axes`) and so do the
+  round's metrics and the evaluation; every seed shares ``data``. Seed s of the result equals
+  ``algorithm`` run alone with seed s's keys, up to float rounding.
 
   Args:
     algorithm: any :class:`FederatedAlgorithm`.
@@ -102,49 +107,19 @@ def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
     A :class:`FederatedAlgorithm` whose ``init(key[seeds], data)``, ``apply(state, data,
     key[seeds])`` and ``evaluate(state, data)`` work on every seed at once.
   """
-  return FederatedAlgorithm(
-    init=jax.vmap(algorithm.init, in_axes=(0, None)),
-    apply=jax.vmap(algorithm.apply, in_axes=(0, None, 0)),
-    evaluate=jax.vmap(algorithm.evaluate, in_axes=(0, None)),
-  )
 
+  def init(keys: PRNGKey, data: ClientData) -> State:
+    axes = seed_axes(jax.eval_shape(algorithm.init, keys[0], data))
+    return jax.vmap(algorithm.init, in_axes=(0, None), out_axes=axes)(keys, data)
 
-@dataclasses.dataclass(frozen=True)
-class RoundConfig:
-  """The settings of a round that every algorithm shares.
+  def apply(state: State, data: ClientData, keys: PRNGKey) -> tuple[State, RoundMetrics]:
+    axes = seed_axes(state)
+    return jax.vmap(algorithm.apply, in_axes=(axes, None, 0), out_axes=(axes, 0))(state, data, keys)
 
-  Attributes:
-    send: what the server sends back: ``"full"``, ``"partial"`` (the head) or ``"none"``.
-    beta: a client takes ``beta * server + (1 - beta) * own`` of what it receives.
-    local_steps: minibatch steps per client per round (FedGen's "local epochs").
-    batch_size: windows per minibatch.
-    clients_per_round: clients sampled to train each round; ``None`` for all.
-    eval_every: evaluate the deployed models every this many rounds.
-  """
+  def evaluate(state: State, data: ClientData) -> ErrorSums:
+    return jax.vmap(algorithm.evaluate, in_axes=(seed_axes(state), None))(state, data)
 
-  send: str = "full"
-  beta: float = 1.0
-  local_steps: int = 10
-  batch_size: int = 64
-  clients_per_round: int | None = None
-  eval_every: int = 1
-
-  def check(self, num_clients: int | None = None) -> None:
-    """Raises ConfigError for impossible settings."""
-    check_send(self.send, self.beta)
-    flags = {
-      "local_steps": "--local_epochs",
-      "batch_size": "--batch_size",
-      "eval_every": "--eval-every",
-    }
-    for name, flag in flags.items():
-      if getattr(self, name) < 1:
-        raise ConfigError(f"{flag} {getattr(self, name)}: must be at least 1")
-    k = self.clients_per_round
-    if k is not None and (k < 1 or (num_clients is not None and k > num_clients)):
-      raise ConfigError(
-        f"--clients-per-round {k}: must be between 1 and the number of clients ({num_clients})"
-      )
+  return FederatedAlgorithm(init, apply, evaluate)
 
 
 def init_clients(

@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import optax
 
+from fedvp_jax.algorithms import core
 from fedvp_jax.algorithms.client import local_update, prediction_loss
-from fedvp_jax.algorithms.core import (
-  ClientsState,
-  FederatedAlgorithm,
-  RoundConfig,
-  RoundMetrics,
-  clients_round,
-  evaluate_deployed,
-  init_clients,
-)
+from fedvp_jax.algorithms.core import ClientsState, FederatedAlgorithm, RoundMetrics
+from fedvp_jax.config import RoundConfig
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.metrics import ErrorSums
 from fedvp_jax.models import Model
@@ -38,20 +32,19 @@ def fedavg(
     optimizer: every client's local optimizer.
     config: the round's settings.
   """
-  config.check()
   update = local_update(prediction_loss(model), optimizer)
 
   def init(key: PRNGKey, data: ClientData) -> ClientsState:
-    config.check(data.num_clients)
-    return init_clients(model, optimizer, key, data.num_clients)
+    config.check_clients(data.num_clients)
+    return core.init_clients(model, optimizer, key, data.num_clients)
 
   def apply(
     state: ClientsState, data: ClientData, key: PRNGKey
   ) -> tuple[ClientsState, RoundMetrics]:
-    outcome = clients_round(model, config, update, state, data, key)
+    outcome = core.clients_round(model, config, update, state, data, key)
     return outcome.state, outcome.metrics
 
   def evaluate(state: ClientsState, data: ClientData) -> ErrorSums:
-    return evaluate_deployed(model, config, state, data)
+    return core.evaluate_deployed(model, config, state, data)
 
   return FederatedAlgorithm(init, apply, evaluate)

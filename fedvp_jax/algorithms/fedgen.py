@@ -30,15 +30,13 @@ much the generator has to learn about the clients' heads beyond that.
 Schedules, as in FedGen's code: ``alpha_t = max(1e-4, alpha * 0.98^t)`` and likewise
 ``beta_t``, with t counting rounds since the generator was switched on; G's learning rate
 decays by 0.98 per round. The generator is off in the first round (it is untrained) and, with
-``pretrain_epochs = P``, during the first P rounds, while the server already trains it from
+``pretrain_rounds = P``, during the first P rounds, while the server already trains it from
 the clients' heads (two-stage training); ``gen_warmup = R`` then ramps alpha_t and beta_t
 linearly from 0 over R rounds. P rounds are in addition to the run's ``--rounds``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -52,19 +50,17 @@ from fedvp_jax.algorithms.client import LossFn, local_update
 from fedvp_jax.algorithms.core import (
   ClientsState,
   FederatedAlgorithm,
-  RoundConfig,
   RoundMetrics,
   clients_round,
   evaluate_deployed,
   init_clients,
 )
+from fedvp_jax.config import FedGenConfig, RoundConfig
 from fedvp_jax.data.federated import ClientData
-from fedvp_jax.errors import ConfigError
 from fedvp_jax.heatmap import combined, heatmaps, label_weights, sample_labels
-from fedvp_jax.heatmap.grid import check_grain
 from fedvp_jax.metrics import ErrorSums, mse
 from fedvp_jax.models import Model
-from fedvp_jax.models.generator import GENERATORS, Generator, build_generator
+from fedvp_jax.models.generator import Generator, build_generator
 from fedvp_jax.types import OptState, Params, PRNGKey, StackedParams
 
 SCHEDULE_DECAY = 0.98
@@ -72,71 +68,6 @@ SCHEDULE_DECAY = 0.98
 
 SCHEDULE_FLOOR = 1e-4
 """Floor of alpha_t and beta_t (FedGen's ``exp_lr_decay``)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FedGenConfig:
-  """FedGen's settings (defaults from FedGen's code and the researcher's runs).
-
-  Attributes:
-    generator: ``"simple"`` (FedGen's) or ``"deep"`` (residual MLP).
-    embedding: condition G on a learned embedding of y's heatmap cell instead of y.
-    grain: heatmap grid of ``grain`` longitude by ``grain / 2`` latitude cells.
-    heatmap_sigma: Gaussian blur of the heatmaps, in degrees.
-    gen_batch_size: generated labels per client step.
-    gen_steps: generator Adam steps per round (FedGen: ensemble_epochs = 50).
-    gen_learning_rate: the generator's initial learning rate. FedGen's ensemble_lr is 1e-4;
-      on this regression task its generator then stays far from the clients' heads (teacher
-      loss 0.057 after 40 rounds vs 0.005 at 1e-3, Synthetic-m10-h1, LSTM), so 1e-3.
-    server_batch_size: labels per generator step; ``None`` uses the clients' batch size, as
-      FedGen's server does.
-    alpha: initial weight of the clients' generator term. FedGen's generative_alpha is 10,
-      which swamps an MSE of ~1e-3 on unit vectors and made the models worse than the
-      baselines here; 1 matched FedAvg (see the closing notes in the repository's docs).
-    latent_weight: initial weight of FedGen's latent term (generative_beta); 0 turns it off.
-    diversity_weight: weight of FedGen's diversity loss in G's objective (the researcher
-      found 0, teacher loss only, clearly better).
-    pretrain_epochs: rounds of stage one, before clients use the generator.
-    gen_warmup: rounds over which alpha_t ramps up from 0 after stage one.
-    noise_dim: size of G's noise input.
-    hidden: G's hidden width.
-  """
-
-  generator: str = "simple"
-  embedding: bool = False
-  grain: int = 256
-  heatmap_sigma: float = 5.0
-  gen_batch_size: int = 256
-  gen_steps: int = 50
-  gen_learning_rate: float = 1e-3
-  server_batch_size: int | None = None
-  alpha: float = 1.0
-  latent_weight: float = 0.0
-  diversity_weight: float = 0.0
-  pretrain_epochs: int = 0
-  gen_warmup: int = 0
-  noise_dim: int = 32
-  hidden: int = 256
-
-  def check(self) -> None:
-    """Raises ConfigError for impossible settings."""
-    if self.generator not in GENERATORS:
-      raise ConfigError(f"--generator {self.generator!r}: choose one of {', '.join(GENERATORS)}")
-    check_grain(self.grain)
-    for name in ("gen_batch_size", "gen_steps", "noise_dim", "hidden"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-    for name in ("pretrain_epochs", "gen_warmup"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 0")
-    for name in ("alpha", "latent_weight", "diversity_weight"):
-      if not 0 <= getattr(self, name) < math.inf:
-        raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be finite, >= 0")
-    for name in ("heatmap_sigma", "gen_learning_rate"):
-      if not 0 < getattr(self, name) < math.inf:
-        raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be finite, > 0")
-    if self.server_batch_size is not None and self.server_batch_size < 1:
-      raise ConfigError(f"--server-batch-size {self.server_batch_size}: must be at least 1")
 
 
 @struct.dataclass
@@ -170,7 +101,7 @@ class GeneratorContext(NamedTuple):
 
 def generator_weights(config: FedGenConfig, round_index: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(alpha_t, beta_t)`` of a round (0 while the generator is off); see the module doc."""
-  start = max(config.pretrain_epochs, 1)
+  start = max(config.pretrain_rounds, 1)
   t = (round_index - start).astype(jnp.float32)
   decay = SCHEDULE_DECAY**t
   ramp = jnp.clip((t + 1) / config.gen_warmup, 0.0, 1.0) if config.gen_warmup else 1.0
@@ -327,7 +258,7 @@ def fedgen(
   model: Model,
   optimizer: optax.GradientTransformation,
   config: RoundConfig,
-  fedgen_config: FedGenConfig = FedGenConfig(),
+  fedgen_config: FedGenConfig | None = None,
 ) -> FederatedAlgorithm:
   """The FedGen family: ``config.send`` is ``full`` (FedGen), ``none`` (localFedGen: only the
   generator is shared) or ``partial`` (partialFedGen: the head is aggregated and sent).
@@ -335,16 +266,14 @@ def fedgen(
   The state is a :class:`FedGenState`; round metrics carry ``extra`` scalars
   ``generator_weight``, ``teacher_loss`` and ``diversity_loss``.
   """
-  config.check()
-  fedgen_config.check()
-  cfg = fedgen_config
+  cfg = fedgen_config or FedGenConfig()
   generator = build_generator(
     cfg.generator,
     model.latent_dim,
     embedding=cfg.embedding,
     grain=cfg.grain,
     noise_dim=cfg.noise_dim,
-    hidden=cfg.hidden,
+    hidden=cfg.generator_hidden,
   )
   schedule = optax.exponential_decay(
     cfg.gen_learning_rate, transition_steps=cfg.gen_steps, decay_rate=SCHEDULE_DECAY, staircase=True
@@ -361,7 +290,7 @@ def fedgen(
   )
 
   def init(key: PRNGKey, data: ClientData) -> FedGenState:
-    config.check(data.num_clients)
+    config.check_clients(data.num_clients)
     model_key, g_key = jax.random.split(key)
     g_params = generator.init(g_key)
     return FedGenState(

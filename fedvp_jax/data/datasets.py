@@ -5,9 +5,11 @@ convention: ``David-m10-h1`` is the David_MMSys_18 traces with M = 10 past sampl
 H = 1 future sample out, 0.2 s per sample. See :mod:`fedvp_jax.data.windows` for exactly
 which samples a window holds.
 
-Trace collections are folders under the data root (``--data-dir`` or ``$FEDVP_DATA``) in the
+Trace collections are folders under the data root (``data_dir`` or ``$FEDVP_DATA``) in the
 layout of :mod:`fedvp_jax.data.traces`, known by their folder names; ``David`` is a short
-alias of ``David_MMSys_18``. ``Synthetic`` is built in and needs no files.
+alias of ``David_MMSys_18``. ``Synthetic`` is built in and needs no files. A name is one plain
+folder name: one with a path separator, or ``.`` or ``..``, is rejected, so that neither the
+data folder nor a run folder named after the dataset can lie outside its parent.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from pathlib import Path
 
 from fedvp_jax.data.synthetic import synthetic_traces
 from fedvp_jax.data.traces import TraceSet, load_trace_dir
-from fedvp_jax.errors import DataError
+from fedvp_jax.errors import DataError, SettingError
 
 DATA_ENV_VAR = "FEDVP_DATA"
 SYNTHETIC = "Synthetic"
 ALIASES = {"David": "David_MMSys_18"}
 
 _SPEC_RE = re.compile(r"^(?P<name>.+)-m(?P<m>-?\d+)-h(?P<h>-?\d+)$")
+# Path separators of every platform (a run folder may be copied to Windows) and NUL, which no
+# file system accepts in a name.
+_NOT_IN_NAMES = ("/", "\\", "\0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,16 @@ class DatasetSpec:
   history: int
   horizon: int
 
+  def __post_init__(self) -> None:
+    # The name becomes a path under the data root and part of run folder names, so it must be
+    # one plain path component: '../x' or '/etc' would reach outside both. Checked here rather
+    # than only in parse_spec so that no spec, however built, carries such a name.
+    if self.name in (".", "..") or any(c in self.name for c in _NOT_IN_NAMES):
+      raise DataError(
+        f"dataset {str(self)!r}: the name {self.name!r} is not a plain folder name under the "
+        "data root (it must not contain '/', '\\' or NUL, nor be '.' or '..')"
+      )
+
   def __str__(self) -> str:
     return f"{self.name}-m{self.history}-h{self.horizon}"
 
@@ -50,7 +65,9 @@ def parse_spec(text: str) -> DatasetSpec:
   """Parses ``"David-m10-h1"`` into a :class:`DatasetSpec` (aliases resolved).
 
   Raises:
-    DataError: when ``text`` is not of the form ``<Name>-m<M>-h<H>`` with M, H >= 1.
+    DataError: when ``text`` is not of the form ``<Name>-m<M>-h<H>`` with M, H >= 1, or
+      ``<Name>`` is not a plain folder name (it contains a path separator, or is ``.`` or
+      ``..``).
   """
   match = _SPEC_RE.match(text)
   if not match:
@@ -71,16 +88,18 @@ def resolve_data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
   """The data root: ``data_dir`` if given, else ``$FEDVP_DATA``.
 
   Raises:
-    DataError: when neither is set or the folder does not exist.
+    SettingError: when neither is set.
+    DataError: when the folder does not exist.
   """
-  source = "--data-dir"
+  source = "data_dir"
   if data_dir is None:
     data_dir, source = os.environ.get(DATA_ENV_VAR), f"${DATA_ENV_VAR}"
   if not data_dir:
-    raise DataError(
-      f"no data root: pass --data-dir DIR or set {DATA_ENV_VAR}=DIR, where DIR holds "
-      "dataset folders such as David_MMSys_18/sampled_dataset/ "
-      f"(the built-in '{SYNTHETIC}' dataset needs none)"
+    raise SettingError(
+      "data_dir",
+      None,
+      f"no data root: give one or set {DATA_ENV_VAR}=DIR, where DIR holds dataset folders "
+      f"such as David_MMSys_18/sampled_dataset/ (the built-in '{SYNTHETIC}' dataset needs none)",
     )
   root = Path(data_dir).expanduser()
   if not root.is_dir():

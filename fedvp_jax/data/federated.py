@@ -17,7 +17,7 @@ from flax import struct
 from fedvp_jax.data.datasets import DatasetSpec
 from fedvp_jax.data.traces import TraceSet
 from fedvp_jax.data.windows import Windows, viewer_windows
-from fedvp_jax.errors import DataError
+from fedvp_jax.errors import DataError, SettingError
 
 
 @struct.dataclass
@@ -70,7 +70,8 @@ def select_users(
     Viewer names in natural order.
 
   Raises:
-    DataError: for unknown names or more viewers than the dataset has.
+    DataError: for unknown names.
+    SettingError: for more viewers than the dataset has (``num_clients``).
   """
   if users is not None:
     unknown = [u for u in users if u not in traces.users]
@@ -83,9 +84,10 @@ def select_users(
   if num_users is None:
     return traces.users
   if not 1 <= num_users <= len(traces.users):
-    raise DataError(
-      f"--num_users {num_users}: dataset {traces.name} has {len(traces.users)} users; "
-      f"ask for 1 to {len(traces.users)}"
+    raise SettingError(
+      "num_clients",
+      num_users,
+      f"dataset {traces.name} has {len(traces.users)} users; ask for 1 to {len(traces.users)}",
     )
   chosen = set(np.random.default_rng(seed).choice(len(traces.users), num_users, replace=False))
   return tuple(u for i, u in enumerate(traces.users) if i in chosen)

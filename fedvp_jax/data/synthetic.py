@@ -121,12 +121,15 @@ def synthetic_traces(
 
   Raises:
     DataError: when an argument is not an integer or is below its minimum (1 user, 2 videos,
-      2 samples).
+      2 samples, seed 0).
   """
   for arg, value, low in (
     ("num_users", num_users, 1),
     ("num_videos", num_videos, 2),
     ("num_samples", num_samples, 2),
+    # numpy would reject a negative or fractional seed with its own ValueError or TypeError,
+    # and take None as "fresh entropy", which breaks "the same seed gives identical traces".
+    ("seed", seed, 0),
   ):
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
       raise DataError(f"Synthetic dataset: {arg} must be an integer >= {low}, got {value!r}")

@@ -1,26 +1,7 @@
 """Viewpoint heatmaps on an equirectangular grid, for FedGen-style label generation."""
 
-from fedvp_jax.heatmap.gaussian import combined, heatmaps, label_weights, sample_labels
-from fedvp_jax.heatmap.grid import (
-  cell_areas,
-  cell_center_vectors,
-  cell_centers,
-  cell_index,
-  cell_size,
-  check_grain,
-  lat_edges,
-)
+import lazy_loader
 
-__all__ = [
-  "cell_areas",
-  "cell_center_vectors",
-  "cell_centers",
-  "cell_index",
-  "cell_size",
-  "check_grain",
-  "combined",
-  "heatmaps",
-  "label_weights",
-  "lat_edges",
-  "sample_labels",
-]
+# Submodules load on first use (names in __init__.pyi), so importing one module of the
+# package does not import the others (and JAX with them).
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

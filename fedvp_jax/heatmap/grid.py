@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedvp_jax import geometry
-from fedvp_jax.errors import ConfigError
+from fedvp_jax.config import require
+from fedvp_jax.errors import SettingError
 
 
 def check_grain(grain: int) -> None:
-  """Raises ``ConfigError`` unless ``grain`` is an even Python int of at least 4."""
+  """Raises ``SettingError`` unless ``grain`` is an even Python int of at least 4."""
   if isinstance(grain, bool) or not isinstance(grain, (int, np.integer)):
-    raise ConfigError(f"grain must be a static Python int, got {grain!r}")
-  if grain < 4 or grain % 2:
-    raise ConfigError(f"grain must be an even integer >= 4, got {grain}")
+    raise SettingError("grain", grain, "must be a static Python int")
+  require("grain", grain)
 
 
 def cell_size(grain: int) -> float:

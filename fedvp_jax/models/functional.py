@@ -13,13 +13,11 @@ from typing import NamedTuple, TypeVar
 import jax
 from flax import nnx
 
-from fedvp_jax.errors import ConfigError
-from fedvp_jax.models.head import MOTION_DIM, Head, ViewportModel
+from fedvp_jax.config import require
+from fedvp_jax.models.head import Head, ViewportModel
 from fedvp_jax.models.lstm import LSTMEncoder
 from fedvp_jax.models.transformer import TransformerEncoder
 from fedvp_jax.types import Params
-
-MODELS = ("lstm", "transformer")
 
 ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
@@ -93,18 +91,14 @@ def build_model(
     head_hidden: width of the head's hidden layer.
 
   Raises:
-    ConfigError: for an unknown name or a latent_dim of 6 or less.
+    SettingError: for an unknown name or a latent_dim of 6 or less.
   """
-  if latent_dim <= MOTION_DIM:
-    raise ConfigError(
-      f"--latent-dim {latent_dim}: must exceed {MOTION_DIM} (z starts with the motion state)"
-    )
+  require("model", name)
+  require("latent_dim", latent_dim)
   encoders = {
     "lstm": lambda rngs: LSTMEncoder(latent_dim, rngs=rngs),
     "transformer": lambda rngs: TransformerEncoder(latent_dim, history, rngs=rngs),
   }
-  if name not in encoders:
-    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
   def make(rngs: nnx.Rngs) -> ViewportModel:
     return ViewportModel(encoders[name](rngs), Head(latent_dim, head_hidden, horizon, rngs=rngs))

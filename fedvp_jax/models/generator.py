@@ -16,12 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedvp_jax.errors import ConfigError
+from fedvp_jax.config import require
 from fedvp_jax.heatmap.grid import cell_index, check_grain
 from fedvp_jax.models.functional import split_once
 from fedvp_jax.types import Params
-
-GENERATORS = ("simple", "deep")
 
 
 class LabelEncoding(nnx.Module):
@@ -134,10 +132,9 @@ def build_generator(
     embedding_dim: width of the cell embedding.
 
   Raises:
-    ConfigError: for an unknown kind or grain.
+    SettingError: for an unknown kind or grain.
   """
-  if kind not in GENERATORS:
-    raise ConfigError(f"unknown generator {kind!r}; choose one of {', '.join(GENERATORS)}")
+  require("generator", kind)
   check_grain(grain)
   classes = {"simple": SimpleGenerator, "deep": DeepGenerator}
 

@@ -19,9 +19,6 @@ from flax import nnx
 
 from fedvp_jax.geometry import normalize
 
-MOTION_DIM = 6
-"""Leading coordinates of z holding the motion state: position (3), then displacement (3)."""
-
 
 def motion_features(history: jax.Array) -> jax.Array:
   """Positions and per-step displacements ``f32[..., M, 6]`` of ``history: f32[..., M, 3]``.

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedvp_jax.models.head import MOTION_DIM, motion_features
+from fedvp_jax.config import MOTION_DIM
+from fedvp_jax.models.head import motion_features
 
 
 class LSTMEncoder(nnx.Module):

@@ -3,7 +3,8 @@
 import jax
 from flax import nnx
 
-from fedvp_jax.models.head import MOTION_DIM, motion_features
+from fedvp_jax.config import MOTION_DIM
+from fedvp_jax.models.head import motion_features
 
 
 class EncoderBlock(nnx.Module):

@@ -1,0 +1,100 @@
+from . import algorithms, config, data, heatmap, models
+from .algorithms import (
+  ClientsState,
+  FederatedAlgorithm,
+  FedGenState,
+  RoundMetrics,
+  aggregate,
+  build_algorithm,
+  fedavg,
+  fedgen,
+  local_update,
+  over_seeds,
+  prediction_loss,
+  receive,
+  weighted_mean,
+)
+from .baselines import BASELINES, constant_velocity, no_motion
+from .config import ALGORITHMS, FedGenConfig, RoundConfig, RunConfig, with_settings
+from .data.datasets import DatasetSpec, load_traces, parse_spec
+from .data.federated import ClientData, build_client_data, select_users
+from .errors import ConfigError, DataError, DivergenceError, FedVPError, SettingError
+from .experiment import Experiment, prepare
+from .geometry import lonlat_to_vec, normalize, orthodromic_distance, rotate, vec_to_lonlat
+from .heatmap import heatmaps, label_weights, sample_labels
+from .metrics import ErrorSums, Summary, error_sums, mse, summarize
+from .models import Model, build_model
+from .report import write_report
+from .rounds import iterate_rounds, run_rounds
+from .runner import resume, run
+from .sharding import client_mesh, shard_data
+from .sweep import expand_spec, read_spec, run_sweep
+
+__version__: str
+
+__all__ = [
+  "ALGORITHMS",
+  "BASELINES",
+  "ClientData",
+  "ClientsState",
+  "ConfigError",
+  "DataError",
+  "DatasetSpec",
+  "DivergenceError",
+  "ErrorSums",
+  "Experiment",
+  "FedGenConfig",
+  "FedGenState",
+  "FedVPError",
+  "FederatedAlgorithm",
+  "Model",
+  "RoundConfig",
+  "RoundMetrics",
+  "RunConfig",
+  "SettingError",
+  "Summary",
+  "aggregate",
+  "algorithms",
+  "build_algorithm",
+  "build_client_data",
+  "build_model",
+  "client_mesh",
+  "config",
+  "constant_velocity",
+  "data",
+  "error_sums",
+  "expand_spec",
+  "fedavg",
+  "fedgen",
+  "heatmap",
+  "heatmaps",
+  "iterate_rounds",
+  "label_weights",
+  "load_traces",
+  "local_update",
+  "lonlat_to_vec",
+  "models",
+  "mse",
+  "no_motion",
+  "normalize",
+  "orthodromic_distance",
+  "over_seeds",
+  "parse_spec",
+  "prediction_loss",
+  "prepare",
+  "read_spec",
+  "receive",
+  "resume",
+  "rotate",
+  "run",
+  "run_rounds",
+  "run_sweep",
+  "sample_labels",
+  "select_users",
+  "shard_data",
+  "summarize",
+  "vec_to_lonlat",
+  "weighted_mean",
+  "with_settings",
+  "write_report",
+]

@@ -1,0 +1,276 @@
+"""The run directory: the one owner of its layout. Everything that writes or reads a run's
+files (the runner, sweeps, reports) goes through :class:`RunDir`.
+
+A run directory holds::
+
+    config.json           the resolved settings (``"config"``, see fedvp_jax.config.to_record),
+                          the clients, their window counts, library versions, the device
+    baselines.json        the trivial predictors' errors on the same test windows
+    seed<k>/metrics.jsonl one JSON line per round, for every seed k; round r's test_* are of
+                          the models deployed at the start of round r (after r aggregations),
+                          as in FedGen's code; non-finite numbers are null
+    seed<k>/summary.json  final and best Average Global Loss, orthodromic error, timings
+    .lock, .lock.owner    held by the one process writing the run (see RunDir.lock)
+    checkpoints/          with checkpoint_every: orbax checkpoints of every seed's whole state
+    tensorboard/          with tensorboard: the per-round scalars as TensorBoard event files
+    diverged.json         only when the run stopped because it diverged: what happened
+    summary.json          the seeds' final metrics, mean and std (written last: a run
+                          directory with it is finished)
+
+JSON files are written whole or not at all (to a temporary file, then renamed), so a crash
+never leaves a half-written one; a metrics log may end in a torn line, which readers skip.
+Runs written by fedvp_jax 0.1 (settings named ``algo``, ``times``, ``local_epochs``, ...) are
+read as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedvp_jax.config import RunConfig, from_record
+from fedvp_jax.errors import ConfigError
+
+CONFIG = "config.json"
+BASELINES = "baselines.json"
+SUMMARY = "summary.json"
+DIVERGED = "diverged.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+LOCK = ".lock"
+KEEP_CHECKPOINTS = 2
+
+
+def write_json(path: Path, obj: Any) -> None:
+  """Writes ``obj`` to ``path`` atomically: a reader sees the old file or the new, whole."""
+  temporary = path.with_name(f".{path.name}.tmp")
+  temporary.write_text(json.dumps(obj, indent=2) + "\n")
+  os.replace(temporary, path)
+
+
+def read_json(path: Path) -> Any:
+  """The JSON in ``path``.
+
+  Raises:
+    ConfigError: naming the file, when it is missing or not whole JSON.
+  """
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise ConfigError(f"{path} is missing") from None
+  except (OSError, ValueError) as err:
+    raise ConfigError(f"{path} is unreadable ({type(err).__name__}: {err})") from None
+
+
+class RunDir:
+  """One run directory (see the module docstring for its layout).
+
+  Attributes:
+    path: the folder.
+  """
+
+  def __init__(self, path: str | Path):
+    self.path = Path(path)
+
+  def __repr__(self) -> str:
+    return f"RunDir({str(self.path)!r})"
+
+  @property
+  def name(self) -> str:
+    return self.path.name
+
+  def exists(self) -> bool:
+    """Whether this is a run directory (it holds a ``config.json``)."""
+    return (self.path / CONFIG).is_file()
+
+  def is_finished(self) -> bool:
+    return (self.path / SUMMARY).is_file()
+
+  @contextlib.contextmanager
+  def lock(self) -> Iterator[None]:
+    """Holds the run directory for this process: two processes never write one run. The
+    lock (filelock's, an OS lock) goes with the process, so a killed run leaves none behind.
+
+    Raises:
+      ConfigError: naming the process that holds it.
+    """
+    from filelock import FileLock, Timeout
+
+    guard = FileLock(self.path / LOCK, timeout=0)
+    owner = self.path / f"{LOCK}.owner"
+    try:
+      guard.acquire()
+    except Timeout:
+      holder = owner.read_text().strip() if owner.is_file() else "another process"
+      raise ConfigError(
+        f"{self.path} is being written by {holder}; wait for that run to finish or stop it"
+      ) from None
+    try:
+      owner.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
+      yield
+    finally:
+      guard.release()
+
+  # --- settings and baselines ---
+
+  def write_config(self, record: dict[str, Any]) -> None:
+    write_json(self.path / CONFIG, record)
+
+  def read_record(self) -> dict[str, Any]:
+    """The whole ``config.json``."""
+    record = read_json(self.path / CONFIG)
+    if not isinstance(record, dict) or "config" not in record:
+      raise ConfigError(f'{self.path / CONFIG} has no "config": not a run\'s settings')
+    return record
+
+  def read_config(self) -> RunConfig:
+    """The run's settings.
+
+    Raises:
+      ConfigError: naming the file, when they are unreadable or invalid.
+    """
+    path = self.path / CONFIG
+    try:
+      return from_record(self.read_record()["config"])
+    except ConfigError as err:
+      raise ConfigError(f"{path}: {err}") from None
+
+  def write_baselines(self, baselines: dict[str, Any]) -> None:
+    write_json(self.path / BASELINES, baselines)
+
+  def read_baselines(self) -> dict[str, Any]:
+    return read_json(self.path / BASELINES)
+
+  # --- per seed ---
+
+  def seed_dir(self, seed: int) -> Path:
+    return self.path / f"seed{seed}"
+
+  def metrics_path(self, seed: int) -> Path:
+    return self.seed_dir(seed) / METRICS
+
+  def read_metrics(self, seed: int, before: int | None = None) -> list[dict[str, Any]]:
+    """Seed ``seed``'s round records (of rounds before ``before``, if given). A torn last line,
+    left by a run killed while writing it, ends the log."""
+    path = self.metrics_path(seed)
+    if not path.is_file():
+      return []
+    records = []
+    for line in path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        break
+      if before is None or record["round"] < before:
+        records.append(record)
+    return records
+
+  def open_metrics(self, seed: int, records: list[dict[str, Any]]):
+    """Seed ``seed``'s metrics log, started afresh with ``records``, open for appending."""
+    self.seed_dir(seed).mkdir(exist_ok=True)
+    file = self.metrics_path(seed).open("w")
+    file.writelines(json.dumps(record) + "\n" for record in records)
+    return file
+
+  def write_seed_summary(self, summary: dict[str, Any]) -> None:
+    write_json(self.seed_dir(summary["seed"]) / SUMMARY, summary)
+
+  def read_seed_summary(self, seed: int) -> dict[str, Any] | None:
+    path = self.seed_dir(seed) / SUMMARY
+    return read_json(path) if path.is_file() else None
+
+  # --- the run's outcome ---
+
+  def write_summary(self, summary: dict[str, Any]) -> None:
+    write_json(self.path / SUMMARY, summary)
+
+  def read_summary(self) -> dict[str, Any] | None:
+    """``summary.json``, or ``None`` when the run has not finished."""
+    path = self.path / SUMMARY
+    return read_json(path) if path.is_file() else None
+
+  def mark_diverged(self, message: str, checkpoint: list[int]) -> None:
+    write_json(self.path / DIVERGED, {"message": message, "checkpoint": checkpoint})
+
+  def clear_diverged(self) -> None:
+    (self.path / DIVERGED).unlink(missing_ok=True)
+
+  def diverged(self) -> str | None:
+    """What made the run stop, if it diverged."""
+    path = self.path / DIVERGED
+    return read_json(path)["message"] if path.is_file() else None
+
+  # --- checkpoints ---
+
+  def has_checkpoints(self) -> bool:
+    return (self.path / CHECKPOINTS).is_dir()
+
+  def checkpoints(self):
+    """The orbax manager of ``checkpoints/`` (the newest :data:`KEEP_CHECKPOINTS` kept)."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=KEEP_CHECKPOINTS, create=True)
+    return ocp.CheckpointManager((self.path / CHECKPOINTS).resolve(), options=options)
+
+  def save_checkpoint(self, manager, step: int, state: Any) -> bool:
+    """Saves ``state`` as round ``step``'s checkpoint; whether it was written."""
+    import orbax.checkpoint as ocp
+
+    written = manager.save(step, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()  # the next round reuses the state's buffers
+    return bool(written)
+
+  def restore_newest(self, manager, abstract: Any) -> tuple[int, Any, list[str]] | None:
+    """The newest checkpoint that restores against ``abstract`` (a tree of
+    ``jax.ShapeDtypeStruct`` carrying the reader's shardings), as ``(round, state, notes)``;
+    an unreadable one is moved aside to ``checkpoints/unreadable-<round>`` (not deleted; orbax
+    would not write that round again while it is there), noted, and the one before it used."""
+    import orbax.checkpoint as ocp
+
+    notes = []
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as err:  # orbax raises many kinds for a damaged checkpoint
+        aside = Path(manager.directory) / f"unreadable-{step}"
+        (Path(manager.directory) / str(step)).rename(aside)
+        manager.reload()
+        notes.append(
+          f"checkpoint at round {step} is unreadable ({type(err).__name__}); moved to {aside}"
+        )
+        continue
+      return step, state, notes
+    return None
+
+
+SWEEP_INDEX = "sweep.json"
+"""A sweep folder's index: every run's name, group and settings, in sweep order."""
+
+
+def read_sweep_index(folder: Path) -> dict[str, dict[str, Any]]:
+  """The sweep index of ``folder`` by run name (empty when it has none).
+
+  Raises:
+    ConfigError: naming the file, when it is unreadable.
+  """
+  path = Path(folder) / SWEEP_INDEX
+  if not path.is_file():
+    return {}
+  entries = read_json(path)
+  try:
+    return {entry["name"]: entry for entry in entries}
+  except (TypeError, KeyError) as err:
+    raise ConfigError(f"{path} is not a sweep index ({err}); move it out of the way") from None
+
+
+def write_sweep_index(folder: Path, entries: list[dict[str, Any]]) -> None:
+  write_json(Path(folder) / SWEEP_INDEX, entries)
+
+
+__all__ = ["RunDir", "read_json", "read_sweep_index", "write_json", "write_sweep_index"]
