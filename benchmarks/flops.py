@@ -260,15 +260,23 @@ def analytic_step_flops(model: str, params: Mapping[str, Any], batch: int, histo
   ]
   if model == "transformer":
     products.append((2 * history * math.prod(encoder["embed"]["kernel"].shape), False))
-    for block in encoder["blocks"].values():
+    blocks = list(encoder["blocks"].values())
+    for index, block in enumerate(blocks):
+      # The last block computes the last position's query, attention output and MLP only;
+      # keys and values still come from every position.
+      queries = 1 if index == len(blocks) - 1 else history
       attention = block["attention"]
-      for p in ("query", "key", "value", "out"):
-        products.append((2 * history * math.prod(attention[p]["kernel"].shape), True))
+      for p, positions in (("query", queries), ("key", history), ("value", history)):
+        products.append((2 * positions * math.prod(attention[p]["kernel"].shape), True))
+      products.append((2 * queries * math.prod(attention["out"]["kernel"].shape), True))
       heads_width = math.prod(attention["query"]["kernel"].shape[1:])
-      # Scores q k^T and their mix with v: both operands need gradients.
-      products += [(2 * history * history * heads_width, True)] * 2
+      # Scores q k^T and their mix with v: both operands need gradients. With one query, dk of
+      # the scores and dv of the mix contract over that one position: outer products, which
+      # XLA writes as broadcast multiplies, so they are elementwise work here too.
+      product = 2 * queries * history * heads_width
+      products += [(product, True)] * 2 if queries > 1 else [(product, False)] * 2
       for p in ("mlp_in", "mlp_out"):
-        products.append((2 * history * math.prod(block[p]["kernel"].shape), True))
+        products.append((2 * queries * math.prod(block[p]["kernel"].shape), True))
   elif model == "lstm":
     # flax's OptimizedLSTMCell: the four gates' input and hidden kernels, each fused into one.
     cell = encoder["cell"]
