@@ -6,7 +6,10 @@
   python benchmarks/run.py --pfl-python /tmp/venv_pfl/bin/python \\
       --flower-python /tmp/venv_flwr/bin/python             # add the peer frameworks
 
-Needs the ``bench`` extra (torch). Sections:
+PyTorch (the ``bench`` extra) is optional: without it the PyTorch rows are left out and
+every fedvp_jax measurement still runs. ``--out-dir DIR`` writes one ``<section>.md`` per
+section; ``--tiny`` shrinks every workload (Synthetic data, 2 clients, 2 local steps) so that
+the script's whole path runs in seconds, for CI. Sections:
 
 1. Rounds: FedAvg and FedGen (the researcher's configuration: 10 users of David-m10-h1, 10
    local steps of batch 64, 256 generated labels per step, grain 256, 50 generator steps) with
@@ -22,17 +25,19 @@ Needs the ``bench`` extra (torch). Sections:
    ``peer_flower.py``), in their own processes.
 3. Heatmaps: 10 clients x 640 viewpoints at grain 256, sigma 5: fedvp_jax's jitted
    scatter-and-blur, the same in vectorised torch, and the per-viewpoint loop.
-4. Arithmetic: FLOPs of one round and of its local training (XLA's cost analysis), the
-   device's measured f32 matrix-multiply rate, and the fraction of it that local training
-   reaches.
-5. End to end: ``--end-to-end R`` times R rounds of the full FedGen configuration through
-   ``fedvp_jax.rounds.train`` (the script's path: compilation, evaluation every round,
-   metrics), as ``scripts/train.py`` runs them.
+4. Arithmetic: FLOPs of one round and of its local training, counted with every loop
+   iteration (``flops.py``; XLA's own count sees a loop body once), the device's measured f32
+   matrix-multiply rate, and the fraction of it that local training reaches.
+5. Scale (``--scale-clients 10,100,...``): ``scale.py``'s clients-per-round curve, stopping at
+   the first size that runs out of memory.
+6. End to end: ``--end-to-end R`` times R rounds of the full FedGen configuration with
+   evaluation every round: loading, compilation and all.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -49,19 +54,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedvp_jax.algorithms import local_update, prediction_loss
-from fedvp_jax.algorithms.client import stack
-from fedvp_jax.config import RunConfig
-from fedvp_jax.data.federated import sample_batches
-from fedvp_jax.experiment import prepare
 from fedvp_jax.heatmap import heatmaps as jax_heatmaps
 from fedvp_jax.metrics import summarize
-from fedvp_jax.models import build_model
-from fedvp_jax.rounds import train
-from fedvp_jax.runner import drain
 
 HERE = Path(__file__).resolve().parent
-NO_EVALUATION = 10**6  # eval_every: only round 0 evaluates
+sys.path.insert(0, str(HERE))
+import flops  # noqa: E402
+import scale  # noqa: E402
+from workload import NO_EVALUATION, Workload, build, resolve_device  # noqa: E402
+
+TORCH_VARIANTS = {
+  "seed": ("PyTorch, seed-style", "torch_seed", {}),
+  "vmap": ("PyTorch, torch.func.vmap", "torch_vmap", {}),
+  "compile": ("PyTorch, vmap + torch.compile", "torch_vmap", {"compile": True}),
+}
+"""``--torch`` choices: the row's name, the module, ``make_federation``'s options."""
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
@@ -77,10 +84,10 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
   return first, statistics.median(times), result
 
 
-def jax_rounds(config: RunConfig, repeats: int) -> dict[str, Any]:
+def jax_rounds(workload: Workload, repeats: int) -> dict[str, Any]:
   """fedvp_jax: the jitted round, first call and median; test loss after the rounds."""
-  experiment = prepare(config)
-  algorithm, data = experiment.algorithm, experiment.data
+  built = build(workload)
+  algorithm, data = built.algorithm, built.data
   state = jax.jit(algorithm.init)(jax.random.key(0), data)
   apply = jax.jit(algorithm.apply, donate_argnums=0)
   keys = iter(jax.random.split(jax.random.key(1), repeats + 1))
@@ -95,55 +102,60 @@ def jax_rounds(config: RunConfig, repeats: int) -> dict[str, Any]:
   return {"first_s": first, "median_s": median, "test_loss": loss}
 
 
-def torch_rounds(module: Any, config: RunConfig, repeats: int, **options: Any) -> dict[str, Any]:
+def torch_rounds(module: Any, workload: Workload, repeats: int, **options: Any) -> dict[str, Any]:
   """A PyTorch implementation (``torch_seed`` or ``torch_vmap``) on the same data and start;
   ``options`` go to its ``make_federation`` (``compile=True``)."""
-  experiment = prepare(config)
-  state = jax.jit(experiment.algorithm.init)(jax.random.key(0), experiment.data)
+  built = build(workload)
+  state = jax.jit(built.algorithm.init)(jax.random.key(0), built.data)
   clients = state.clients if hasattr(state, "clients") else state
   federation = module.make_federation(
-    experiment.data,
-    model=config.model,
-    algo="fedgen" if config.algorithm == "fedgen" else "fedavg",
-    learning_rate=config.learning_rate,
-    local_steps=config.round.local_steps,
-    batch_size=config.round.batch_size,
+    built.data,
+    model=workload.model,
+    algo=workload.algo,
+    learning_rate=workload.learning_rate,
+    local_steps=workload.local_steps,
+    batch_size=workload.batch_size,
     eval_every=NO_EVALUATION,
-    fedgen=config.fedgen,
+    fedgen=workload.fedgen,
     init_params=jax.device_get(clients.server_params),
     generator_params=jax.device_get(getattr(state, "generator_params", None)),
-    latent_dim=config.latent_dim,
+    latent_dim=workload.latent_dim,
     **options,
   )
   first, median, _ = timed(federation.round, repeats)
   return {"first_s": first, "median_s": median, "test_loss": federation.evaluate()}
 
 
-def rounds_section(base: RunConfig, repeats: int, log: Callable[[str], None]) -> list[str]:
-  import torch_seed
-  import torch_vmap
+def rounds_section(
+  base: Workload,
+  pairs: list[tuple[str, str]],
+  repeats: int,
+  variants: list[str],
+  log: Callable[[str], None],
+) -> list[str]:
+  """fedvp_jax and the chosen PyTorch ``variants`` (keys of TORCH_VARIANTS) on every round;
+  speed-ups are against the last variant (the fastest PyTorch, ``compile``, by default)."""
+  import importlib
 
+  reference = TORCH_VARIANTS[variants[-1]][0] if variants else "fedvp_jax"
   lines = [
     "| algorithm | model | implementation | first round, s | median round, s | rounds/s "
-    f"| vs seed-style | test loss after {repeats + 1} rounds |",
+    f"| {reference} / this | test loss after {repeats + 1} rounds |",
     "|---|---|---|---|---|---|---|---|",
   ]
-  for algo in ("fedavg", "fedgen"):
-    for model in ("transformer", "lstm"):
-      config = base.replace(algorithm=algo, model=model)
-      results = {
-        "fedvp_jax": jax_rounds(config, repeats),
-        "PyTorch, seed-style": torch_rounds(torch_seed, config, repeats),
-        "PyTorch, torch.func.vmap": torch_rounds(torch_vmap, config, repeats),
-        "PyTorch, vmap + torch.compile": torch_rounds(torch_vmap, config, repeats, compile=True),
-      }
-      seed = results["PyTorch, seed-style"]["median_s"]
-      for name, r in results.items():
-        lines.append(
-          f"| {algo} | {model} | {name} | {r['first_s']:.2f} | {r['median_s']:.3f} | "
-          f"{1 / r['median_s']:.2f} | {seed / r['median_s']:.1f}x | {r['test_loss']:.5f} |"
-        )
-        log(lines[-1])
+  for algo, model in pairs:
+    workload = dataclasses.replace(base, algo=algo, model=model)
+    results = {"fedvp_jax": jax_rounds(workload, repeats)}
+    for variant in variants:
+      name, module, options = TORCH_VARIANTS[variant]
+      results[name] = torch_rounds(importlib.import_module(module), workload, repeats, **options)
+    against = results[reference]["median_s"]
+    for name, r in results.items():
+      lines.append(
+        f"| {algo} | {model} | {name} | {r['first_s']:.2f} | {r['median_s']:.3f} | "
+        f"{1 / r['median_s']:.2f} | {against / r['median_s']:.2f}x | {r['test_loss']:.5f} |"
+      )
+      log(lines[-1])
   return lines
 
 
@@ -151,10 +163,8 @@ PEER_SNIPPET = """
 import json, sys
 sys.path.insert(0, {here!r})
 import {module} as peer
-from fedvp_jax.config import RunConfig
-from fedvp_jax.experiment import prepare
-data = prepare(RunConfig.of(dataset={dataset!r}, data_dir={data_dir!r}, num_clients=10,
-                         model={model!r})).data
+from workload import Workload, build
+data = build(Workload(dataset={dataset!r}, data_dir={data_dir!r}, model={model!r})).data
 print("RESULT " + json.dumps(peer.time_fedavg(data, {model!r}, {rounds}, **{extra!r})))
 """
 
@@ -200,35 +210,42 @@ def peers_section(args: argparse.Namespace, log: Callable[[str], None]) -> list[
   return lines
 
 
-def heatmap_section(repeats: int, log: Callable[[str], None]) -> list[str]:
-  import torch
-  import torch_seed
-  import torch_vmap
-
+def heatmap_section(
+  repeats: int, clients: int, points_per_client: int, with_torch: bool, log: Callable[[str], None]
+) -> list[str]:
   grain, sigma = 256, 5.0
-  points = np.random.default_rng(0).normal(size=(10, 640, 3)).astype(np.float32)
-  points /= np.linalg.norm(points, axis=-1, keepdims=True)
+  points = np.random.default_rng(0).normal(size=(clients, points_per_client, 3))
+  points = (points / np.linalg.norm(points, axis=-1, keepdims=True)).astype(np.float32)
   jitted = jax.jit(jax_heatmaps, static_argnums=(1,))
   device_points = jnp.asarray(points)
-  torch_points = torch.from_numpy(points)
   candidates = {
     "fedvp_jax (jitted scatter + blur)": lambda: jax.block_until_ready(
       jitted(device_points, grain, sigma)
     ),
-    "PyTorch, vectorised scatter + blur": lambda: torch_vmap.heatmaps(torch_points, grain, sigma),
-    "PyTorch, one viewpoint at a time": lambda: torch_seed.heatmaps(torch_points, grain, sigma),
   }
-  lines = [
-    "| implementation | first call, ms | median, ms | vs per-viewpoint |",
-    "|---|---|---|---|",
-  ]
+  if with_torch:
+    import torch
+    import torch_seed
+    import torch_vmap
+
+    torch_points = torch.from_numpy(points).to(torch.get_default_device())
+    sync = torch.cuda.synchronize if torch_points.is_cuda else lambda: None
+    candidates["PyTorch, vectorised scatter + blur"] = lambda: (
+      torch_vmap.heatmaps(torch_points, grain, sigma),
+      sync(),
+    )
+    candidates["PyTorch, one viewpoint at a time"] = lambda: (
+      torch_seed.heatmaps(torch_points, grain, sigma),
+      sync(),
+    )
+  lines = ["| implementation | first call, ms | median, ms | vs fedvp_jax |", "|---|---|---|---|"]
   results = {}
   for name, fn in candidates.items():
     slow = "viewpoint at a time" in name
     results[name] = timed(fn, 1 if slow else repeats)[:2]
-  loop = results["PyTorch, one viewpoint at a time"][1]
+  ours = results["fedvp_jax (jitted scatter + blur)"][1]
   for name, (first, median) in results.items():
-    lines.append(f"| {name} | {first * 1e3:.1f} | {median * 1e3:.2f} | {loop / median:.0f}x |")
+    lines.append(f"| {name} | {first * 1e3:.1f} | {median * 1e3:.2f} | {median / ours:.2f}x |")
     log(lines[-1])
   return lines
 
@@ -242,74 +259,112 @@ def matmul_rate(device: jax.Device, repeats: int) -> float:
   return 2 * n**3 / median
 
 
-def _flops(compiled: Any) -> float:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, list):  # older jax: one dict per program
-    analysis = analysis[0]
-  return float(analysis.get("flops", float("nan")))
-
-
 def arithmetic_section(
-  base: RunConfig, device: jax.Device, repeats: int, log: Callable[[str], None]
+  base: Workload,
+  pairs: list[tuple[str, str]],
+  device: jax.Device,
+  repeats: int,
+  log: Callable[[str], None],
 ) -> list[str]:
   rate = matmul_rate(device, repeats)
   lines = [
     f"Measured f32 matrix-multiply rate: {rate / 1e9:.1f} GFLOP/s "
     f"({'8192' if device.platform == 'gpu' else '2048'}^2 matmul, median of {repeats}).",
     "",
-    "| algorithm | model | GFLOP per round | local training: GFLOP | local training: ms "
-    "| GFLOP/s | fraction of matmul rate |",
-    "|---|---|---|---|---|---|---|",
+    "GFLOP per round: every loop iteration counted (HLO x trip counts), the cheaper and the "
+    "dearer branch of each conditional (the evaluation's); XLA's own count sees each loop body "
+    "once. Local training (the plain loss, all clients at once): analytic matmul FLOPs from the "
+    "model's shapes, HLO matmul and all FLOPs x trip counts, and XLA's count of one loop-free "
+    "step times the steps.",
+    "",
+    "| algorithm | model | GFLOP per round | XLA's count (loop once) | local: analytic matmul "
+    "| local: HLO matmul / all | local: one step x steps | local ms | GFLOP/s | of matmul rate |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for algo in ("fedavg", "fedgen"):
-    for model in ("transformer", "lstm"):
-      config = base.replace(algorithm=algo, model=model)
-      experiment = prepare(config)
-      algorithm, data = experiment.algorithm, experiment.data
-      state = jax.jit(algorithm.init)(jax.random.key(0), data)
-      round_flops = _flops(jax.jit(algorithm.apply).lower(state, data, jax.random.key(1)).compile())
-      # Local training alone: the plain loss (FedGen's generator term is part of its round).
-      spec = experiment.spec
-      net = build_model(model, spec.history, spec.horizon, latent_dim=config.latent_dim)
-      optimizer = config.make_optimizer()
-      params = stack(net.init(jax.random.key(0)), data.num_clients)
-      opt_state = jax.vmap(optimizer.init)(params)
-      batches = sample_batches(
-        jax.random.key(2), data, config.round.local_steps, config.round.batch_size
-      )
-      train_local = jax.jit(local_update(prediction_loss(net), optimizer))
-      compiled = train_local.lower(params, opt_state, batches, jax.random.key(3), None).compile()
-      local_flops = _flops(compiled)
-      _, seconds, _ = timed(
-        lambda c=compiled, p=params, o=opt_state, b=batches: jax.block_until_ready(
-          c(p, o, b, jax.random.key(3), None)
-        ),
-        repeats,
-      )
-      achieved = local_flops / seconds
-      lines.append(
-        f"| {algo} | {model} | {round_flops / 1e9:.2f} | {local_flops / 1e9:.2f} | "
-        f"{seconds * 1e3:.1f} | {achieved / 1e9:.1f} | {achieved / rate:.1%} |"
-      )
-      log(lines[-1])
+  for algo, model in pairs:
+    built = build(dataclasses.replace(base, algo=algo, model=model))
+    state = jax.jit(built.algorithm.init)(jax.random.key(0), built.data)
+    round_hlo = jax.jit(built.algorithm.apply).lower(state, built.data, jax.random.key(1)).compile()
+    low, high = (flops.hlo_flops(round_hlo.as_text(), b).total / 1e9 for b in ("min", "max"))
+    local = flops.local_training_flops(built, base.local_steps, base.batch_size)
+    _, seconds, _ = timed(
+      lambda c=local["compiled"], i=local["inputs"]: jax.block_until_ready(
+        c(*i, jax.random.key(3), None)
+      ),
+      repeats,
+    )
+    achieved = local["hlo"].dot / seconds
+    lines.append(
+      f"| {algo} | {model} | {low:.2f} to {high:.2f} | {flops.xla_flops(round_hlo) / 1e9:.2f} "
+      f"| {local['analytic']:.2f} "
+      f"| {local['hlo'].dot / 1e9:.2f} / {local['hlo'].total / 1e9:.2f} "
+      f"| {local['single_xla']:.2f} | {seconds * 1e3:.1f} | {achieved / 1e9:.1f} "
+      f"| {achieved / rate:.1%} |"
+    )
+    log(lines[-1])
   return lines
 
 
-def end_to_end_section(base: RunConfig, rounds: int, log: Callable[[str], None]) -> list[str]:
-  config = base.replace(algorithm="fedgen", model="transformer", rounds=rounds)
+def scale_section(
+  base: Workload, clients: list[int], repeats: int, log: Callable[[str], None]
+) -> list[str]:
+  rows = scale.curve(base, clients, repeats)
+  lines = scale.table(rows)
+  for line in lines[2:]:
+    log(line)
+  return lines
+
+
+def end_to_end_section(base: Workload, rounds: int, log: Callable[[str], None]) -> list[str]:
+  """``rounds`` FedGen rounds with evaluation every round, from loading the data on."""
+  workload = dataclasses.replace(base, algo="fedgen", eval_every=1)
   t0 = time.perf_counter()
-  experiment = prepare(config)
-  (summary,) = drain(train(experiment, [0]))
+  built = build(workload)
+  state = jax.jit(built.algorithm.init)(jax.random.key(0), built.data)
+  apply = jax.jit(built.algorithm.apply, donate_argnums=0)
+  keys = jax.random.split(jax.random.key(1), rounds)
+  times = []
+  for r in range(rounds):
+    t1 = time.perf_counter()
+    state, metrics = jax.block_until_ready(apply(state, built.data, keys[r]))
+    times.append(time.perf_counter() - t1)
   total = time.perf_counter() - t0
+  loss = float(summarize(metrics.test).loss)
   line = (
-    f"FedGen, Transformer, full configuration, {rounds} rounds with evaluation every round, "
-    f"through `fedvp_jax.rounds.train` (data loading, compilation and all): **{total:.1f} s** "
-    f"(first round {summary['first_round_seconds']:.1f} s, then median "
-    f"{summary['median_round_seconds'] * 1e3:.1f} ms/round); final Average Global Loss "
-    f"{summary['final']['loss']:.5f}."
+    f"FedGen, {workload.model}, {workload.dataset}, {workload.num_users} users, {rounds} rounds "
+    f"with evaluation every round (data loading, compilation and all): **{total:.1f} s** (first "
+    f"round {times[0]:.1f} s, then median {statistics.median(times[1:] or times) * 1e3:.1f} "
+    f"ms/round); last round's test loss {loss:.5f}."
   )
   log(line)
   return [line]
+
+
+def tiny(workload: Workload) -> Workload:
+  """A workload small enough to run every section in seconds (CI); the LSTM compiles faster."""
+  fedgen = dataclasses.replace(workload.fedgen, gen_steps=2, gen_batch_size=8, grain=32)
+  return dataclasses.replace(
+    workload,
+    dataset="Synthetic-m10-h1",
+    model="lstm",
+    num_users=2,
+    local_steps=2,
+    batch_size=8,
+    fedgen=fedgen,
+  )
+
+
+def setup_torch(device: jax.Device, threads: int | None) -> str | None:
+  """Puts PyTorch on ``device``'s kind with ``threads``; describes it, or None without torch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  torch_device = "cuda" if device.platform == "gpu" else "cpu"
+  torch.set_default_device(torch_device)
+  if threads:
+    torch.set_num_threads(threads)
+  return f"torch {torch.__version__} ({torch.get_num_threads()} threads, {torch_device})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,45 +376,66 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--device", default="cpu", help="cpu or gpu (fedvp_jax and PyTorch)")
   parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the first")
   parser.add_argument("--sections", default="rounds,peers,heatmaps,arithmetic")
+  parser.add_argument("--algos", default="fedavg,fedgen")
+  parser.add_argument("--models", default="transformer,lstm")
+  parser.add_argument("--torch", default="seed,vmap,compile", help="PyTorch variants to run")
+  parser.add_argument("--scale-clients", default="", help="e.g. 10,100,1000,10000")
   parser.add_argument("--end-to-end", type=int, default=0, help="R rounds end to end; 0: skip")
   parser.add_argument("--pfl-python", help="a Python with pfl installed")
   parser.add_argument("--flower-python", help='a Python with "flwr[simulation]" installed')
   parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads for PyTorch")
+  parser.add_argument("--tiny", action="store_true", help="tiny workloads (CI)")
   parser.add_argument("--out", help="also write the tables to this Markdown file")
+  parser.add_argument("--out-dir", help="also write each section to DIR/<section>.md")
   args = parser.parse_args(argv)
-  sys.path.insert(0, str(HERE))
-  import torch
-
-  device = jax.devices("gpu" if args.device in ("gpu", "cuda") else "cpu")[0]
-  torch_device = "cuda" if device.platform == "gpu" else "cpu"
-  torch.set_default_device(torch_device)
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
-  base = RunConfig.of(
-    dataset=args.dataset, data_dir=args.data_dir, num_clients=10, eval_every=NO_EVALUATION
-  )
+  device = resolve_device(args.device)
+  torch_note = setup_torch(device, args.torch_threads)
+  has_torch = torch_note is not None
+  variants = [v for v in args.torch.split(",") if v] if has_torch else []
+  base = Workload(dataset=args.dataset, data_dir=args.data_dir)
+  if args.tiny:
+    base = tiny(base)
   sections = args.sections.split(",")
+  pairs = [(a, m) for a in args.algos.split(",") for m in args.models.split(",")]
   header = (
     f"{date.today()}; {device.platform} ({device.device_kind}); host "
     f"{platform.processor() or platform.machine()} with {os.cpu_count()} cores; jax "
-    f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads, "
-    f"{torch_device}); {args.dataset}, 10 clients; medians of {args.repeats} rounds or calls "
-    "after the first."
+    f"{jax.__version__}, {torch_note or 'torch not installed'}; {base.dataset}, "
+    f"{base.num_users} clients; medians of {args.repeats} rounds or calls after the first."
   )
   out = [f"# Benchmark: {header}", ""]
+  tables: dict[str, list[str]] = {}
+  heat_clients, heat_points = (2, 16) if args.tiny else (10, 640)
   with jax.default_device(device):
     if "rounds" in sections:
-      out += ["## Rounds", "", *rounds_section(base, args.repeats, print), ""]
+      tables["rounds"] = rounds_section(base, pairs, args.repeats, variants, print)
     if "peers" in sections and (args.pfl_python or args.flower_python):
-      out += ["## Peer frameworks, FedAvg", "", *peers_section(args, print), ""]
+      tables["peers"] = peers_section(args, print)
     if "heatmaps" in sections:
-      out += ["## Heatmaps, 10 x 640 viewpoints, grain 256", ""]
-      out += [*heatmap_section(args.repeats, print), ""]
+      tables["heatmaps"] = heatmap_section(
+        args.repeats, heat_clients, heat_points, has_torch, print
+      )
     if "arithmetic" in sections:
-      out += ["## Arithmetic", "", *arithmetic_section(base, device, args.repeats, print), ""]
+      tables["arithmetic"] = arithmetic_section(base, pairs, device, args.repeats, print)
+    if args.scale_clients:
+      clients = [int(n) for n in args.scale_clients.split(",")]
+      tables["scale"] = scale_section(base, clients, max(1, args.repeats // 2), print)
     if args.end_to_end:
-      full = base.replace(eval_every=1)
-      out += ["## End to end", "", *end_to_end_section(full, args.end_to_end, print), ""]
+      tables["end-to-end"] = end_to_end_section(base, args.end_to_end, print)
+  titles = {
+    "rounds": "Rounds",
+    "peers": "Peer frameworks, FedAvg",
+    "heatmaps": f"Heatmaps, {heat_clients} x {heat_points} viewpoints, grain 256",
+    "arithmetic": "Arithmetic",
+    "scale": f"Scale: clients per round, FedAvg, {base.model}",
+    "end-to-end": "End to end",
+  }
+  for name, lines in tables.items():
+    out += [f"## {titles[name]}", "", *lines, ""]
+    if args.out_dir:
+      Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+      section = [f"# {titles[name]}", "", header, "", *lines, ""]
+      (Path(args.out_dir) / f"{name}.md").write_text("\n".join(section))
   text = "\n".join(out)
   print("\n" + text)
   if args.out:

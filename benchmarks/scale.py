@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """How throughput grows with the number of clients trained per round.
 
-The Synthetic dataset's 24 viewers are tiled up to N clients (the numbers, not the data,
-matter here) and one FedAvg round, every client doing ``--local-steps`` steps of batch 64, is
-timed for each N: client-steps per second, and device memory per client from the compiled
-round's memory analysis (arguments + outputs + temporaries, divided by N). On a GPU the peak
-bytes in use are reported too. Throughput should grow with N until the device is saturated.
+The dataset's viewers (Synthetic's 24 by default) are tiled up to N clients (the numbers,
+not the data, matter here) and one FedAvg round, every client doing ``--local-steps`` steps of
+batch 64, is timed for each N: client-steps per second, and device memory per client from the
+compiled round's memory analysis (arguments + outputs + temporaries, divided by N). On a GPU
+the peak bytes in use are reported too. Throughput should grow with N until the device is saturated.
+The curve stops at the first N that runs out of device memory.
 
   python benchmarks/scale.py --clients 10,100,1000 --out BENCH_DIR
   python benchmarks/scale.py --clients 10,100,1000,10000 --device gpu --out BENCH_DIR
@@ -23,9 +24,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
-from fedvp_jax.config import RunConfig
-from fedvp_jax.experiment import prepare
+from workload import NO_EVALUATION, Workload, build, resolve_device
 
 
 def tile_clients(data, num_clients: int):
@@ -34,16 +33,14 @@ def tile_clients(data, num_clients: int):
   return jax.tree.map(lambda leaf: leaf[index], data)
 
 
-def measure(config: RunConfig, num_clients: int, repeats: int) -> dict[str, float]:
+def measure(workload: Workload, num_clients: int, repeats: int) -> dict[str, float]:
   """Compile time, median round time and memory of one FedAvg round of ``num_clients``."""
-  experiment = prepare(config)
-  data = tile_clients(experiment.data, num_clients)
-  state = jax.jit(experiment.algorithm.init)(jax.random.key(0), data)
+  built = build(workload)
+  data = tile_clients(built.data, num_clients)
+  state = jax.jit(built.algorithm.init)(jax.random.key(0), data)
   t0 = time.perf_counter()
   compiled = (
-    jax.jit(experiment.algorithm.apply, donate_argnums=0)
-    .lower(state, data, jax.random.key(1))
-    .compile()
+    jax.jit(built.algorithm.apply, donate_argnums=0).lower(state, data, jax.random.key(1)).compile()
   )
   compile_seconds = time.perf_counter() - t0
   memory = compiled.memory_analysis()
@@ -64,10 +61,41 @@ def measure(config: RunConfig, num_clients: int, repeats: int) -> dict[str, floa
     "clients": num_clients,
     "compile_s": compile_seconds,
     "round_s": median,
-    "client_steps_per_s": num_clients * config.round.local_steps / median,
+    "client_steps_per_s": num_clients * workload.local_steps / median,
     "mib_per_client": round_bytes / num_clients / 2**20,
     "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
   }
+
+
+def curve(workload: Workload, clients: list[int], repeats: int) -> list[dict[str, float]]:
+  """``measure`` for each number of clients, up to the first that runs out of memory."""
+  rows = []
+  for n in clients:
+    try:
+      rows.append(measure(workload, n, repeats))
+    except jax.errors.JaxRuntimeError as error:
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      rows.append({"clients": n, "out_of_memory": True})
+      break
+  return rows
+
+
+def table(rows: list[dict[str, float]]) -> list[str]:
+  """The curve as Markdown table lines."""
+  lines = [
+    "| clients | compile, s | round, s | client-steps/s | MiB per client | peak GiB |",
+    "|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    if r.get("out_of_memory"):
+      lines.append(f"| {r['clients']} | out of memory | | | | |")
+      continue
+    lines.append(
+      f"| {r['clients']} | {r['compile_s']:.1f} | {r['round_s']:.3f} | "
+      f"{r['client_steps_per_s']:.0f} | {r['mib_per_client']:.2f} | {r['peak_gib']:.2f} |"
+    )
+  return lines
 
 
 def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
@@ -99,40 +127,34 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--device", default="cpu")
   parser.add_argument("--out", help="folder for scale.md and scale.png")
   args = parser.parse_args(argv)
-  config = RunConfig.of(
+  # Evaluation is not what scales here: time training and aggregation.
+  workload = Workload(
     dataset="Synthetic-m10-h1",
     model=args.model,
-    num_clients=None,
+    num_users=None,
     local_steps=args.local_steps,
-    eval_every=10**6,  # time training and aggregation; evaluation is not what scales here
+    eval_every=NO_EVALUATION,
   )
-  device = jax.devices("gpu" if args.device in ("gpu", "cuda") else "cpu")[0]
+  device = resolve_device(args.device)
   with jax.default_device(device):
-    rows = [measure(config, int(n), args.repeats) for n in args.clients.split(",")]
+    rows = curve(workload, [int(n) for n in args.clients.split(",")], args.repeats)
   head = (
     f"Scale: FedAvg, {args.model}, {args.local_steps} local steps of batch 64 per client; "
     f"{date.today()}, {device.platform} ({device.device_kind}), "
     f"{platform.processor() or platform.machine()}, jax {jax.__version__}; median of "
     f"{args.repeats} rounds after a warm-up"
   )
-  lines = [
-    head,
-    "",
-    "| clients | compile, s | round, s | client-steps/s | MiB per client | peak GiB |",
-    "|---|---|---|---|---|---|",
-  ]
-  for r in rows:
-    lines.append(
-      f"| {r['clients']} | {r['compile_s']:.1f} | {r['round_s']:.3f} | "
-      f"{r['client_steps_per_s']:.0f} | {r['mib_per_client']:.2f} | {r['peak_gib']:.2f} |"
-    )
-  table = "\n".join(lines)
-  print(table)
+  text = "\n".join([head, "", *table(rows)])
+  print(text)
   if args.out:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.md").write_text(table + "\n")
-    plot(rows, out / "scale.png", head.split(";", maxsplit=1)[0] + f"; {device.device_kind}")
+    (out / "scale.md").write_text(text + "\n")
+    plot(
+      [r for r in rows if not r.get("out_of_memory")],
+      out / "scale.png",
+      head.split(";", maxsplit=1)[0] + f"; {device.device_kind}",
+    )
   return 0
 
 

@@ -108,22 +108,24 @@ class Attention(nn.Module):
     self.value = nn.Linear(width, width)
     self.out = nn.Linear(width, width)
 
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    *batch, length, width = x.shape
+  def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
+    """Queries from ``x``, keys and values from ``kv`` (default ``x``)."""
+    kv = x if kv is None else kv
+    width = x.shape[-1]
     depth = width // self.num_heads
 
     def heads(t: torch.Tensor) -> torch.Tensor:
       # [..., heads, positions, depth], the layout both attention paths want.
-      return t.reshape(*batch, length, self.num_heads, depth).transpose(-3, -2)
+      return t.reshape(*t.shape[:-1], self.num_heads, depth).transpose(-3, -2)
 
-    q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+    q, k, v = heads(self.query(x)), heads(self.key(kv)), heads(self.value(kv))
     if self.fused:
       o = F.scaled_dot_product_attention(q, k, v)
     else:
       scores = (q / math.sqrt(depth)) @ k.transpose(-2, -1)
       o = torch.softmax(scores, dim=-1) @ v
     o = o.transpose(-3, -2)
-    return self.out(o.reshape(*batch, length, width))
+    return self.out(o.reshape(*x.shape))
 
 
 class EncoderBlock(nn.Module):
@@ -137,8 +139,14 @@ class EncoderBlock(nn.Module):
     self.mlp_in = nn.Linear(width, mlp_width)
     self.mlp_out = nn.Linear(mlp_width, width)
 
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    x = x + self.attention(self.attention_norm(x))
+  def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """As fedvp_jax's block: ``last_only`` computes the last position's output alone."""
+    y = self.attention_norm(x)
+    if last_only:
+      x, queries = x[..., -1:, :], y[..., -1:, :]
+    else:
+      queries = y
+    x = x + self.attention(queries, y)
     return x + self.mlp_out(_gelu(self.mlp_in(self.mlp_norm(x))))
 
 
@@ -166,8 +174,10 @@ class TransformerEncoder(nn.Module):
 
   def forward(self, history: torch.Tensor) -> torch.Tensor:
     x = self.embed(motion_features(history)) + self.position
-    for block in self.blocks:
-      x = block(x)
+    # The same work as fedvp_jax's encoder: the last block computes the last position only.
+    last = len(self.blocks) - 1
+    for i, block in enumerate(self.blocks):
+      x = block(x, last_only=i == last)
     return self.out(self.norm(x[..., -1, :]))
 
 

@@ -71,3 +71,29 @@ def test_bad_model_settings():
     build_model("gru", 5, 1)
   with pytest.raises(ConfigError, match=r"^latent_dim 6: must exceed 6"):
     build_model("lstm", 5, 1, latent_dim=6)
+
+
+def test_transformer_last_block_computes_the_last_position_alone():
+  """The encoder's last block runs for the last position only; every block run in full and
+  the last position read gives the same latent features and gradients."""
+  from flax import nnx
+
+  from fedvp_jax.models.transformer import TransformerEncoder
+
+  encoder = TransformerEncoder(16, 6, rngs=nnx.Rngs(0))
+  x = random_history(jax.random.key(8), 5, 6)
+
+  def full(module, history):
+    from fedvp_jax.models.head import motion_features
+
+    h = module.embed(motion_features(history)) + module.position[...]
+    for block in module.blocks:
+      h = block(h)
+    return module.out(module.norm(h[..., -1, :]))
+
+  graph, state = nnx.split(encoder)
+  fast = lambda s: nnx.merge(graph, s)(x)
+  slow = lambda s: full(nnx.merge(graph, s), x)
+  chex.assert_trees_all_close(jax.jit(fast)(state), jax.jit(slow)(state), atol=1e-6)
+  grads = [jax.jit(jax.grad(lambda s, f=f: jnp.sum(f(s) ** 2)))(state) for f in (fast, slow)]
+  chex.assert_trees_all_close(*grads, atol=1e-5)
