@@ -10,7 +10,8 @@ NNX module into the pure functions (``fedvp_jax.Model``) that every algorithm ta
 
 This example defines a GRU and an MLP encoder, trains each with FedAvg on the Synthetic
 dataset through the same jitted round loop as the library's models, and prints their test
-errors next to the library's LSTM and the no-motion and constant-velocity baselines. Run::
+errors next to the library's LSTM and the trivial predictors (no-motion, constant velocity,
+straight line). Run::
 
     python examples/custom_model.py
     python examples/custom_model.py --models gru --rounds 50 --dataset Synthetic-m10-h5

@@ -31,6 +31,7 @@ import optax
 import fedvp_jax as fv
 from fedvp_jax.algorithms import (
   LossFn,
+  augmented,
   clients_round,
   evaluate_deployed,
   init_clients,
@@ -87,7 +88,8 @@ def fedprox(
   """
   if not mu >= 0:
     raise fv.SettingError("mu", mu, "must be >= 0 (0 is FedAvg)")
-  train = local_update(proximal_loss(model, mu), optimizer)
+  # Augmented like FedAvg's clients (config.augment), so that mu = 0 is exactly FedAvg.
+  train = local_update(augmented(proximal_loss(model, mu), config.augment), optimizer)
 
   def update(params, opt_state, batches, key, context):
     # A LocalUpdate (context is None here). `params` are the K training clients' models as
@@ -103,8 +105,10 @@ def fedprox(
     outcome = clients_round(model, config, update, state, data, key)
     return outcome.state, outcome.metrics
 
-  def evaluate(state: fv.ClientsState, data: fv.ClientData) -> fv.ErrorSums:
-    return evaluate_deployed(model, config, state, data)
+  def evaluate(
+    state: fv.ClientsState, data: fv.ClientData, part: str = "test", best: bool = False
+  ) -> fv.ErrorSums:
+    return evaluate_deployed(model, config, state, data, part, best)
 
   return fv.FederatedAlgorithm(init, apply, evaluate)
 

@@ -21,8 +21,8 @@ def test_fedavg_with_the_defaults_beats_the_best_trivial_predictor_on_david(davi
     algorithm="fedavg",
     dataset="David-m10-h5",
     data_dir=str(david_root),
-    rounds=30,
-    eval_every=5,
+    rounds=20,
+    eval_every=10,
   )
   experiment = prepare(config)
   summaries = drain(train(experiment, seeds=[0, 1]))

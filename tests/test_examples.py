@@ -150,8 +150,8 @@ def test_custom_encoders_fit_the_engine(custom_model, encoder):
 def test_custom_model_trains_next_to_baselines(custom_model, capsys):
   rows = custom_model.main(TINY_FEDERATED + ["--models", "mlp"])
   out = capsys.readouterr().out
-  assert [r["model"] for r in rows] == ["no-motion", "constant-velocity", "mlp (custom)"]
-  assert rows[-1]["params"] > 0 and all(r["params"] is None for r in rows[:2])
+  assert [r["model"] for r in rows] == [*fv.BASELINES, "mlp (custom)"]
+  assert rows[-1]["params"] > 0 and all(r["params"] is None for r in rows[:-1])
   for row in rows:
     assert math.isfinite(row["loss"]) and all(math.isfinite(d) for d in row["orthodromic_deg"])
     assert row["model"] in out

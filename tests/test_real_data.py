@@ -142,5 +142,5 @@ def test_track_protocol_refuses_other_window_shapes(david_root):
   from fedvp_jax.experiment import prepare
 
   config = RunConfig.of(dataset="David-m10-h5", protocol="track", data_dir=str(david_root))
-  with pytest.raises(SettingError, match="protocol track: evaluates M=5, H=25 windows"):
+  with pytest.raises(SettingError, match="protocol 'track': evaluates M=5, H=25 windows"):
     prepare(config)

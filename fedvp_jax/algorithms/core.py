@@ -208,7 +208,14 @@ def init_clients(
 
 
 def evaluate_clients(model: Model, params: StackedParams, windows: EvalWindows) -> ErrorSums:
-  """Every client's model on its own ``windows`` (row i is client i's)."""
+  """Every client's model on its own ``windows`` (row i is client i's); zeros when there are
+  no windows (a run without a validation split), without calling the model."""
+  num_clients, num_windows = windows.mask.shape
+  if num_windows == 0:
+    horizon = windows.y.shape[2]
+    return ErrorSums(
+      jnp.zeros((num_clients,)), jnp.zeros((num_clients, horizon)), jnp.zeros((num_clients,))
+    )
   prediction = jax.vmap(model.apply)(params, windows.x)
   return error_sums(prediction, windows.y, windows.mask)
 
