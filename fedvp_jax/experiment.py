@@ -4,6 +4,7 @@ describes, assembled and ready to run, and the trivial predictors on the same te
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import optax
 from jax.sharding import Mesh
@@ -54,6 +55,22 @@ def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
   return {"sgd": optax.sgd, "adam": optax.adam}[config.optimizer](config.learning_rate)
 
 
+OVERSIZED_BATCH = 4
+"""A minibatch this many times the largest client's training windows is warned about."""
+
+
+def _warn_oversized_batch(batch_size: int, most_windows: int) -> None:
+  # Minibatches are drawn with replacement, so an oversized batch trains correctly but every
+  # local step computes the whole batch, mostly repeats: far slower for nothing.
+  if batch_size > OVERSIZED_BATCH * most_windows:
+    warnings.warn(
+      f"batch_size {batch_size} is {batch_size / most_windows:.0f}x the most training windows "
+      f"any client holds ({most_windows}): every local step computes {batch_size} windows, "
+      f"mostly repeats; a batch of at most {most_windows} is as good and far faster",
+      stacklevel=3,
+    )
+
+
 def prepare(config: RunConfig) -> Experiment:
   """Loads the data and builds the model and algorithm that ``config`` describes.
 
@@ -73,6 +90,7 @@ def prepare(config: RunConfig) -> Experiment:
     config.validation_fraction,
     first_window(config.protocol),
   )
+  _warn_oversized_batch(config.round.batch_size, int(data.train_counts.max()))
   new_users, new_viewers = new_viewer_windows(
     config.protocol, traces, spec, users, config.split, config.seed
   )

@@ -30,7 +30,7 @@ import numpy as np
 from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.plots import plot_loss, plot_orthodromic
-from fedvp_jax.rundir import RunDir, read_sweep_index
+from fedvp_jax.rundir import RunDir, read_sweep_index, warn_log_gaps
 from fedvp_jax.summaries import mean_std
 
 log = logging.getLogger("fedvp_jax")
@@ -105,6 +105,7 @@ def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
       if k == 0:  # the seeds of a run share their rounds
         seconds += record.get("seconds") or 0.0
   if summary is not None:
+    warn_log_gaps(target, summary["seeds"])
     for k, seed_summary in enumerate(summary["seeds"]):
       final = seed_summary["final"]["loss"]
       curves[k, seed_summary["rounds"]] = np.nan if final is None else final

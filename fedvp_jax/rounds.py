@@ -20,7 +20,7 @@ from fedvp_jax.algorithms.core import FederatedAlgorithm, clients_state, over_se
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.experiment import Experiment, baseline_summaries
-from fedvp_jax.metrics import summarize
+from fedvp_jax.metrics import Summary, summarize
 from fedvp_jax.sharding import shard_state
 from fedvp_jax.summaries import finite_or_none, round_record, summary_dict
 from fedvp_jax.types import PRNGKey
@@ -113,14 +113,37 @@ class RoundOutcome:
     records: per seed, its JSON-ready metrics record (:func:`~fedvp_jax.summaries.round_record`
       with the round's ``seconds``).
     state: the state after the round, with the seeds axis; valid until the next round.
-    diverged: when every training client of some seed had a non-finite update, what happened
-      (the loop then stops), else ``None``.
+    diverged: when some seed diverged (see :func:`diverged_models`, or every training client
+      had a non-finite update), what happened (the loop then stops), else ``None``.
+    good_until: the newest round whose models are known good: the state after that many
+      rounds passed the divergence check. Checkpoints of later rounds may hold diverged models.
   """
 
   round: int
   records: list[dict[str, Any]]
   state: Any
   diverged: str | None = None
+  good_until: int = 0
+
+
+RANDOM_DIRECTION_DEG = 90.0
+"""The mean great-circle error of a uniformly random direction, whatever the target."""
+
+
+def diverged_models(summary: Summary) -> str | None:
+  """Why models with these errors have diverged, or ``None`` when they have not: their loss is
+  not finite, or their mean great-circle error over the horizon is no better than guessing a
+  random direction (:data:`RANDOM_DIRECTION_DEG`; a collapsed model's zero vectors score 180°).
+  Every trained model starts as straight-line extrapolation, far below that."""
+  loss, degrees = float(summary.loss), float(np.mean(summary.orthodromic_deg))
+  if not (math.isfinite(loss) and math.isfinite(degrees)):
+    return "their loss is not finite"
+  if degrees >= RANDOM_DIRECTION_DEG:
+    return (
+      f"their mean great-circle error, {degrees:.1f} deg, is no better than a random "
+      f"direction's ({RANDOM_DIRECTION_DEG:.0f} deg)"
+    )
+  return None
 
 
 class _Patience:
@@ -166,7 +189,9 @@ def train(
     earlier: per seed, the records of the rounds before ``start`` (for early stopping).
 
   Yields:
-    A :class:`RoundOutcome` after every round; after one that diverged, nothing more.
+    A :class:`RoundOutcome` after every round; after one that diverged, nothing more. The
+    models are checked for divergence (:func:`diverged_models`) at every evaluation and at the
+    end; when only the final models fail, one last outcome without records says so.
 
   Returns:
     Per seed, its summary (empty when a round diverged): the ``final`` models' test errors,
@@ -184,7 +209,11 @@ def train(
     patience.update(records)
   round_times = []
   state = None if start is None else start[1]
-  first = done = 0 if start is None else start[0]
+  first = done = good_until = 0 if start is None else start[0]
+  # Divergence is judged on validation; without a validation split, on the test windows (a
+  # stop, never a choice of model).
+  has_validation = data.val_mask.shape[1] > 0
+  checked_on = "validation" if has_validation else "test"
   rounds_iter = iterate_rounds(algorithm, data, seeds, rounds, experiment.mesh, start)
   for r, (state, on_device) in enumerate(rounds_iter, start=first):
     metrics = jax.device_get(on_device)
@@ -198,20 +227,31 @@ def train(
       if len(record["excluded_clients"]) == len(m.selected)
     ]
     message = None
-    if diverged:
+    if bool(per_seed[0].evaluated):
+      checks = [_check(m.validation if has_validation else m.test) for m in per_seed]
+      message = _divergence(f"round {r}", seeds, checks, checked_on, config.learning_rate)
+      good_until = r if message is None else good_until
+    if diverged and message is None:
       message = (
         f"round {r}, seed {diverged[0]}: every training client's update was non-finite (NaN or "
         "inf), so there is nothing to aggregate; the learning rate is probably too high "
         f"(learning_rate {config.learning_rate})"
       )
-    yield RoundOutcome(r, records, state, message)
+      good_until = r
+    yield RoundOutcome(r, records, state, message, good_until)
     if message:
       return []
     done = r + 1
     if patience.exhausted:
       break
     t0 = time.perf_counter()
-  outcome = _final_models(experiment, state, done)
+  outcome, final_checks = _final_models(experiment, state, done)
+  message = _divergence(
+    f"after round {done - 1}", seeds, final_checks, checked_on, config.learning_rate
+  )
+  if message:  # the final models were never checked inside a round
+    yield RoundOutcome(done - 1, [], state, message, good_until)
+    return []
   wall = time.perf_counter() - started
   return [
     {
@@ -228,10 +268,30 @@ def train(
   ]
 
 
-def _final_models(experiment: Experiment, state: Any, done: int) -> list[dict[str, Any]]:
+def _check(sums: Any) -> str | None:
+  return diverged_models(summarize(sums))
+
+
+def _divergence(
+  when: str, seeds: Sequence[int], checks: Sequence[str | None], on: str, learning_rate: float
+) -> str | None:
+  """The message for the first seed whose models failed their check, or ``None``."""
+  for seed, why in zip(seeds, checks, strict=True):
+    if why is not None:
+      return (
+        f"{when}, seed {seed}: the models diverged: on the {on} windows {why}; the learning "
+        f"rate is probably too high (learning_rate {learning_rate})"
+      )
+  return None
+
+
+def _final_models(
+  experiment: Experiment, state: Any, done: int
+) -> tuple[list[dict[str, Any]], list[str | None]]:
   """Per seed: the final models' test errors and validation loss, and the selected ones' (the
   state's :class:`~fedvp_jax.algorithms.core.Selected`, or the final models where they
-  validate at least as well), also on the new viewers."""
+  validate at least as well), also on the new viewers; and per seed the final models'
+  divergence check (:func:`diverged_models`, on validation, else on test)."""
   algorithm = over_seeds(experiment.algorithm)
   data = experiment.data
   evaluate = jax.jit(algorithm.evaluate, static_argnums=(2, 3))
@@ -251,9 +311,10 @@ def _final_models(experiment: Experiment, state: Any, done: int) -> list[dict[st
         experiment.new_viewers, experiment.spec.horizon
       ).items()
     }
-  outcome = []
+  outcome, checks = [], []
   for k in range(len(chosen.from_round)):
     pick = lambda tree, k=k: jax.tree.map(lambda x: x[k], tree)
+    checks.append(_check(pick(validation if has_validation else test[False])))
     final_validation = float(summarize(pick(validation)).loss) if has_validation else math.nan
     earlier = float(chosen.validation_loss[k])
     # The final models were never validated inside a round: they are selected when no earlier
@@ -276,12 +337,14 @@ def _final_models(experiment: Experiment, state: Any, done: int) -> list[dict[st
         "selected": summary_dict(summarize(pick(new[keep_earlier]))),
       }
     outcome.append(entry)
-  return outcome
+  return outcome, checks
 
 
 __all__ = [
+  "RANDOM_DIRECTION_DEG",
   "RoundOutcome",
   "Seeds",
+  "diverged_models",
   "iterate_rounds",
   "round_key",
   "run_rounds",

@@ -26,15 +26,21 @@ read as well.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import shutil
 import socket
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedvp_jax.config import RunConfig, from_record
 from fedvp_jax.errors import ConfigError
+
+log = logging.getLogger("fedvp_jax")
 
 CONFIG = "config.json"
 BASELINES = "baselines.json"
@@ -49,9 +55,19 @@ KEEP_CHECKPOINTS = 2
 
 def write_json(path: Path, obj: Any) -> None:
   """Writes ``obj`` to ``path`` atomically: a reader sees the old file or the new, whole."""
+  write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (a temporary file, then renamed); on failure (a
+  full disk) the old file stays as it was and the temporary one is removed."""
   temporary = path.with_name(f".{path.name}.tmp")
-  temporary.write_text(json.dumps(obj, indent=2) + "\n")
-  os.replace(temporary, path)
+  try:
+    temporary.write_text(text)
+    os.replace(temporary, path)
+  except OSError:
+    temporary.unlink(missing_ok=True)
+    raise
 
 
 def read_json(path: Path) -> Any:
@@ -135,11 +151,11 @@ class RunDir:
     Raises:
       ConfigError: naming the file, when they are unreadable or invalid.
     """
-    path = self.path / CONFIG
+    record = self.read_record()  # its errors name the file already
     try:
-      return from_record(self.read_record()["config"])
+      return from_record(record["config"])
     except ConfigError as err:
-      raise ConfigError(f"{path}: {err}") from None
+      raise ConfigError(f"{self.path / CONFIG}: {err}") from None
 
   def write_baselines(self, baselines: dict[str, Any]) -> None:
     write_json(self.path / BASELINES, baselines)
@@ -171,12 +187,18 @@ class RunDir:
         records.append(record)
     return records
 
+  def log_gaps(self, seed: int, rounds: int) -> list[int]:
+    """The rounds before ``rounds`` that seed ``seed``'s metrics log lacks (a log damaged or
+    deleted after the run)."""
+    return missing_rounds(self.read_metrics(seed), rounds)
+
   def open_metrics(self, seed: int, records: list[dict[str, Any]]):
-    """Seed ``seed``'s metrics log, started afresh with ``records``, open for appending."""
+    """Seed ``seed``'s metrics log, started afresh with ``records``, open for appending. The
+    restart is atomic: until it is written whole, the old log stays."""
     self.seed_dir(seed).mkdir(exist_ok=True)
-    file = self.metrics_path(seed).open("w")
-    file.writelines(json.dumps(record) + "\n" for record in records)
-    return file
+    path = self.metrics_path(seed)
+    write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+    return path.open("a")
 
   def write_seed_summary(self, summary: dict[str, Any]) -> None:
     write_json(self.seed_dir(summary["seed"]) / SUMMARY, summary)
@@ -218,13 +240,37 @@ class RunDir:
     options = ocp.CheckpointManagerOptions(max_to_keep=KEEP_CHECKPOINTS, create=True)
     return ocp.CheckpointManager((self.path / CHECKPOINTS).resolve(), options=options)
 
-  def save_checkpoint(self, manager, step: int, state: Any) -> bool:
-    """Saves ``state`` as round ``step``'s checkpoint; whether it was written."""
+  def save_checkpoint(self, manager, step: int, state: Any) -> None:
+    """Saves ``state`` as round ``step``'s checkpoint.
+
+    Raises:
+      OSError: when the checkpoint could not be written (a full disk, a read-only folder); the
+        half-written one is removed and the earlier checkpoints stay, so the run resumes.
+    """
     import orbax.checkpoint as ocp
 
-    written = manager.save(step, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()  # the next round reuses the state's buffers
-    return bool(written)
+    absl = logging.getLogger("absl")
+    level, unraisable = absl.level, sys.unraisablehook
+    absl.setLevel(logging.CRITICAL)  # orbax logs every failed write thread at length,
+    sys.unraisablehook = _quiet_unraisable  # and its I/O callbacks fail once it gives up
+    try:
+      manager.save(step, args=ocp.args.StandardSave(state))
+      manager.wait_until_finished()  # the next round reuses the state's buffers
+    except (OSError, ValueError) as err:  # tensorstore reports a full disk as a ValueError
+      for partial in Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
+      reason = str(err).split(": Failed")[0] if isinstance(err, ValueError) else err.strerror
+      full = "RESOURCE_EXHAUSTED" in str(err) or getattr(err, "errno", None) == errno.ENOSPC
+      raise OSError(
+        errno.ENOSPC if full else getattr(err, "errno", errno.EIO),
+        f"cannot write the checkpoint of round {step} "
+        f"({'no space left on device' if full else reason}); the run stopped and resumes "
+        "from its last complete checkpoint",
+        str(self.path / CHECKPOINTS),
+      ) from None
+    finally:
+      absl.setLevel(level)
+      sys.unraisablehook = unraisable
 
   def restore_newest(self, manager, abstract: Any) -> tuple[int, Any, list[str]] | None:
     """The newest checkpoint that restores against ``abstract`` (a tree of
@@ -247,6 +293,36 @@ class RunDir:
         continue
       return step, state, notes
     return None
+
+
+def _quiet_unraisable(unraisable: Any) -> None:
+  """Drops the "event loop is closed" errors of orbax's I/O callbacks after a failed write."""
+  if not isinstance(unraisable.exc_value, RuntimeError):
+    sys.__unraisablehook__(unraisable)
+
+
+def warn_log_gaps(target: RunDir, seeds: Sequence[dict[str, Any]]) -> None:
+  """Warns, naming the rounds, when a finished run's metrics logs lack some of its rounds:
+  its summary stands (it comes from the models, not the log), but curves and times drawn from
+  the log are incomplete.
+
+  Args:
+    target: the run directory.
+    seeds: its seeds' summaries (``seed`` and ``rounds`` are read).
+  """
+  for summary in seeds:
+    gaps = target.log_gaps(summary["seed"], summary["rounds"])
+    if gaps:
+      shown = ", ".join(map(str, gaps[:6])) + (", ..." if len(gaps) > 6 else "")
+      log.warning(
+        f"{target.metrics_path(summary['seed'])} lacks {len(gaps)} of its {summary['rounds']} "
+        f"rounds ({shown}): the summary stands, the loss curve and round times are incomplete"
+      )
+
+
+def missing_rounds(records: list[dict[str, Any]], before: int) -> list[int]:
+  """The rounds ``0 .. before - 1`` that ``records`` (a metrics log) lack."""
+  return sorted(set(range(before)) - {record["round"] for record in records})
 
 
 SWEEP_INDEX = "sweep.json"
@@ -273,4 +349,13 @@ def write_sweep_index(folder: Path, entries: list[dict[str, Any]]) -> None:
   write_json(Path(folder) / SWEEP_INDEX, entries)
 
 
-__all__ = ["RunDir", "read_json", "read_sweep_index", "write_json", "write_sweep_index"]
+__all__ = [
+  "RunDir",
+  "missing_rounds",
+  "read_json",
+  "read_sweep_index",
+  "warn_log_gaps",
+  "write_json",
+  "write_sweep_index",
+  "write_text",
+]

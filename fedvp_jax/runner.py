@@ -25,8 +25,8 @@ from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.errors import ConfigError, DivergenceError
 from fedvp_jax.experiment import Experiment, baseline_summaries, prepare
 from fedvp_jax.privacy import Accounting
-from fedvp_jax.rounds import seed_keys, train
-from fedvp_jax.rundir import RunDir
+from fedvp_jax.rounds import RoundOutcome, seed_keys, train
+from fedvp_jax.rundir import RunDir, missing_rounds, warn_log_gaps
 from fedvp_jax.sharding import state_shardings
 from fedvp_jax.summaries import run_summary, summary_dict
 
@@ -122,15 +122,22 @@ def run_steps(
     target.path.mkdir(parents=True)
   except OSError as err:
     raise ConfigError(f"cannot create run directory {target.path}: {err}") from err
-  with target.lock():
-    target.write_config(_config_record(experiment, checkpoint_every))
-    baselines = {
-      k: summary_dict(v)
-      for k, v in baseline_summaries(experiment.data.test, experiment.spec.horizon).items()
-    }
-    target.write_baselines(baselines)
-    _describe(experiment, baselines)
-    return (yield from _run_seeds(experiment, target, checkpoint_every, tensorboard, baselines))
+  try:
+    with target.lock():
+      baselines = {
+        k: summary_dict(v)
+        for k, v in baseline_summaries(experiment.data.test, experiment.spec.horizon).items()
+      }
+      target.write_baselines(baselines)
+      target.write_config(_config_record(experiment, checkpoint_every))  # now a run directory
+      _describe(experiment, baselines)
+      return (yield from _run_seeds(experiment, target, checkpoint_every, tensorboard, baselines))
+  except OSError:
+    # Failed (a full disk) before it was a run directory: leave no folder that neither
+    # --resume nor --overwrite would take.
+    if not target.exists():
+      shutil.rmtree(target.path, ignore_errors=True)
+    raise
 
 
 def resume_steps(
@@ -220,6 +227,7 @@ def _run_seeds(
   seeds = [config.seed + k for k in range(config.num_seeds)]
   finished = [target.read_seed_summary(seed) for seed in seeds]
   if all(s is not None for s in finished):  # finished before an interruption
+    warn_log_gaps(target, finished)  # type: ignore[arg-type]
     return _finish(target, baselines, finished)  # type: ignore[arg-type]
   target.clear_diverged()  # this attempt decides anew
   has_checkpoints = target.has_checkpoints()
@@ -227,7 +235,7 @@ def _run_seeds(
   start = _restore_newest(target, manager, experiment, seeds) if has_checkpoints else None
   first = start[0] if start is not None else 0
   earlier = [target.read_metrics(seed, before=first) for seed in seeds]
-  missing = {s: _missing_rounds(r, first) for s, r in zip(seeds, earlier, strict=True)}
+  missing = {s: missing_rounds(r, first) for s, r in zip(seeds, earlier, strict=True)}
   if any(missing.values()):
     # The best round and the report come from these records: never summarise a partial log.
     gaps = "; ".join(f"seed {s}: rounds {m[:6]}" for s, m in missing.items() if m)
@@ -235,7 +243,6 @@ def _run_seeds(
     start, first, earlier = None, 0, [[] for _ in seeds]
   files = [target.open_metrics(seed, records) for seed, records in zip(seeds, earlier, strict=True)]
   board = _tensorboard(target) if tensorboard else None
-  saved = [first] if start is not None else []
   label = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
   total = config.total_rounds
   try:
@@ -247,19 +254,13 @@ def _run_seeds(
       except StopIteration as stop:
         summaries = stop.value
         break
-      for file, record in zip(files, outcome.records, strict=True):
-        file.write(_json_line(record))
-        file.flush()
-      if board is not None:
-        board.add_round(outcome.records)
+      _write_records(files, board, outcome.records)
       if outcome.diverged:
-        message = f"{outcome.diverged}; {_kept(target, saved, checkpoint_every)}"
-        target.mark_diverged(message, saved[-1:])
-        raise DivergenceError(message)
+        raise _diverged(target, manager, outcome, checkpoint_every)
       done = outcome.round + 1
       due = manager and checkpoint_every and done % checkpoint_every == 0
-      if due and target.save_checkpoint(manager, done, outcome.state):
-        saved.append(done)
+      if due:
+        target.save_checkpoint(manager, done, outcome.state)
       yield Progress(label, done, total, False, *_mean_losses(outcome.records))
   finally:
     for file in files:
@@ -278,18 +279,39 @@ def _run_seeds(
   return _finish(target, baselines, summaries)
 
 
-def _missing_rounds(records: list[dict[str, Any]], first: int) -> list[int]:
-  """Rounds before ``first`` that ``records`` lack."""
-  return sorted(set(range(first)) - {record["round"] for record in records})
+def _write_records(files: list[Any], board: Any, records: list[dict[str, Any]]) -> None:
+  """Appends a round's records (none when only the final models were judged) to the seeds'
+  metrics logs, flushed, and to the TensorBoard log if there is one."""
+  if not records:
+    return
+  for file, record in zip(files, records, strict=True):
+    file.write(_json_line(record))
+    file.flush()
+  if board is not None:
+    board.add_round(records)
 
 
-def _kept(target: RunDir, saved: list[int], checkpoint_every: int | None) -> str:
-  """What a diverged run keeps to restart from."""
-  if saved:
-    return f"the last good checkpoint, of round {saved[-1]}, is kept in {target.path}/checkpoints"
-  if checkpoint_every:
-    return "no checkpoint had been written yet"
-  return "no checkpoint was written (checkpoints were off)"
+def _diverged(
+  target: RunDir, manager: Any, outcome: RoundOutcome, checkpoint_every: int | None
+) -> DivergenceError:
+  """Records in the run directory that the run diverged, naming the newest checkpoint of models
+  known good (checkpoints after ``outcome.good_until`` may hold diverged ones)."""
+  saved = sorted(manager.all_steps()) if manager else []
+  good = [step for step in saved if step <= outcome.good_until]
+  if good:
+    kept = f"the last good checkpoint, of round {good[-1]}, is kept in {target.path}/checkpoints"
+  elif saved:
+    kept = (
+      f"no checkpoint of models known good (round {outcome.good_until} or earlier) is kept; "
+      f"the newer ones in {target.path}/checkpoints may hold diverged models"
+    )
+  elif checkpoint_every:
+    kept = "no checkpoint had been written yet"
+  else:
+    kept = "no checkpoint was written (checkpoints were off)"
+  message = f"{outcome.diverged}; {kept}"
+  target.mark_diverged(message, good[-1:])
+  return DivergenceError(message)
 
 
 def _restore_newest(
@@ -420,4 +442,12 @@ def _degrees(values: list[float | None]) -> str:
   return "[" + ", ".join(f"step {k}: {_fmt(values[k - 1], '.2f')}" for k in steps) + "] deg"
 
 
-__all__ = ["Progress", "RunSteps", "drain", "resume", "resume_steps", "run", "run_steps"]
+__all__ = [
+  "Progress",
+  "RunSteps",
+  "drain",
+  "resume",
+  "resume_steps",
+  "run",
+  "run_steps",
+]

@@ -39,9 +39,14 @@ def shared_compilation_cache(tmp_path_factory):
   session."""
   import jax
 
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  settings = {
+    "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)  # and the commands tests run as subprocesses
 
 
 @pytest.fixture(autouse=True)

@@ -166,27 +166,18 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_run(train_main, tmp_pat
   assert (precious / "thesis.txt").read_text() == "years of work"
 
 
-def test_a_collapsed_model_is_reported_as_losing(train_main, tmp_path, capsys):
-  # lr 1e30 blows the params up (finite but huge): predictions collapse to zero vectors.
-  argv = TINY + [
-    "--algo",
-    "fedavg",
-    "--learning_rate",
-    "1e30",
-    "--out",
-    str(tmp_path),
-    "--name",
-    "d",
-  ]
-  assert train_main(argv) == 0
-  out = capsys.readouterr().out
-  assert "the selected model beats the best trivial predictor: NOT at steps [1, 2]" in out
-  summary, _ = read_run(tmp_path / "d")
-  np.testing.assert_allclose(summary["orthodromic_deg_mean"], [180.0, 180.0], rtol=1e-5)
-  # Validation deploys the untrained model (straight-line extrapolation), not the collapsed
-  # one, and it is no better than the trivial predictor it computes.
-  assert summary["selected_rounds"] == [0]
-  assert summary["beats_baselines"]["best"] == [False, False]
+def test_a_collapsed_model_is_a_diverged_run(train_main, tmp_path, capsys):
+  # lr 1e30 blows the params up (finite but huge): predictions collapse to zero vectors, which
+  # score 180 deg. That is no better than a random direction: the run stops and says so.
+  argv = TINY + ["--algo", "fedavg", "--learning_rate", "1e30", "--out", str(tmp_path)]
+  assert train_main(argv + ["--name", "d", "--checkpoint-every", "1"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1
+  assert "round 1, seed 0: the models diverged: on the validation windows" in err
+  assert "180.0 deg, is no better than a random direction's (90 deg)" in err
+  assert "no checkpoint of models known good (round 0 or earlier) is kept" in err
+  assert not (tmp_path / "d" / "summary.json").exists()
+  assert json.loads((tmp_path / "d" / "diverged.json").read_text())["checkpoint"] == []
 
 
 def test_missing_data_root_says_how_to_set_it(train_main, tmp_path, capsys, monkeypatch):
