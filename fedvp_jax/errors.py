@@ -19,7 +19,8 @@ class ConfigError(FedVPError):
 
 
 class DivergenceError(FedVPError):
-  """Training diverged: every client's update in a round was non-finite."""
+  """Training diverged: every client's update in a round was non-finite, or the deployed models
+  are no better than a random direction (see :func:`fedvp_jax.rounds.diverged_models`)."""
 
 
 class SettingError(ConfigError):

@@ -19,6 +19,7 @@ A run directory holds::
 
 JSON files are written whole or not at all (to a temporary file, then renamed), so a crash
 never leaves a half-written one; a metrics log may end in a torn line, which readers skip.
+``docs/guarantees.md`` lists everything a run directory promises.
 Runs written by fedvp_jax 0.1 (settings named ``algo``, ``times``, ``local_epochs``, ...) are
 read as well.
 """
