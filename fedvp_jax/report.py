@@ -163,6 +163,7 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     row["gain_percent"] = summary["gain_percent"]
     row["wall_seconds"] = result.seconds
     row["beats"] = {name: all(wins) for name, wins in summary["beats_baselines"].items()}
+    row["privacy"] = summary.get("privacy")
     rows.append(row)
   if results:
     for name, baseline in results[0].baselines.items():
@@ -196,6 +197,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     "wall time",
     "beats best trivial",
   ]
+  private = any(row.get("privacy") for row in rows)
+  if private:  # only tables with a DP run show the guarantee
+    head.append("DP ε (δ; σ)")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
     cells = [row["run"]]
@@ -224,8 +228,21 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
       cells += ["—" if k >= len(gains) or gains[k] is None else f"{gains[k]:+.1f}" for k in shown]
       verdict = "yes" if row["beats"].get("best") else "NO"
       cells += [f"{row['wall_seconds'] / 60:.1f} min", verdict]
+      if private:
+        cells.append(_guarantee(row["privacy"]))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _guarantee(privacy: dict[str, Any] | None) -> str:
+  """A run's DP guarantee as a table cell; ∞ without DP."""
+  if privacy is None:
+    return "∞"
+  return f"{privacy['epsilon']:.2f} ({privacy['delta']:g}; {privacy['noise_multiplier']:.3g})"
+
+
+PRIVACY_COLUMNS = ("epsilon", "delta", "noise_multiplier", "clip_norm", "clients_per_round")
+"""The CSV's columns of a DP run's accounting (empty for runs without DP)."""
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -236,7 +253,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
   fields += ["selected_rounds"]
   fields += [f"orthodromic_deg_step{k + 1}_{s}" for k in range(steps) for s in ("mean", "std")]
   fields += [f"gain_percent_step{k + 1}" for k in range(steps)]
-  fields += ["wall_seconds", "beats_best_trivial"]
+  fields += ["wall_seconds", "beats_best_trivial", *PRIVACY_COLUMNS]
   with path.open("w", newline="") as file:
     writer = csv.DictWriter(file, fields)
     writer.writeheader()
@@ -254,6 +271,8 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
         out[f"gain_percent_step{k + 1}"] = "" if gain is None else gain
       if "beats" in row:
         out["beats_best_trivial"] = row["beats"].get("best")
+      if row.get("privacy"):
+        out.update({name: row["privacy"][name] for name in PRIVACY_COLUMNS})
       writer.writerow(
         {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
       )

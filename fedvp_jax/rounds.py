@@ -214,6 +214,7 @@ def train(
   # stop, never a choice of model).
   has_validation = data.val_mask.shape[1] > 0
   checked_on = "validation" if has_validation else "test"
+  cause = _likely_cause(experiment)
   rounds_iter = iterate_rounds(algorithm, data, seeds, rounds, experiment.mesh, start)
   for r, (state, on_device) in enumerate(rounds_iter, start=first):
     metrics = jax.device_get(on_device)
@@ -229,13 +230,12 @@ def train(
     message = None
     if bool(per_seed[0].evaluated):
       checks = [_check(m.validation if has_validation else m.test) for m in per_seed]
-      message = _divergence(f"round {r}", seeds, checks, checked_on, config.learning_rate)
+      message = _divergence(f"round {r}", seeds, checks, checked_on, cause)
       good_until = r if message is None else good_until
     if diverged and message is None:
       message = (
         f"round {r}, seed {diverged[0]}: every training client's update was non-finite (NaN or "
-        "inf), so there is nothing to aggregate; the learning rate is probably too high "
-        f"(learning_rate {config.learning_rate})"
+        f"inf), so there is nothing to aggregate; {cause}"
       )
       good_until = r
     yield RoundOutcome(r, records, state, message, good_until)
@@ -246,9 +246,7 @@ def train(
       break
     t0 = time.perf_counter()
   outcome, final_checks = _final_models(experiment, state, done)
-  message = _divergence(
-    f"after round {done - 1}", seeds, final_checks, checked_on, config.learning_rate
-  )
+  message = _divergence(f"after round {done - 1}", seeds, final_checks, checked_on, cause)
   if message:  # the final models were never checked inside a round
     yield RoundOutcome(done - 1, [], state, message, good_until)
     return []
@@ -273,16 +271,27 @@ def _check(sums: Any) -> str | None:
 
 
 def _divergence(
-  when: str, seeds: Sequence[int], checks: Sequence[str | None], on: str, learning_rate: float
+  when: str, seeds: Sequence[int], checks: Sequence[str | None], on: str, cause: str
 ) -> str | None:
   """The message for the first seed whose models failed their check, or ``None``."""
   for seed, why in zip(seeds, checks, strict=True):
     if why is not None:
-      return (
-        f"{when}, seed {seed}: the models diverged: on the {on} windows {why}; the learning "
-        f"rate is probably too high (learning_rate {learning_rate})"
-      )
+      return f"{when}, seed {seed}: the models diverged: on the {on} windows {why}; {cause}"
   return None
+
+
+def _likely_cause(experiment: Experiment) -> str:
+  """What most likely made a run diverge, naming the settings to change."""
+  lr = f"the learning rate is probably too high (learning_rate {experiment.config.learning_rate})"
+  dp = experiment.privacy
+  if dp is None:
+    return lr
+  return (
+    f"{lr}, or the DP noise too strong for {dp.clients_per_round} clients a round (noise "
+    f"multiplier {dp.noise_multiplier:.3g}, clip_norm {dp.clip_norm:g}: the mean update's "
+    f"noise has std {dp.noise_multiplier * dp.clip_norm / dp.clients_per_round:.3g} per "
+    "parameter)"
+  )
 
 
 def _final_models(

@@ -123,6 +123,12 @@ def test_final_models_are_checked_though_no_round_evaluated_them(tmp_path):
   assert not (tmp_path / "r" / "summary.json").exists()
 
 
+def test_a_run_drowned_by_dp_noise_names_the_noise(tmp_path):
+  config = TINY_CONFIG.replace(algorithm="fedavg", rounds=2, noise_multiplier=1e4, clip_norm=1.0)
+  with pytest.raises(DivergenceError, match="or the DP noise too strong for 3 clients a round"):
+    runner.run(config, tmp_path / "r")
+
+
 # --- full disks ---
 
 

@@ -1,6 +1,7 @@
 """Differential privacy: client-side heatmaps, DP-FedAvg's clip and noise, the accounting,
 and the errors for bad settings."""
 
+import csv
 import importlib.util
 import json
 
@@ -17,12 +18,13 @@ from dp_accounting.rdp import RdpAccountant
 from fedvp_jax.algorithms import build_algorithm, dp
 from fedvp_jax.algorithms.aggregation import receive
 from fedvp_jax.algorithms.core import select_clients
-from fedvp_jax.config import ALGORITHMS, PrivacyConfig, RoundConfig, RunConfig
+from fedvp_jax.config import ALGORITHMS, FedGenConfig, PrivacyConfig, RoundConfig, RunConfig
 from fedvp_jax.data.federated import sample_batches
 from fedvp_jax.errors import SettingError
 from fedvp_jax.geometry import normalize
 from fedvp_jax.models import build_model
 from fedvp_jax.privacy import account, dp_event, epsilon
+from fedvp_jax.report import write_report
 
 LR = 0.05
 
@@ -154,6 +156,67 @@ def test_dp_round_equals_a_loop_over_clients(setup, algo):
   np.testing.assert_allclose(metrics.extra["dp_clipped"], np.mean(np.array(norms) > clip))
 
 
+@pytest.mark.parametrize("algo", ["fedgen", "partial-fedgen"])
+def test_dp_fedgen_round_equals_a_loop_over_clients(setup, algo):
+  """FedGen's DP round: the clients train exactly as without DP (the generator term included),
+  and the server model is DP-FedAvg's, computed here by a plain loop over the sampled clients
+  from the trained models: each update clipped alone, the sum noised, divided by K."""
+  data, model = setup
+  send = ALGORITHMS[algo].send
+  config = RoundConfig(send=send, local_steps=2, batch_size=5, clients_per_round=3, augment="none")
+  fedgen_config = FedGenConfig(
+    grain=16, heatmap_sigma=30.0, gen_batch_size=6, gen_steps=2, pretrain_rounds=0
+  )
+  sigma, clip = 0.7, 0.002
+  privacy = PrivacyConfig(
+    label_upload="dp-heatmap", noise_multiplier=sigma, clip_norm=clip, heatmap_clip=1.0
+  )
+  private = build_algorithm(algo, model, optax.sgd(LR), config, fedgen_config, privacy)
+  plain = build_algorithm(algo, model, optax.sgd(LR), config, fedgen_config)
+  state = private.init(jax.random.key(0), data)
+  clients = state.clients.replace(
+    client_params=jax.tree.map(
+      lambda leaf: leaf + 0.05 * jax.random.normal(jax.random.key(leaf.size), leaf.shape),
+      state.clients.client_params,
+    )
+  )
+  state = state.replace(clients=clients)
+  key = jax.random.key(7)
+  new, metrics = jax.jit(private.apply)(state, data, key)
+  without_dp, _ = jax.jit(plain.apply)(state, data, key)
+  # DP changes what the server makes of the updates, not how clients train.
+  chex.assert_trees_all_close(
+    new.clients.client_params, without_dp.clients.client_params, rtol=1e-6, atol=1e-7
+  )
+
+  selected = np.asarray(metrics.selected)
+  starts = receive(clients.server_params, clients.client_params, send, 1.0)
+  trained = without_dp.clients.client_params
+  part = (lambda t: t) if send == "full" else (lambda t: t["head"])
+  total = jax.tree.map(jnp.zeros_like, part(clients.server_params))
+  norms = []
+  for k in selected:
+    update = jax.tree.map(lambda a, b: a[k] - b[k], part(trained), part(starts))
+    norm = float(np.sqrt(sum(np.sum(np.asarray(u) ** 2) for u in jax.tree.leaves(update))))
+    norms.append(norm)
+    total = jax.tree.map(lambda t, u: t + u * min(1.0, clip / norm), total, update)
+  noise = optax.tree.random_like(jax.random.fold_in(key, dp.UPDATE_NOISE), total)
+  expected = jax.tree.map(
+    lambda s, t, z: s + (t + sigma * clip * z) / 3, part(clients.server_params), total, noise
+  )
+  assert min(norms) < clip < max(norms), norms  # the case covers both sides of the bound
+  chex.assert_trees_all_close(part(new.clients.server_params), expected, rtol=1e-4, atol=1e-6)
+  if send == "partial":
+    chex.assert_trees_all_equal(
+      new.clients.server_params["encoder"], clients.server_params["encoder"]
+    )
+  np.testing.assert_allclose(metrics.extra["dp_update_norm"], np.mean(norms), rtol=1e-4)
+  # The generator trained (on the pooled dp-heatmaps, against the DP server head).
+  assert not np.allclose(
+    jax.tree.leaves(new.generator_params)[0], jax.tree.leaves(state.generator_params)[0]
+  )
+
+
 # --- accounting ---------------------------------------------------------------------------
 
 
@@ -274,3 +337,20 @@ def test_a_dp_run_records_and_prints_its_privacy(tmp_path, capsys):
   assert (privacy["delta"], privacy["clients_per_round"], privacy["num_clients"]) == (1e-4, 2, 3)
   assert privacy["sampling"] == "fixed-size, without replacement"
   assert f"noise multiplier {privacy['noise_multiplier']:.4g}" in capsys.readouterr().out
+  # A report of it beside a run without DP shows the guarantee of each (∞ without DP).
+  at = argv.index("--target-epsilon")
+  plain = argv[:at] + argv[at + 4 :]  # without --target-epsilon 8 --delta 1e-4
+  assert script.main([*plain[:-1], "plain"]) == 0
+  rows = write_report(tmp_path, out_dir=tmp_path / "report")
+  table = (tmp_path / "report" / "results.md").read_text()
+  assert table.splitlines()[0].endswith("| DP ε (δ; σ) |")
+  sigma = f"{privacy['noise_multiplier']:.3g}"
+  dp_line = next(line for line in table.splitlines() if line.startswith("| dp |"))
+  plain_line = next(line for line in table.splitlines() if line.startswith("| plain |"))
+  assert dp_line.endswith(f"| {privacy['epsilon']:.2f} (0.0001; {sigma}) |")
+  assert plain_line.endswith("| ∞ |")
+  with (tmp_path / "report" / "results.csv").open() as file:
+    by_run = {row["run"]: row for row in csv.DictReader(file)}
+  assert float(by_run["dp"]["epsilon"]) == privacy["epsilon"]
+  assert float(by_run["dp"]["noise_multiplier"]) == privacy["noise_multiplier"]
+  assert by_run["plain"]["epsilon"] == "" and len(rows) == 2 + 3  # two runs, three baselines

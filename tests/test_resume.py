@@ -17,6 +17,12 @@ FLAGS = (
 ).split()
 
 
+DP_FLAGS = (
+  "--label-upload dp-heatmap --noise-multiplier 0.5 --clip-norm 0.05 --heatmap-clip 1 "
+  "--clients-per-round 2"
+).split()
+
+
 def train_script(*args, **kwargs):
   return subprocess.Popen(
     [sys.executable, str(REPO / "scripts" / "train.py"), *args],
@@ -34,9 +40,10 @@ def final_metrics(run_dir):
   return summary["seeds"][0]["final"], records
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-  whole = train_script(*FLAGS, "--out", str(tmp_path), "--name", "whole")
-  killed = train_script(*FLAGS, "--out", str(tmp_path), "--name", "killed")
+@pytest.mark.parametrize("extra", [[], DP_FLAGS], ids=["plain", "dp"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, extra):
+  whole = train_script(*FLAGS, *extra, "--out", str(tmp_path), "--name", "whole")
+  killed = train_script(*FLAGS, *extra, "--out", str(tmp_path), "--name", "killed")
   checkpoints = tmp_path / "killed" / "checkpoints"
   deadline = time.monotonic() + 300
   while not (
@@ -63,6 +70,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert final_resumed[field] == pytest.approx(final_whole[field], rel=1e-6)
   assert records_resumed == records_whole
   assert [r["round"] for r in records_resumed] == list(range(10))
+  # A DP run's privacy record (sigma, C, sampling, the epsilon of all its rounds) is the same.
+  privacy = [
+    json.loads((tmp_path / n / "summary.json").read_text()).get("privacy")
+    for n in ("whole", "killed")
+  ]
+  assert privacy[0] == privacy[1] and (privacy[0] is not None) == bool(extra)
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
