@@ -39,11 +39,28 @@ def seed_keys(seeds: Seeds) -> tuple[PRNGKey, PRNGKey]:
   return keys[:, 0], keys[:, 1]
 
 
-def round_key(rounds_key: PRNGKey, r: int) -> PRNGKey:
-  """Round ``r``'s key, for one ``rounds_key`` or a ``key[seeds]`` of them."""
+def round_key(rounds_key: PRNGKey, r: int | jax.Array) -> PRNGKey:
+  """Round ``r``'s key, for one ``rounds_key`` or a ``key[seeds]`` of them (``r`` may be
+  traced)."""
   if rounds_key.ndim == 0:
     return jax.random.fold_in(rounds_key, r)
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rounds_key, r)
+
+
+def keyed_apply(algorithm: FederatedAlgorithm) -> Any:
+  """``algorithm.apply`` taking the run's ``rounds_key`` instead of the round's key: the round's
+  key (:func:`round_key` of the state's round counter) is derived inside the program, so a
+  jitted round costs the host no key arithmetic.
+
+  Returns:
+    ``(state, data, rounds_key) -> (state, metrics)``; ``rounds_key`` is one key, or
+    ``key[seeds]`` for an :func:`~fedvp_jax.algorithms.over_seeds` algorithm.
+  """
+
+  def apply(state: Any, data: ClientData, rounds_key: PRNGKey) -> Any:
+    return algorithm.apply(state, data, round_key(rounds_key, clients_state(state).round))
+
+  return apply
 
 
 def iterate_rounds(
@@ -83,9 +100,9 @@ def iterate_rounds(
   first, state = start if start is not None else (0, jax.jit(algorithm.init)(init_key, data))
   if mesh is not None:
     state = shard_state(state, mesh, seeds_axis=seeds_axis)
-  apply = jax.jit(algorithm.apply, donate_argnums=0)
-  for r in range(first, rounds):
-    state, metrics = apply(state, data, round_key(rounds_key, r))
+  apply = jax.jit(keyed_apply(algorithm), donate_argnums=0)
+  for _ in range(first, rounds):
+    state, metrics = apply(state, data, rounds_key)
     yield state, metrics
 
 
@@ -355,6 +372,7 @@ __all__ = [
   "Seeds",
   "diverged_models",
   "iterate_rounds",
+  "keyed_apply",
   "round_key",
   "run_rounds",
   "seed_keys",

@@ -203,7 +203,9 @@ def init_clients(
     client_params=clients,
     client_opt_state=stack(optimizer.init(params), num_clients),
     round=jnp.zeros((), jnp.int32),
-    selected=Selected(clients, params, jnp.array(NOT_VALIDATED), jnp.array(-1, jnp.int32)),
+    selected=Selected(
+      clients, params, jnp.array(NOT_VALIDATED, jnp.float32), jnp.array(-1, jnp.int32)
+    ),
   )
 
 
