@@ -8,7 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedvp_jax.config import RunConfig
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+TINY_RUN = RunConfig.of(
+  dataset="Synthetic-m4-h2",
+  model="lstm",
+  num_clients=3,
+  rounds=3,
+  local_steps=2,
+  batch_size=8,
+  latent_dim=12,
+  grain=16,
+  heatmap_sigma=30.0,
+  gen_batch_size=8,
+  gen_steps=2,
+)
+"""A run small enough for any test: synthetic data, 3 clients, 3 rounds, a tiny LSTM (and
+tiny FedGen settings, for the FedGen family)."""
 
 
 def real_data_root() -> Path | None:

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 
 from fedvp_jax.baselines import best_trivial
 from fedvp_jax.config import RunConfig
@@ -50,16 +51,7 @@ def test_gains_are_over_the_best_trivial_predictor_at_each_step():
 
 
 def test_a_round_where_every_client_diverges_stops_the_run(tmp_path):
-  config = RunConfig.of(
-    algorithm="fedavg",
-    dataset="Synthetic-m4-h2",
-    model="lstm",
-    rounds=3,
-    num_clients=3,
-    local_steps=1,
-    batch_size=4,
-    latent_dim=12,
-  )
+  config = TINY_RUN.replace(algorithm="fedavg", local_steps=1, batch_size=4)
   experiment = prepare(config)
   poisoned = experiment.data.replace(train_x=experiment.data.train_x * float("nan"))
   # train() yields the diverged round's outcome, naming what happened, and then stops with no

@@ -102,6 +102,23 @@ def test_aggregate_noise_has_the_calibrated_std():
   assert abs(np.mean(mean["w"])) < 4 * 1.5 * 0.5 / 4 / np.sqrt(20_000)
 
 
+def dp_mean_by_loop(server, updates, clip, sigma, key):
+  """DP-FedAvg's new server model by a plain loop over the clients' ``updates``: each clipped
+  alone to ``clip``, the sum noised by ``sigma * clip`` with the round ``key``'s update noise,
+  divided by the number of clients; and the updates' norms before clipping."""
+  total = jax.tree.map(jnp.zeros_like, server)
+  norms = []
+  for update in updates:
+    norm = float(np.sqrt(sum(np.sum(np.asarray(u) ** 2) for u in jax.tree.leaves(update))))
+    norms.append(norm)
+    total = jax.tree.map(lambda t, u, norm=norm: t + u * min(1.0, clip / norm), total, update)
+  noise = optax.tree.random_like(jax.random.fold_in(key, dp.UPDATE_NOISE), total)
+  count = len(updates)
+  expected = jax.tree.map(lambda s, t, z: s + (t + sigma * clip * z) / count, server, total, noise)
+  assert min(norms) < clip < max(norms), norms  # the case covers both sides of the bound
+  return expected, norms
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   spec, data = tiny_client_data(tmp_path_factory.mktemp("dp"), users=4, length=30)
@@ -134,21 +151,13 @@ def test_dp_round_equals_a_loop_over_clients(setup, algo):
   grad = jax.jit(jax.grad(lambda p, x, y: jnp.mean((model.apply(p, x) - y) ** 2)))
   starts = receive(state.server_params, state.client_params, send, 1.0)
   part = (lambda t: t) if send == "full" else (lambda t: t["head"])
-  total = jax.tree.map(jnp.zeros_like, part(state.server_params))
-  norms = []
+  updates = []
   for i, k in enumerate(selected):
     params = start = jax.tree.map(lambda leaf: leaf[k], starts)
     for s in range(2):
       params = jax.tree.map(lambda p, d: p - LR * d, params, grad(params, xs[i, s], ys[i, s]))
-    update = jax.tree.map(lambda a, b: a - b, part(params), part(start))
-    norm = float(np.sqrt(sum(np.sum(np.asarray(u) ** 2) for u in jax.tree.leaves(update))))
-    norms.append(norm)
-    total = jax.tree.map(lambda t, u: t + u * min(1.0, clip / norm), total, update)
-  noise = optax.tree.random_like(jax.random.fold_in(key, dp.UPDATE_NOISE), total)
-  expected = jax.tree.map(
-    lambda s, t, z: s + (t + sigma * clip * z) / 3, part(state.server_params), total, noise
-  )
-  assert min(norms) < clip < max(norms), norms  # the case covers both sides of the bound
+    updates.append(jax.tree.map(lambda a, b: a - b, part(params), part(start)))
+  expected, norms = dp_mean_by_loop(part(state.server_params), updates, clip, sigma, key)
   chex.assert_trees_all_close(part(new.server_params), expected, rtol=1e-4, atol=1e-6)
   if send == "partial":  # the encoder is never sent, so never aggregated or noised
     chex.assert_trees_all_equal(new.server_params["encoder"], state.server_params["encoder"])
@@ -193,18 +202,8 @@ def test_dp_fedgen_round_equals_a_loop_over_clients(setup, algo):
   starts = receive(clients.server_params, clients.client_params, send, 1.0)
   trained = without_dp.clients.client_params
   part = (lambda t: t) if send == "full" else (lambda t: t["head"])
-  total = jax.tree.map(jnp.zeros_like, part(clients.server_params))
-  norms = []
-  for k in selected:
-    update = jax.tree.map(lambda a, b: a[k] - b[k], part(trained), part(starts))
-    norm = float(np.sqrt(sum(np.sum(np.asarray(u) ** 2) for u in jax.tree.leaves(update))))
-    norms.append(norm)
-    total = jax.tree.map(lambda t, u: t + u * min(1.0, clip / norm), total, update)
-  noise = optax.tree.random_like(jax.random.fold_in(key, dp.UPDATE_NOISE), total)
-  expected = jax.tree.map(
-    lambda s, t, z: s + (t + sigma * clip * z) / 3, part(clients.server_params), total, noise
-  )
-  assert min(norms) < clip < max(norms), norms  # the case covers both sides of the bound
+  updates = [jax.tree.map(lambda a, b: a[k] - b[k], part(trained), part(starts)) for k in selected]
+  expected, norms = dp_mean_by_loop(part(clients.server_params), updates, clip, sigma, key)
   chex.assert_trees_all_close(part(new.clients.server_params), expected, rtol=1e-4, atol=1e-6)
   if send == "partial":
     chex.assert_trees_all_equal(

@@ -9,29 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_RUN as TINY
 
 from fedvp_jax import rounds, runner
 from fedvp_jax.algorithms import FederatedAlgorithm, over_seeds, seed_axes
-from fedvp_jax.config import RunConfig
 from fedvp_jax.errors import DivergenceError
 from fedvp_jax.experiment import prepare
 from fedvp_jax.rounds import run_rounds
 from fedvp_jax.rundir import RunDir
 from fedvp_jax.runner import run
-
-TINY = RunConfig.of(
-  dataset="Synthetic-m4-h2",
-  model="lstm",
-  num_clients=3,
-  rounds=3,
-  local_steps=2,
-  batch_size=8,
-  latent_dim=12,
-  grain=16,
-  heatmap_sigma=30.0,
-  gen_batch_size=8,
-  gen_steps=2,
-)
 
 
 def run_seeds(experiment, run_dir, checkpoint_every):

@@ -9,25 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 
 from fedvp_jax.algorithms.client import augmented
 from fedvp_jax.algorithms.core import NOT_VALIDATED, ClientsState, Selected, select_on_validation
-from fedvp_jax.config import RunConfig
 from fedvp_jax.experiment import prepare
 from fedvp_jax.metrics import ErrorSums
 from fedvp_jax.rounds import train
 
-TINY = RunConfig.of(
-  dataset="Synthetic-m4-h2",
-  model="lstm",
-  num_clients=3,
-  rounds=6,
-  local_steps=2,
-  batch_size=8,
-  latent_dim=12,
-  optimizer="adam",
-  learning_rate=0.01,
-)
+TINY = TINY_RUN.replace(rounds=6, optimizer="adam", learning_rate=0.01)
 
 
 def planted_state(num_clients: int = 2) -> ClientsState:
