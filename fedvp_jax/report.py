@@ -222,7 +222,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     degrees = row["orthodromic_deg"]
     cells += [_pm(degrees[k], ".3f") if k < len(degrees) else "—" for k in shown]
     if row["status"] == "baseline":
-      cells += [""] * (len(shown) + 2)
+      cells += [""] * (len(shown) + 2 + private)
     else:
       gains = row["gain_percent"]
       cells += ["—" if k >= len(gains) or gains[k] is None else f"{gains[k]:+.1f}" for k in shown]

@@ -133,7 +133,8 @@ class RoundOutcome:
     diverged: when some seed diverged (see :func:`diverged_models`, or every training client
       had a non-finite update), what happened (the loop then stops), else ``None``.
     good_until: the newest round whose models are known good: the state after that many
-      rounds passed the divergence check. Checkpoints of later rounds may hold diverged models.
+      rounds passed the divergence check (-1: none yet, in a run continued from a checkpoint).
+      Checkpoints of later rounds may hold diverged models.
   """
 
   round: int
@@ -226,7 +227,10 @@ def train(
     patience.update(records)
   round_times = []
   state = None if start is None else start[1]
-  first = done = good_until = 0 if start is None else start[0]
+  first = done = 0 if start is None else start[0]
+  # The untrained models are straight-line extrapolation, good by construction; a restored
+  # state was never checked by this attempt (it may be the diverged one a run stopped at).
+  good_until = 0 if start is None else -1
   # Divergence is judged on validation; without a validation split, on the test windows (a
   # stop, never a choice of model).
   has_validation = data.val_mask.shape[1] > 0
@@ -254,7 +258,6 @@ def train(
         f"round {r}, seed {diverged[0]}: every training client's update was non-finite (NaN or "
         f"inf), so there is nothing to aggregate; {cause}"
       )
-      good_until = r
     yield RoundOutcome(r, records, state, message, good_until)
     if message:
       return []

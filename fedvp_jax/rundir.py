@@ -257,7 +257,10 @@ class RunDir:
     try:
       manager.save(step, args=ocp.args.StandardSave(state))
       manager.wait_until_finished()  # the next round reuses the state's buffers
-    except (OSError, ValueError) as err:  # tensorstore reports a full disk as a ValueError
+    except (OSError, ValueError) as err:
+      # tensorstore reports a failed write as a ValueError carrying an absl status code.
+      if isinstance(err, ValueError) and not str(err).startswith(_WRITE_FAILURES):
+        raise
       for partial in Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
         shutil.rmtree(partial, ignore_errors=True)
       reason = str(err).split(": Failed")[0] if isinstance(err, ValueError) else err.strerror
@@ -294,6 +297,10 @@ class RunDir:
         continue
       return step, state, notes
     return None
+
+
+_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "FAILED_PRECONDITION")
+"""The status codes of tensorstore's errors that mean a checkpoint could not be written."""
 
 
 def _quiet_unraisable(unraisable: Any) -> None:

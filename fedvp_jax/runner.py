@@ -100,7 +100,10 @@ def run_steps(
   Raises:
     ConfigError: for an existing ``run_dir`` without ``overwrite``.
     DataError, SettingError: for data that cannot serve ``config``.
-    DivergenceError: when every training client of a seed had a non-finite update.
+    DivergenceError: when the run diverged (see :func:`fedvp_jax.rounds.diverged_models`):
+      ``diverged.json`` then names the last checkpoint of models known good.
+    OSError: when a file could not be written (a full disk); what was written stays, and
+      :func:`resume` continues the run.
   """
   target = RunDir(run_dir)
   if target.path.exists() and not overwrite:
@@ -132,9 +135,9 @@ def run_steps(
       target.write_config(_config_record(experiment, checkpoint_every))  # now a run directory
       _describe(experiment, baselines)
       return (yield from _run_seeds(experiment, target, checkpoint_every, tensorboard, baselines))
-  except OSError:
-    # Failed (a full disk) before it was a run directory: leave no folder that neither
-    # --resume nor --overwrite would take.
+  except BaseException:
+    # Failed (a full disk, Ctrl-C) before it was a run directory: leave no folder that
+    # neither --resume nor --overwrite would take.
     if not target.exists():
       shutil.rmtree(target.path, ignore_errors=True)
     raise
@@ -163,6 +166,7 @@ def resume_steps(
 
   Raises:
     ConfigError: when ``run_dir`` is not a readable run directory.
+    DivergenceError, OSError: as :func:`run_steps`.
   """
   target = RunDir(run_dir)
   if not target.exists():
@@ -301,9 +305,10 @@ def _diverged(
   if good:
     kept = f"the last good checkpoint, of round {good[-1]}, is kept in {target.path}/checkpoints"
   elif saved:
+    known = "" if outcome.good_until < 0 else f" (round {outcome.good_until} or earlier)"
     kept = (
-      f"no checkpoint of models known good (round {outcome.good_until} or earlier) is kept; "
-      f"the newer ones in {target.path}/checkpoints may hold diverged models"
+      f"no checkpoint of models known good{known} is kept; the ones in "
+      f"{target.path}/checkpoints may hold diverged models"
     )
   elif checkpoint_every:
     kept = "no checkpoint had been written yet"

@@ -343,6 +343,7 @@ def test_a_dp_run_records_and_prints_its_privacy(tmp_path, capsys):
   rows = write_report(tmp_path, out_dir=tmp_path / "report")
   table = (tmp_path / "report" / "results.md").read_text()
   assert table.splitlines()[0].endswith("| DP ε (δ; σ) |")
+  assert len({line.count("|") for line in table.splitlines()}) == 1  # baselines too
   sigma = f"{privacy['noise_multiplier']:.3g}"
   dp_line = next(line for line in table.splitlines() if line.startswith("| dp |"))
   plain_line = next(line for line in table.splitlines() if line.startswith("| plain |"))
