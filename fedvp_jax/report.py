@@ -98,14 +98,15 @@ def load_run(run_dir: str | Path, group: str | None = None) -> RunResult:
   rounds = config.total_rounds
   curves = np.full((len(seeds), rounds + 1), np.nan)
   seconds = 0.0
-  for k, seed in enumerate(seeds):
-    for record in target.read_metrics(seed):
+  logs = [target.read_metrics(seed) for seed in seeds]
+  for k, records in enumerate(logs):
+    for record in records:
       if record.get("test_loss") is not None and record["round"] < rounds:
         curves[k, record["round"]] = record["test_loss"]
       if k == 0:  # the seeds of a run share their rounds
         seconds += record.get("seconds") or 0.0
   if summary is not None:
-    warn_log_gaps(target, summary["seeds"])
+    warn_log_gaps(target, summary["seeds"], logs)
     for k, seed_summary in enumerate(summary["seeds"]):
       final = seed_summary["final"]["loss"]
       curves[k, seed_summary["rounds"]] = np.nan if final is None else final

@@ -188,11 +188,6 @@ class RunDir:
         records.append(record)
     return records
 
-  def log_gaps(self, seed: int, rounds: int) -> list[int]:
-    """The rounds before ``rounds`` that seed ``seed``'s metrics log lacks (a log damaged or
-    deleted after the run)."""
-    return missing_rounds(self.read_metrics(seed), rounds)
-
   def open_metrics(self, seed: int, records: list[dict[str, Any]]):
     """Seed ``seed``'s metrics log, started afresh with ``records``, open for appending. The
     restart is atomic: until it is written whole, the old log stays."""
@@ -309,17 +304,20 @@ def _quiet_unraisable(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def warn_log_gaps(target: RunDir, seeds: Sequence[dict[str, Any]]) -> None:
-  """Warns, naming the rounds, when a finished run's metrics logs lack some of its rounds:
-  its summary stands (it comes from the models, not the log), but curves and times drawn from
-  the log are incomplete.
+def warn_log_gaps(
+  target: RunDir, seeds: Sequence[dict[str, Any]], logs: Sequence[list[dict[str, Any]]]
+) -> None:
+  """Warns, naming the rounds, when a finished run's metrics logs lack some of its rounds (a
+  log damaged or deleted after the run): its summary stands (it comes from the models, not the
+  log), but curves and times drawn from the log are incomplete.
 
   Args:
     target: the run directory.
     seeds: its seeds' summaries (``seed`` and ``rounds`` are read).
+    logs: per seed, the records its metrics log holds (:meth:`RunDir.read_metrics`).
   """
-  for summary in seeds:
-    gaps = target.log_gaps(summary["seed"], summary["rounds"])
+  for summary, records in zip(seeds, logs, strict=True):
+    gaps = missing_rounds(records, summary["rounds"])
     if gaps:
       shown = ", ".join(map(str, gaps[:6])) + (", ..." if len(gaps) > 6 else "")
       log.warning(

@@ -231,7 +231,8 @@ def _run_seeds(
   seeds = [config.seed + k for k in range(config.num_seeds)]
   finished = [target.read_seed_summary(seed) for seed in seeds]
   if all(s is not None for s in finished):  # finished before an interruption
-    warn_log_gaps(target, finished)  # type: ignore[arg-type]
+    logs = [target.read_metrics(seed) for seed in seeds]
+    warn_log_gaps(target, finished, logs)  # type: ignore[arg-type]
     return _finish(target, baselines, finished)  # type: ignore[arg-type]
   target.clear_diverged()  # this attempt decides anew
   has_checkpoints = target.has_checkpoints()
