@@ -36,7 +36,7 @@ from .geometry import (
   vec_to_lonlat,
 )
 from .heatmap import heatmaps, label_weights, sample_labels
-from .metrics import ErrorSums, Summary, error_sums, mse, summarize
+from .metrics import ErrorSums, Summary, error_sums, mse, orthodromic_loss, summarize
 from .models import Model, build_model
 from .privacy import Accounting, account
 from .report import write_report
@@ -98,6 +98,7 @@ __all__ = [
   "no_motion",
   "normalize",
   "orthodromic_distance",
+  "orthodromic_loss",
   "over_seeds",
   "parse_spec",
   "prediction_loss",

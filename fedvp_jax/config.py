@@ -70,6 +70,7 @@ OPTIMIZERS = ("sgd", "adam")
 SPLITS = ("video", "time")
 PROTOCOLS = ("fedvp", "track")
 AUGMENTATIONS = ("yaw", "none")
+LOSSES = ("mse", "orthodromic")
 LABEL_UPLOADS = ("points", "heatmap", "dp-heatmap")
 MOTION_DIM = 6
 """Leading coordinates of the latent z holding the motion state: position (3), then
@@ -290,6 +291,8 @@ class RoundConfig:
     eval_every: evaluate the deployed models every this many rounds.
     augment: ``"yaw"`` trains on every window turned about the vertical axis by a random
       angle (the same for its inputs and targets), ``"none"`` on the windows as they are.
+    loss: the clients' training loss on their windows: ``"mse"`` of the unit vectors (the
+      researcher's), or ``"orthodromic"``, the mean great-circle distance (the metric).
   """
 
   send: str = "full"
@@ -313,6 +316,12 @@ class RoundConfig:
     "train on windows turned about the vertical axis by a random angle (yaw), or as they are "
     "(none)",
     choices=AUGMENTATIONS,
+  )
+  loss: str = _setting(
+    "mse",
+    "the clients' training loss: mse of the unit vectors, or orthodromic (mean great-circle "
+    "distance, the metric)",
+    choices=LOSSES,
   )
 
   def __post_init__(self) -> None:
@@ -777,6 +786,7 @@ __all__ = [
   "AUGMENTATIONS",
   "GENERATORS",
   "LABEL_UPLOADS",
+  "LOSSES",
   "MODELS",
   "OPTIMIZERS",
   "PROTOCOLS",

@@ -9,8 +9,27 @@ from fedvp_jax.geometry import orthodromic_distance
 
 
 def mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
-  """Mean squared error over every coordinate of ``f32[..., H, 3]`` (the training loss)."""
+  """Mean squared error over every coordinate of ``f32[..., H, 3]``: the Average Global Loss's
+  measure and the ``"mse"`` training loss."""
   return jnp.mean(jnp.square(prediction - target))
+
+
+def orthodromic_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean great-circle distance in radians between ``prediction`` and ``target: f32[..., H,
+  3]``: the ``"orthodromic"`` training loss, the metric itself.
+
+  ``|a x b|`` is computed as ``sqrt(|a x b|^2 + eps)`` so that the gradient stays finite
+  where a prediction is exactly right (the norm's gradient is undefined at zero).
+  """
+  cross = jnp.cross(prediction, target)
+  sine = jnp.sqrt(jnp.sum(jnp.square(cross), axis=-1) + _SAFE_NORM_EPS)
+  return jnp.mean(jnp.arctan2(sine, jnp.sum(prediction * target, axis=-1)))
+
+
+_SAFE_NORM_EPS = 1e-12
+
+TRAINING_LOSSES = {"mse": mse, "orthodromic": orthodromic_loss}
+"""The clients' training losses by their setting's name (``RoundConfig.loss``)."""
 
 
 class ErrorSums(NamedTuple):

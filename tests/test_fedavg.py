@@ -12,6 +12,7 @@ from fedvp_jax.algorithms import build_algorithm
 from fedvp_jax.algorithms.core import select_clients
 from fedvp_jax.config import ALGORITHMS, RoundConfig
 from fedvp_jax.data.federated import sample_batches
+from fedvp_jax.geometry import orthodromic_distance
 from fedvp_jax.metrics import error_sums
 from fedvp_jax.models import build_model
 
@@ -47,7 +48,13 @@ def reference_round(model, config, state, data, key):
   xs, ys = sample_batches(
     batch_key, data, config.local_steps, config.batch_size, jnp.asarray(selected)
   )
-  grad = jax.jit(jax.grad(lambda p, x, y: jnp.mean((model.apply(p, x) - y) ** 2)))
+  measures = {
+    "mse": lambda p, x, y: jnp.mean((model.apply(p, x) - y) ** 2),
+    # The great-circle distance as the geometry module writes it (its own test checks it
+    # against arccos), independent of the loss's gradient-safe form.
+    "orthodromic": lambda p, x, y: jnp.mean(orthodromic_distance(model.apply(p, x), y)),
+  }
+  grad = jax.jit(jax.grad(measures[config.loss]))
   server = state.server_params
   clients = []
   for k in range(data.num_clients):
@@ -75,21 +82,28 @@ def reference_round(model, config, state, data, key):
 
 
 CASES = [
-  ("fedavg", 1.0, None),
-  ("fedavg", 0.5, None),
-  ("partial-fedavg", 1.0, None),
-  ("partial-fedavg", 0.5, None),
-  ("local", 1.0, None),
-  ("fedavg", 0.5, 2),
+  ("fedavg", 1.0, None, "mse"),
+  ("fedavg", 0.5, None, "mse"),
+  ("partial-fedavg", 1.0, None, "mse"),
+  ("partial-fedavg", 0.5, None, "mse"),
+  ("local", 1.0, None, "mse"),
+  ("fedavg", 0.5, 2, "mse"),
+  ("fedavg", 1.0, None, "orthodromic"),
+  ("local", 1.0, None, "orthodromic"),
 ]
 
 
-@pytest.mark.parametrize("algo,beta,per_round", CASES)
-def test_round_matches_python_loop(setup, algo, beta, per_round):
+@pytest.mark.parametrize("algo,beta,per_round,loss", CASES)
+def test_round_matches_python_loop(setup, algo, beta, per_round, loss):
   data, model = setup
   # The reference trains on the windows as they are; augmentation has its own test.
   config = RoundConfig(
-    beta=beta, local_steps=3, batch_size=5, clients_per_round=per_round, augment="none"
+    beta=beta,
+    local_steps=3,
+    batch_size=5,
+    clients_per_round=per_round,
+    augment="none",
+    loss=loss,
   )
   algorithm = build_algorithm(algo, model, optax.sgd(LR), config)
   config = RoundConfig(**{**config.__dict__, "send": ALGORITHMS[algo].send})

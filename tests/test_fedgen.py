@@ -21,7 +21,7 @@ from fedvp_jax.algorithms.fedgen import (
 )
 from fedvp_jax.config import FedGenConfig, RoundConfig
 from fedvp_jax.data.federated import sample_batches, sample_final_targets
-from fedvp_jax.geometry import normalize
+from fedvp_jax.geometry import normalize, orthodromic_distance
 from fedvp_jax.heatmap import combined, heatmaps, label_weights, sample_labels
 from fedvp_jax.models import build_model
 from fedvp_jax.models.generator import build_generator
@@ -163,7 +163,10 @@ def reference_fedgen_round(model, generator, cfg, config, state, data, key):
   g_params = state.generator_params
 
   def client_loss(params, x, y, y_hat, step_key):
-    real = jnp.mean((model.apply(params, x) - y) ** 2)
+    if config.loss == "mse":
+      real = jnp.mean((model.apply(params, x) - y) ** 2)
+    else:  # the great-circle distance; the generator terms below stay MSE
+      real = jnp.mean(orthodromic_distance(model.apply(params, x), y))
     label_key, latent_key = jax.random.split(step_key)
     z = generator.apply(
       g_params, jax.random.normal(label_key, (y_hat.shape[0], cfg.noise_dim)), y_hat
@@ -233,14 +236,22 @@ def reference_fedgen_round(model, generator, cfg, config, state, data, key):
 
 
 @pytest.mark.parametrize(
-  "algo,per_round", [("fedgen", None), ("partial-fedgen", 2), ("local-fedgen", None)]
+  "algo,per_round,loss",
+  [
+    ("fedgen", None, "mse"),
+    ("partial-fedgen", 2, "mse"),
+    ("local-fedgen", None, "mse"),
+    ("fedgen", None, "orthodromic"),
+  ],
 )
-def test_round_matches_python_loop(setup, algo, per_round):
+def test_round_matches_python_loop(setup, algo, per_round, loss):
   data, model = setup
   cfg = dataclasses.replace(
     SMALL, alpha=0.7, latent_weight=0.4, diversity_weight=0.5, embedding=True
   )
-  config = RoundConfig(local_steps=2, batch_size=5, clients_per_round=per_round, augment="none")
+  config = RoundConfig(
+    local_steps=2, batch_size=5, clients_per_round=per_round, augment="none", loss=loss
+  )
   algorithm = build_algorithm(algo, model, optax.sgd(LR), config, cfg)
   config = dataclasses.replace(
     config, send={"fedgen": "full", "partial-fedgen": "partial", "local-fedgen": "none"}[algo]

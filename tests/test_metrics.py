@@ -1,8 +1,10 @@
 """Error sums and the Average Global Loss against plain loops."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from fedvp_jax.metrics import error_sums, mse, summarize
+from fedvp_jax.metrics import error_sums, mse, orthodromic_loss, summarize
 
 
 def unit(rng, shape):
@@ -40,3 +42,26 @@ def test_a_prediction_that_is_no_direction_scores_the_worst_error():
   pred[0, 0] = 0.0  # what a diverged model outputs after normalising a zero vector
   sums = error_sums(pred, target, np.ones((1, 4), bool))
   np.testing.assert_allclose(sums.orthodromic[0, 0], np.pi, rtol=1e-6)
+
+
+def test_the_orthodromic_loss_is_the_mean_great_circle_distance_with_finite_gradients():
+  rng = np.random.default_rng(2)
+  pred, target = unit(rng, (4, 3)), unit(rng, (4, 3))
+  angles = np.arccos(np.clip(np.sum(pred.astype(np.float64) * target, axis=-1), -1, 1))
+  np.testing.assert_allclose(orthodromic_loss(pred, target), np.mean(angles), rtol=1e-5)
+  # A perfect prediction: the distance is 0 and its gradient finite (|a x b| is 0 there,
+  # where a plain norm's gradient is NaN).
+  assert float(orthodromic_loss(target, target)) < 1e-5
+  gradient = jax.grad(orthodromic_loss)(jnp.asarray(target), jnp.asarray(target))
+  assert bool(jnp.all(jnp.isfinite(gradient)))
+  # Away from 0, moving a prediction along the great circle towards its target by a small
+  # angle lowers the loss by that angle (divided by the number of vectors averaged).
+  step = 1e-3
+  towards = pred + step * (target - pred * np.sum(pred * target, axis=-1, keepdims=True))
+  towards /= np.linalg.norm(towards, axis=-1, keepdims=True)
+  moved = np.arccos(np.clip(np.sum(towards.astype(np.float64) * target, axis=-1), -1, 1))
+  np.testing.assert_allclose(
+    orthodromic_loss(pred, target) - orthodromic_loss(towards, target),
+    np.mean(angles - moved),
+    rtol=2e-2,
+  )

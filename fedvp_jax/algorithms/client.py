@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fedvp_jax.geometry import turn_about_vertical
-from fedvp_jax.metrics import mse
+from fedvp_jax.metrics import TRAINING_LOSSES
 from fedvp_jax.models import Model
 from fedvp_jax.types import Batch, OptState, Params, PRNGKey, StackedOptState, StackedParams
 
@@ -25,15 +25,17 @@ LossFn = Callable[[Params, Batch, PRNGKey, Any], jax.Array]
 a round-constant pytree shared by every client (e.g. FedGen's generator), or ``None``."""
 
 
-def prediction_loss(model: Model) -> LossFn:
-  """The plain training loss: MSE of the model's prediction on the batch."""
+def prediction_loss(model: Model, loss: str = "mse") -> LossFn:
+  """The plain training loss: ``loss`` (a name of ``RoundConfig.loss``'s choices) of the
+  model's prediction on the batch."""
+  measure = TRAINING_LOSSES[loss]
 
-  def loss(params: Params, batch: Batch, key: PRNGKey, context: Any) -> jax.Array:
+  def loss_fn(params: Params, batch: Batch, key: PRNGKey, context: Any) -> jax.Array:
     del key, context
     history, future = batch
-    return mse(model.apply(params, history), future)
+    return measure(model.apply(params, history), future)
 
-  return loss
+  return loss_fn
 
 
 def augmented(loss_fn: LossFn, augment: str) -> LossFn:

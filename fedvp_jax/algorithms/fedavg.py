@@ -38,7 +38,7 @@ def fedavg(
     privacy: DP-FedAvg's settings, its noise multiplier resolved; ``None`` or DP off: plain
       FedAvg.
   """
-  update = local_update(augmented(prediction_loss(model), config.augment), optimizer)
+  update = local_update(augmented(prediction_loss(model, config.loss), config.augment), optimizer)
   private = privacy if privacy is not None and privacy.enabled else None
   if private is not None:
     dp.noise_multiplier(private)  # fail now, not while tracing, if it was never chosen

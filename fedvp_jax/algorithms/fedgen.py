@@ -61,7 +61,7 @@ from fedvp_jax.algorithms.core import (
 from fedvp_jax.config import FedGenConfig, PrivacyConfig, RoundConfig
 from fedvp_jax.data.federated import ClientData, EvalWindows
 from fedvp_jax.heatmap import combined, label_weights, sample_labels
-from fedvp_jax.metrics import ErrorSums, mse
+from fedvp_jax.metrics import TRAINING_LOSSES, ErrorSums, mse
 from fedvp_jax.models import Model
 from fedvp_jax.models.generator import Generator, build_generator
 from fedvp_jax.types import OptState, Params, PRNGKey, StackedParams
@@ -130,8 +130,11 @@ def diversity_loss(noise: jax.Array, z: jax.Array) -> jax.Array:
   return jnp.exp(jnp.mean(-noise_dist * z_dist))
 
 
-def fedgen_client_loss(model: Model, generator: Generator, latent_term: bool) -> LossFn:
-  """A client's loss: MSE on its batch plus the generator terms (see the module doc).
+def fedgen_client_loss(
+  model: Model, generator: Generator, latent_term: bool, loss: str = "mse"
+) -> LossFn:
+  """A client's loss: ``loss`` (``RoundConfig.loss``) on its batch plus the generator terms,
+  which stay MSE as in FedGen (see the module doc).
 
   The batch is ``(history f32[B, M, 3], future f32[B, H, 3], labels f32[B_gen, 3])``; the
   context is a :class:`GeneratorContext`. When both weights are 0 the generator terms are not
@@ -139,7 +142,9 @@ def fedgen_client_loss(model: Model, generator: Generator, latent_term: bool) ->
   latent term out of the program.
   """
 
-  def loss(params: Params, batch: Any, key: PRNGKey, context: GeneratorContext) -> jax.Array:
+  measure = TRAINING_LOSSES[loss]
+
+  def loss_fn(params: Params, batch: Any, key: PRNGKey, context: GeneratorContext) -> jax.Array:
     history, future, labels = batch
     prediction = model.apply(params, history)
     g_params = jax.lax.stop_gradient(context.params)
@@ -158,9 +163,9 @@ def fedgen_client_loss(model: Model, generator: Generator, latent_term: bool) ->
 
     active = (context.alpha > 0) | (context.latent_weight > 0)
     extra = jax.lax.cond(active, generator_terms, lambda: jnp.zeros((), prediction.dtype))
-    return mse(prediction, future) + extra
+    return measure(prediction, future) + extra
 
-  return loss
+  return loss_fn
 
 
 def teacher_loss(
@@ -290,7 +295,7 @@ def fedgen(
     cfg.gen_learning_rate, transition_steps=cfg.gen_steps, decay_rate=SCHEDULE_DECAY, staircase=True
   )
   g_optimizer = optax.adam(schedule)
-  client_loss = fedgen_client_loss(model, generator, cfg.latent_weight > 0)
+  client_loss = fedgen_client_loss(model, generator, cfg.latent_weight > 0, config.loss)
   update = local_update(augmented(client_loss, config.augment), optimizer)
   train_generator = generator_update(
     model,
