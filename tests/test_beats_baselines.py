@@ -25,14 +25,47 @@ def test_fedavg_with_the_defaults_beats_the_best_trivial_predictor_on_david(davi
     rounds=20,
     eval_every=10,
   )
+  assert_beats_the_best_trivial_predictor_beyond_the_seeds_spread(config)
+
+
+def assert_beats_the_best_trivial_predictor_beyond_the_seeds_spread(config: RunConfig) -> None:
   experiment = prepare(config)
   summaries = drain(train(experiment, seeds=[0, 1]))
-  baselines = {k: summary_dict(v) for k, v in baseline_summaries(experiment.data.test, 5).items()}
+  horizon = experiment.spec.horizon
+  baselines = {
+    k: summary_dict(v) for k, v in baseline_summaries(experiment.data.test, horizon).items()
+  }
   best = best_trivial({k: v["orthodromic_deg"] for k, v in baselines.items()})
   degrees = np.array([s["selected"]["orthodromic_deg"] for s in summaries])  # [seeds, H]
   margin = np.array(best) - degrees.mean(axis=0)
   spread = degrees.std(axis=0, ddof=1)
   assert (margin > spread).all() and (margin > 0).all(), (margin, spread, best)
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("split", ["video", "time"])
+def test_the_defaults_hold_on_a_dataset_derived_from_david(david_root, tmp_path, split):
+  """Users will point the tool at datasets it has not seen: other viewers, other videos, no
+  split files. A dataset built from half of David's videos and half of its users, without
+  split files (so a seeded video split, or the time split), must be learned by the defaults
+  as David is."""
+  source = david_root / "David_MMSys_18" / "sampled_dataset"
+  videos = sorted(p.name for p in source.iterdir())[1::2]
+  for video in videos:
+    users = sorted((source / video).iterdir(), key=lambda p: p.name)[::2]
+    (tmp_path / "HalfDavid" / "sampled_dataset" / video).mkdir(parents=True)
+    for user in users:
+      (tmp_path / "HalfDavid" / "sampled_dataset" / video / user.name).symlink_to(user)
+  config = RunConfig.of(
+    algorithm="fedavg",
+    dataset="HalfDavid-m10-h5",
+    data_dir=str(tmp_path),
+    split=split,
+    num_clients=10,
+    rounds=20,
+    eval_every=10,
+  )
+  assert_beats_the_best_trivial_predictor_beyond_the_seeds_spread(config)
 
 
 def test_beats_baselines_compares_every_step():
