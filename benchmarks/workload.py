@@ -46,8 +46,12 @@ class Workload:
     return optax.sgd(self.learning_rate)
 
   def round_config(self) -> RoundConfig:
+    # The PyTorch peers train on MSE (as the researcher's code does), so the workload does.
     return RoundConfig(
-      local_steps=self.local_steps, batch_size=self.batch_size, eval_every=self.eval_every
+      local_steps=self.local_steps,
+      batch_size=self.batch_size,
+      eval_every=self.eval_every,
+      loss="mse",
     )
 
 

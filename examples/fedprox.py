@@ -43,8 +43,8 @@ from fedvp_jax.data import SAMPLE_PERIOD
 # ---- FedProx: the algorithm ------------------------------------------------------------------
 
 
-def proximal_loss(model: fv.Model, mu: float) -> LossFn:
-  """FedProx's client loss: the prediction MSE plus ``mu / 2 * ||w - w_received||^2``.
+def proximal_loss(model: fv.Model, mu: float, loss: str) -> LossFn:
+  """FedProx's client loss: the prediction loss plus ``mu / 2 * ||w - w_received||^2``.
 
   ``local_update`` hands the same ``context`` to every client, so the context is the received
   models of all K training clients stacked (leaves ``f32[K, ...]``) and every batch carries
@@ -53,17 +53,18 @@ def proximal_loss(model: fv.Model, mu: float) -> LossFn:
   Args:
     model: the viewport model.
     mu: the proximal coefficient, >= 0.
+    loss: the prediction loss's name (``RoundConfig.loss``).
 
   Returns:
     A ``LossFn`` over batches ``(history: f32[B, M, 3], future: f32[B, H, 3], row: i32[])``.
   """
-  mse = prediction_loss(model)
+  prediction = prediction_loss(model, loss)
 
   def loss(params: Any, batch: tuple[jax.Array, ...], key: jax.Array, received: Any) -> jax.Array:
     history, future, row = batch
     anchor = jax.tree.map(lambda leaf: leaf[row], received)
     distance = optax.tree.norm(optax.tree.sub(params, anchor), squared=True)
-    return mse(params, (history, future), key, None) + 0.5 * mu * distance
+    return prediction(params, (history, future), key, None) + 0.5 * mu * distance
 
   return loss
 
@@ -88,8 +89,9 @@ def fedprox(
   """
   if not mu >= 0:
     raise fv.SettingError("mu", mu, "must be >= 0 (0 is FedAvg)")
-  # Augmented like FedAvg's clients (config.augment), so that mu = 0 is exactly FedAvg.
-  train = local_update(augmented(proximal_loss(model, mu), config.augment), optimizer)
+  # Augmented and with the loss of FedAvg's clients (config.augment, config.loss), so that
+  # mu = 0 is exactly FedAvg.
+  train = local_update(augmented(proximal_loss(model, mu, config.loss), config.augment), optimizer)
 
   def update(params, opt_state, batches, key, context):
     # A LocalUpdate (context is None here). `params` are the K training clients' models as

@@ -27,7 +27,7 @@ VALID = {
   "patience": 5,
   "protocol": "track",
   "augment": "none",
-  "loss": "orthodromic",
+  "loss": "mse",
   "algorithm": "fedgen",
   "dataset": "Synthetic-m4-h2",
   "data_dir": "/tmp/fedvp-data",

@@ -111,13 +111,13 @@ def test_proximal_term_uses_each_clients_received_model(fedprox):
   history = fv.lonlat_to_vec(jnp.linspace(0.0, 0.2, 3), jnp.zeros(3))[None]
   future = fv.lonlat_to_vec(jnp.array([0.3]), jnp.zeros(1))[None]
   mse = fv.mse(model.apply(params, history), future)
-  loss = fedprox.proximal_loss(model, mu=2.0)
+  loss = fedprox.proximal_loss(model, mu=2.0, loss="mse")
   for row, offset in enumerate([0.0, 0.1, -0.2]):
     value = loss(params, (history, future, jnp.int32(row)), jax.random.key(1), received)
     # 7 parameters, each 0.05 - offset away from this client's received model.
     np.testing.assert_allclose(value, mse + 0.5 * 2.0 * 7 * (0.05 - offset) ** 2, rtol=1e-5)
   gradient = jax.grad(loss)(params, (history, future, jnp.int32(1)), None, received)
-  no_prox = jax.grad(fedprox.proximal_loss(model, mu=0.0))(
+  no_prox = jax.grad(fedprox.proximal_loss(model, mu=0.0, loss="mse"))(
     params, (history, future, 1), None, received
   )
   # The proximal term's gradient is mu * (w - w_received).

@@ -131,7 +131,9 @@ def test_dp_round_equals_a_loop_over_clients(setup, algo):
   trained alone, its update clipped alone, the sum noised, divided by K."""
   data, model = setup
   send = ALGORITHMS[algo].send
-  config = RoundConfig(send=send, local_steps=2, batch_size=5, clients_per_round=3, augment="none")
+  config = RoundConfig(
+    send=send, local_steps=2, batch_size=5, clients_per_round=3, augment="none", loss="mse"
+  )
   sigma, clip = 0.7, 0.002  # a bound that binds for some clients and not others
   privacy = PrivacyConfig(noise_multiplier=sigma, clip_norm=clip)
   algorithm = build_algorithm(algo, model, optax.sgd(LR), config, privacy=privacy)
@@ -172,7 +174,9 @@ def test_dp_fedgen_round_equals_a_loop_over_clients(setup, algo):
   from the trained models: each update clipped alone, the sum noised, divided by K."""
   data, model = setup
   send = ALGORITHMS[algo].send
-  config = RoundConfig(send=send, local_steps=2, batch_size=5, clients_per_round=3, augment="none")
+  config = RoundConfig(
+    send=send, local_steps=2, batch_size=5, clients_per_round=3, augment="none", loss="mse"
+  )
   fedgen_config = FedGenConfig(
     grain=16, heatmap_sigma=30.0, gen_batch_size=6, gen_steps=2, pretrain_rounds=0
   )

@@ -201,7 +201,7 @@ JAX_STEPS, JAX_BATCH = 5, 16
 
 def _jax_fedavg(spec):
   model = build_model("lstm", spec.history, spec.horizon, latent_dim=LATENT)
-  config = RoundConfig(local_steps=JAX_STEPS, batch_size=JAX_BATCH, augment="none")
+  config = RoundConfig(local_steps=JAX_STEPS, batch_size=JAX_BATCH, augment="none", loss="mse")
   return model, fedavg(model, optax.sgd(LR), config)
 
 
