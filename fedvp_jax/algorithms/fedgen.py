@@ -7,7 +7,8 @@ clients learned. Here the label is a viewpoint y on the sphere, and one round is
 1. every client receives the server's model (all, the head, or nothing) with ``beta``; the
    deployed models are evaluated;
 2. the selected clients train ``local_steps`` steps on
-   ``MSE(real) + alpha_t * MSE(head(G(eps, y_hat))[H], y_hat)`` over ``gen_batch_size`` labels
+   ``L(real) + alpha_t * MSE(head(G(eps, y_hat))[H], y_hat)`` (``L`` the training loss,
+   ``RoundConfig.loss``; the generator terms are FedGen's MSE) over ``gen_batch_size`` labels
    y_hat drawn from their own final targets (FedGen's clients sample labels they have), plus,
    with ``latent_weight > 0``, FedGen's second term
    ``beta_t * MSE(model(x)[H], stopgrad(head(G(eps, y[H]))[H]))``. G's params are constants;
