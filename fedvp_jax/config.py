@@ -164,6 +164,9 @@ class Setting:
     check: returns why a value is wrong, or ``None``.
     placement: where the data lives or how clients are placed: changes nothing a run
       computes, so a resumed or reused run may differ in it.
+    unrecorded: for a setting added after runs were already recorded, ``(value,)``: what a
+      ``config.json`` without it means, i.e. how fedvp_jax ran before the setting existed,
+      so an old run is resumed, reused and reported as it ran; ``()``: the default.
   """
 
   name: str
@@ -178,6 +181,7 @@ class Setting:
   aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
   check: Check | None = None
   placement: bool = False
+  unrecorded: tuple[Any, ...] = ()
 
   @property
   def flag(self) -> str:
@@ -252,6 +256,7 @@ def _setting(
   aliases: Mapping[str, str] | None = None,
   check: Check | None = None,
   placement: bool = False,
+  unrecorded: tuple[Any, ...] = (),
 ) -> Any:
   """A dataclass field that is a setting (see :class:`Setting`; ``flags`` defaults to
   ``--<name>`` with dashes)."""
@@ -263,6 +268,7 @@ def _setting(
     "aliases": dict(aliases or {}),
     "check": check,
     "placement": placement,
+    "unrecorded": unrecorded,
   }
   return dataclasses.field(default=default, metadata={"setting": declared})
 
@@ -316,6 +322,7 @@ class RoundConfig:
     "train on windows turned about the vertical axis by a random angle (yaw), or as they are "
     "(none)",
     choices=AUGMENTATIONS,
+    unrecorded=("none",),
   )
   # Why orthodromic by default: MSE of unit vectors weighs errors by their chord, not their
   # angle, and a model trained on it loses to straight-line extrapolation at long horizons and
@@ -326,6 +333,7 @@ class RoundConfig:
     "the clients' training loss: mse of the unit vectors, or orthodromic (mean great-circle "
     "distance, the metric)",
     choices=LOSSES,
+    unrecorded=("mse",),
   )
 
   def __post_init__(self) -> None:
@@ -587,6 +595,7 @@ class RunConfig:
     "share of each client's training traces held out to validate: whole videos under the video "
     "split (when a client has 2 or more), else the end of each trace; 0 for none",
     check=_validation_share,
+    unrecorded=(0.0,),
   )
   patience: int | None = _setting(
     None,
@@ -764,7 +773,8 @@ def from_record(record: Mapping[str, Any]) -> RunConfig:
   """The config a :func:`to_record` mapping describes.
 
   Also reads the records of fedvp_jax 0.1 (their ``algo``, ``times``, ``local_epochs``, ...
-  and the nested ``fedgen`` table); settings a record lacks take their defaults.
+  and the nested ``fedgen`` table). A setting a record lacks takes the value it had before
+  the setting existed (:attr:`Setting.unrecorded`), or else its default.
 
   Raises:
     SettingError: for an unknown name or a bad value.
@@ -772,6 +782,10 @@ def from_record(record: Mapping[str, Any]) -> RunConfig:
   flat = {k: v for k, v in record.items() if k not in ("fedgen", "round")}
   for table in ("fedgen", "round"):
     flat.update({k: v for k, v in record.get(table, {}).items() if k != "send"})
+  recorded = {resolve_name(name) for name in flat}
+  for name, s in SCHEMA.items():
+    if s.unrecorded and name not in recorded:
+      flat[name] = s.unrecorded[0]
   return with_settings(RunConfig(), flat)
 
 

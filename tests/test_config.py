@@ -319,7 +319,19 @@ def test_an_old_config_json_reads(path: Path):
   assert config.fedgen.pretrain_rounds == old["fedgen"]["pretrain_epochs"]
   assert config.fedgen.generator_hidden == old["fedgen"]["hidden"]
   assert (config.dataset, config.rounds) == (old["dataset"], old["rounds"])
+  # Settings added since then read as the old runs ran, not as today's defaults.
+  assert (config.round.loss, config.round.augment, config.validation_fraction) == ("mse", "none", 0)
   result = load_run(path.parent)
   assert result.config == to_record(config)
   assert result.curves.shape == (old["times"], config.total_rounds + 1)
   assert result.summary is not None
+
+
+def test_a_record_without_a_later_setting_reads_as_runs_ran_before_it():
+  record = to_record(RunConfig.of(loss="orthodromic", augment="yaw", validation_fraction=0.3))
+  assert from_record(record).round.loss == "orthodromic"  # recorded: kept
+  for name, before in [("loss", "mse"), ("augment", "none"), ("validation_fraction", 0.0)]:
+    assert SCHEMA[name].unrecorded == (before,)
+    assert get(from_record({k: v for k, v in record.items() if k != name}), name) == before
+  # Any other setting a record lacks takes its default.
+  assert from_record({k: v for k, v in record.items() if k != "batch_size"}).round.batch_size == 64
