@@ -303,7 +303,7 @@ def local_training_flops(built: Any, steps: int, batch: int) -> dict[str, Any]:
   optimizer = built.workload.optimizer()
   params = stack(one, clients)
   opt_state = jax.vmap(optimizer.init)(params)
-  update = jax.jit(local_update(prediction_loss(built.net), optimizer))
+  update = jax.jit(local_update(prediction_loss(built.net, "mse"), optimizer))
 
   def compile_for(num_steps: int) -> Any:
     batches = sample_batches(jax.random.key(2), built.data, num_steps, batch)

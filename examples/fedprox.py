@@ -4,7 +4,7 @@
 FedProx is FedAvg whose clients minimise their prediction loss plus a proximal term that
 keeps them near the model they received at the start of the round::
 
-    loss_k(w) = MSE_k(w) + mu / 2 * ||w - w_received||^2
+    loss_k(w) = L_k(w) + mu / 2 * ||w - w_received||^2      (L: the run's --loss)
 
 With ``send="full"`` and ``beta=1`` (the defaults) every client receives the server's model,
 so ``w_received`` is the global model ``w^t`` of the paper; with ``beta < 1`` or
@@ -60,13 +60,15 @@ def proximal_loss(model: fv.Model, mu: float, loss: str) -> LossFn:
   """
   prediction = prediction_loss(model, loss)
 
-  def loss(params: Any, batch: tuple[jax.Array, ...], key: jax.Array, received: Any) -> jax.Array:
+  def proximal(
+    params: Any, batch: tuple[jax.Array, ...], key: jax.Array, received: Any
+  ) -> jax.Array:
     history, future, row = batch
     anchor = jax.tree.map(lambda leaf: leaf[row], received)
     distance = optax.tree.norm(optax.tree.sub(params, anchor), squared=True)
     return prediction(params, (history, future), key, None) + 0.5 * mu * distance
 
-  return loss
+  return proximal
 
 
 def fedprox(

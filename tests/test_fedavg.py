@@ -8,10 +8,11 @@ import optax
 import pytest
 from conftest import tiny_client_data
 
-from fedvp_jax.algorithms import build_algorithm
+from fedvp_jax.algorithms import build_algorithm, prediction_loss
 from fedvp_jax.algorithms.core import select_clients
 from fedvp_jax.config import ALGORITHMS, RoundConfig
 from fedvp_jax.data.federated import sample_batches
+from fedvp_jax.errors import SettingError
 from fedvp_jax.geometry import orthodromic_distance
 from fedvp_jax.metrics import error_sums
 from fedvp_jax.models import build_model
@@ -190,3 +191,9 @@ def test_poisoned_client_is_left_out(setup):
   chex.assert_tree_all_finite(new.server_params)
   chex.assert_tree_all_finite(new.client_params)
   assert np.isfinite(float(metrics.train_loss))
+
+
+def test_an_unknown_training_loss_is_refused(setup):
+  _, model = setup
+  with pytest.raises(SettingError, match=r"^loss .*cosine.*choose one of mse, orthodromic"):
+    prediction_loss(model, "cosine")

@@ -53,7 +53,7 @@ def test_three_counts_of_local_training_agree(model):
   optimizer = optax.sgd(0.01)
   params = stack(net.init(jax.random.key(0)), clients)
   opt_state = jax.vmap(optimizer.init)(params)
-  update = jax.jit(local_update(prediction_loss(net), optimizer))
+  update = jax.jit(local_update(prediction_loss(net, "mse"), optimizer))
 
   def compiled_for(num_steps):
     x = jax.random.normal(jax.random.key(1), (clients, num_steps, batch, history, 3))

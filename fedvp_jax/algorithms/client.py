@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedvp_jax.config import require
 from fedvp_jax.geometry import turn_about_vertical
 from fedvp_jax.metrics import TRAINING_LOSSES
 from fedvp_jax.models import Model
@@ -25,9 +26,14 @@ LossFn = Callable[[Params, Batch, PRNGKey, Any], jax.Array]
 a round-constant pytree shared by every client (e.g. FedGen's generator), or ``None``."""
 
 
-def prediction_loss(model: Model, loss: str = "mse") -> LossFn:
-  """The plain training loss: ``loss`` (a name of ``RoundConfig.loss``'s choices) of the
-  model's prediction on the batch."""
+def prediction_loss(model: Model, loss: str) -> LossFn:
+  """The plain training loss: ``loss`` (``"mse"`` or ``"orthodromic"``, the choices of
+  ``RoundConfig.loss``) of the model's prediction on the batch.
+
+  Raises:
+    SettingError: for another name.
+  """
+  require("loss", loss)
   measure = TRAINING_LOSSES[loss]
 
   def loss_fn(params: Params, batch: Batch, key: PRNGKey, context: Any) -> jax.Array:

@@ -59,7 +59,7 @@ from fedvp_jax.algorithms.core import (
   evaluate_server,
   init_clients,
 )
-from fedvp_jax.config import FedGenConfig, PrivacyConfig, RoundConfig
+from fedvp_jax.config import FedGenConfig, PrivacyConfig, RoundConfig, require
 from fedvp_jax.data.federated import ClientData, EvalWindows
 from fedvp_jax.heatmap import combined, label_weights, sample_labels
 from fedvp_jax.metrics import TRAINING_LOSSES, ErrorSums, mse
@@ -131,9 +131,7 @@ def diversity_loss(noise: jax.Array, z: jax.Array) -> jax.Array:
   return jnp.exp(jnp.mean(-noise_dist * z_dist))
 
 
-def fedgen_client_loss(
-  model: Model, generator: Generator, latent_term: bool, loss: str = "mse"
-) -> LossFn:
+def fedgen_client_loss(model: Model, generator: Generator, latent_term: bool, loss: str) -> LossFn:
   """A client's loss: ``loss`` (``RoundConfig.loss``) on its batch plus the generator terms,
   which stay MSE as in FedGen (see the module doc).
 
@@ -143,6 +141,7 @@ def fedgen_client_loss(
   latent term out of the program.
   """
 
+  require("loss", loss)
   measure = TRAINING_LOSSES[loss]
 
   def loss_fn(params: Params, batch: Any, key: PRNGKey, context: GeneratorContext) -> jax.Array:
