@@ -25,7 +25,7 @@ from .config import (
 )
 from .data.datasets import DatasetSpec, load_traces, parse_spec
 from .data.federated import ClientData, build_client_data, select_users
-from .errors import ConfigError, DataError, DivergenceError, FedVPError, SettingError
+from .errors import ConfigError, DataError, DivergenceError, FedVPError, JobError, SettingError
 from .experiment import Experiment, prepare
 from .geometry import (
   lonlat_to_vec,
@@ -63,6 +63,7 @@ __all__ = [
   "FedGenState",
   "FedVPError",
   "FederatedAlgorithm",
+  "JobError",
   "Model",
   "PrivacyConfig",
   "RoundConfig",

@@ -37,3 +37,8 @@ class SettingError(ConfigError):
     self.setting, self.value, self.reason = setting, value, reason
     shown = "" if value is None else f" {value!r}" if isinstance(value, str) else f" {value}"
     super().__init__(f"{setting}{shown}: {reason}")
+
+
+class JobError(FedVPError):
+  """The processes of a multi-process run disagree (their configurations differ), or one of
+  them died (see :mod:`fedvp_jax.distributed`)."""

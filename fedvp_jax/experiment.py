@@ -4,22 +4,40 @@ describes, assembled and ready to run, and the trivial predictors on the same te
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
+import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from fedvp_jax import distributed
 from fedvp_jax.algorithms.by_name import build_algorithm
 from fedvp_jax.algorithms.core import FederatedAlgorithm
 from fedvp_jax.baselines import BASELINES
-from fedvp_jax.config import RunConfig
+from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.data.datasets import DatasetSpec, load_traces, parse_spec
-from fedvp_jax.data.federated import ClientData, EvalWindows, build_client_data, select_users
-from fedvp_jax.data.protocols import client_candidates, first_window, new_viewer_windows
+from fedvp_jax.data.federated import (
+  ClientData,
+  EvalWindows,
+  build_client_data,
+  select_users,
+  stack_windows,
+)
+from fedvp_jax.data.protocols import (
+  client_candidates,
+  first_window,
+  new_viewer_candidates,
+  new_viewer_test,
+  new_viewer_windows,
+)
+from fedvp_jax.data.traces import TraceSet
+from fedvp_jax.data.windows import Windows, viewer_windows
 from fedvp_jax.metrics import Summary, error_sums, summarize
 from fedvp_jax.models import build_model
 from fedvp_jax.privacy import Accounting, account
-from fedvp_jax.sharding import client_mesh, shard_data
+from fedvp_jax.sharding import assemble, client_mesh, local_rows, padded_rows, shard_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,26 +92,41 @@ def _warn_oversized_batch(batch_size: int, most_windows: int) -> None:
 def prepare(config: RunConfig) -> Experiment:
   """Loads the data and builds the model and algorithm that ``config`` describes.
 
+  In a job of several processes (:mod:`fedvp_jax.distributed`) every process checks that the
+  others run the same ``config``, and reads and holds only the traces of the clients (and new
+  viewers) whose rows its devices hold (:func:`_process_rows`).
+
   Raises:
     DataError, SettingError: for data that cannot serve ``config``.
+    JobError: when the processes of a job run different configurations.
   """
   spec = parse_spec(config.dataset)
-  traces = load_traces(spec, config.data_dir, seed=config.seed)
+  several = distributed.is_multiprocess()
+  distributed.check_same(json.dumps(to_record(config), sort_keys=True), "configuration")
+  mesh = client_mesh(config.devices) if config.devices is not None or several else None
+  # Only the names of the dataset's viewers and videos, when each process reads its own.
+  traces = load_traces(spec, config.data_dir, seed=config.seed, users=() if several else None)
   candidates = client_candidates(config.protocol, traces, spec)
   users = select_users(traces, config.num_clients, config.users, config.seed, candidates)
-  data = build_client_data(
-    traces,
-    spec,
-    users,
-    config.split,
-    config.seed,
-    config.validation_fraction,
-    first_window(config.protocol),
-  )
-  _warn_oversized_batch(config.round.batch_size, int(data.train_counts.max()))
-  new_users, new_viewers = new_viewer_windows(
-    config.protocol, traces, spec, users, config.split, config.seed
-  )
+  if several:
+    assert mesh is not None
+    data, new_users, new_viewers = _process_rows(config, spec, traces, users, mesh)
+  else:
+    data = build_client_data(
+      traces,
+      spec,
+      users,
+      config.split,
+      config.seed,
+      config.validation_fraction,
+      first_window(config.protocol),
+    )
+    new_users, new_viewers = new_viewer_windows(
+      config.protocol, traces, spec, users, config.split, config.seed
+    )
+    if mesh is not None:
+      data = shard_data(data, mesh)
+  _warn_oversized_batch(config.round.batch_size, int(window_counts(data)["train"].max()))
   model = build_model(config.model, spec.history, spec.horizon, latent_dim=config.latent_dim)
   accounting = account(config, data.num_clients)
   privacy = config.privacy
@@ -104,19 +137,86 @@ def prepare(config: RunConfig) -> Experiment:
   algorithm = build_algorithm(
     config.algorithm, model, make_optimizer(config), config.round, config.fedgen, privacy
   )
-  mesh = None
-  if config.devices is not None:
-    mesh = client_mesh(config.devices)
-    data = shard_data(data, mesh)
   return Experiment(config, spec, users, data, algorithm, mesh, new_users, new_viewers, accounting)
+
+
+def _process_rows(
+  config: RunConfig, spec: DatasetSpec, catalogue: TraceSet, users: tuple[str, ...], mesh: Mesh
+) -> tuple[ClientData, tuple[str, ...], EvalWindows | None]:
+  """This process's part of the clients' windows and of the new viewers', as global arrays
+  split over ``mesh``: it reads only the traces of the rows its devices hold. Window counts are
+  padded to the largest over every process, so the arrays agree on their shapes."""
+  rows = padded_rows(len(users), mesh)
+  clients = [users[i] for i in local_rows(rows, mesh) if i < len(users)]
+  candidates = new_viewer_candidates(config.protocol, catalogue, users)
+  viewer_rows = padded_rows(max(len(candidates), 1), mesh)
+  viewers = [candidates[i] for i in local_rows(viewer_rows, mesh) if i < len(candidates)]
+  traces = load_traces(spec, config.data_dir, seed=config.seed, users=[*clients, *viewers])
+  none = Windows.concatenate([], spec.history, spec.horizon)
+  parts = [
+    viewer_windows(
+      traces,
+      user,
+      spec.history,
+      spec.horizon,
+      config.split,
+      config.seed,
+      config.validation_fraction,
+      first_window(config.protocol),
+    )
+    for user in clients
+  ]
+  parts += [(none, none, none)] * (len(local_rows(rows, mesh)) - len(clients))
+  longest = distributed.maximum([max(len(part[i]) for part in parts) for i in range(3)])
+  train, validation, test = (
+    assemble(stack_windows([part[i] for part in parts], int(longest[i])), mesh, rows)
+    for i in range(3)
+  )
+  data = ClientData.of(train, validation, test, clients=len(users))
+
+  tests = [
+    new_viewer_test(config.protocol, traces, spec, user, config.split, config.seed)
+    for user in viewers
+  ]
+  found = np.zeros(viewer_rows, np.int64)
+  mine = local_rows(viewer_rows, mesh)
+  found[[row for row, test in zip(mine, tests, strict=False) if test is not None]] = 1
+  found = distributed.maximum(found)  # which candidates have test windows, on any process
+  if not found.any():
+    return data, (), None
+  new_users = tuple(user for user, has in zip(candidates, found, strict=False) if has)
+  per_viewer = [test if test is not None else none for test in tests]
+  per_viewer += [none] * (len(mine) - len(per_viewer))
+  longest_test = distributed.maximum([max(len(w) for w in per_viewer)])
+  new_viewers = EvalWindows(
+    *assemble(stack_windows(per_viewer, int(longest_test[0])), mesh, viewer_rows)
+  )
+  return data, new_users, new_viewers
+
+
+def window_counts(data: ClientData) -> dict[str, np.ndarray]:
+  """Every client's number of ``"train"``, ``"validation"`` and ``"test"`` windows, on the host
+  (``int[clients]``, padding rows left out)."""
+  counts = jax.jit(
+    lambda d: {
+      "train": d.train_mask.sum(axis=1),
+      "validation": d.val_mask.sum(axis=1),
+      "test": d.test_mask.sum(axis=1),
+    }
+  )(data)
+  return {part: c[: data.num_clients] for part, c in distributed.fetch(counts).items()}
 
 
 def baseline_summaries(windows: EvalWindows, horizon: int) -> dict[str, Summary]:
   """The trivial predictors' errors on ``windows`` (e.g. every client's ``data.test``)."""
-  return {
-    name: summarize(error_sums(predict(windows.x, horizon), windows.y, windows.mask))
-    for name, predict in BASELINES.items()
-  }
+  # One jitted program: a client axis split over several processes' devices takes no eager op.
+  summaries = jax.jit(
+    lambda w: {
+      name: summarize(error_sums(predict(w.x, horizon), w.y, w.mask))
+      for name, predict in BASELINES.items()
+    }
+  )(windows)
+  return distributed.fetch(summaries)
 
 
-__all__ = ["Experiment", "baseline_summaries", "make_optimizer", "prepare"]
+__all__ = ["Experiment", "baseline_summaries", "make_optimizer", "prepare", "window_counts"]

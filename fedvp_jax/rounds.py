@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from fedvp_jax import distributed
 from fedvp_jax.algorithms.core import FederatedAlgorithm, clients_state, over_seeds
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.experiment import Experiment, baseline_summaries
 from fedvp_jax.metrics import Summary, summarize
-from fedvp_jax.sharding import shard_state
+from fedvp_jax.sharding import replicate_keys, shard_state, state_shardings
 from fedvp_jax.summaries import finite_or_none, round_record, summary_dict
 from fedvp_jax.types import PRNGKey
 
@@ -97,9 +98,17 @@ def iterate_rounds(
   if seeds_axis:
     algorithm = over_seeds(algorithm)
   init_key, rounds_key = seed_keys(seed)
-  first, state = start if start is not None else (0, jax.jit(algorithm.init)(init_key, data))
   if mesh is not None:
-    state = shard_state(state, mesh, seeds_axis=seeds_axis)
+    init_key, rounds_key = replicate_keys((init_key, rounds_key), mesh)
+  if start is not None:
+    first, state = start
+    if mesh is not None:
+      state = shard_state(state, mesh, seeds_axis=seeds_axis)
+  else:
+    # Created in place: a mesh over several processes' devices takes no host-made state.
+    shapes = jax.eval_shape(algorithm.init, init_key, data)
+    placement = None if mesh is None else state_shardings(shapes, mesh, seeds_axis=seeds_axis)
+    first, state = 0, jax.jit(algorithm.init, out_shardings=placement)(init_key, data)
   apply = jax.jit(keyed_apply(algorithm), donate_argnums=0)
   for _ in range(first, rounds):
     state, metrics = apply(state, data, rounds_key)
@@ -238,7 +247,7 @@ def train(
   cause = _likely_cause(experiment)
   rounds_iter = iterate_rounds(algorithm, data, seeds, rounds, experiment.mesh, start)
   for r, (state, on_device) in enumerate(rounds_iter, start=first):
-    metrics = jax.device_get(on_device)
+    metrics = distributed.fetch(on_device)
     round_times.append(time.perf_counter() - t0)
     per_seed = [jax.tree.map(lambda x, k=k: x[k], metrics) for k in range(len(seeds))]
     records = [{**round_record(r, m), "seconds": round_times[-1]} for m in per_seed]
@@ -324,15 +333,16 @@ def _final_models(
   algorithm = over_seeds(experiment.algorithm)
   data = experiment.data
   evaluate = jax.jit(algorithm.evaluate, static_argnums=(2, 3))
-  test = {best: jax.device_get(evaluate(state, data, "test", best)) for best in (False, True)}
-  validation = jax.device_get(evaluate(state, data, "validation", False))
-  chosen = jax.device_get(clients_state(state).selected)
+  test = {best: distributed.fetch(evaluate(state, data, "test", best)) for best in (False, True)}
+  validation = distributed.fetch(evaluate(state, data, "validation", False))
+  selected = clients_state(state).selected
+  from_round, validation_loss = distributed.fetch((selected.from_round, selected.validation_loss))
   has_validation = data.val_mask.shape[1] > 0
   new = None
   if experiment.new_viewers is not None and algorithm.evaluate_global is not None:
     on_new = jax.jit(algorithm.evaluate_global, static_argnums=2)
     new = {
-      best: jax.device_get(on_new(state, experiment.new_viewers, best)) for best in (False, True)
+      best: distributed.fetch(on_new(state, experiment.new_viewers, best)) for best in (False, True)
     }
     new_baselines = {
       name: summary_dict(summary)
@@ -341,19 +351,19 @@ def _final_models(
       ).items()
     }
   outcome, checks = [], []
-  for k in range(len(chosen.from_round)):
+  for k in range(len(from_round)):
     pick = lambda tree, k=k: jax.tree.map(lambda x: x[k], tree)
     checks.append(_check(pick(validation if has_validation else test[False])))
     final_validation = float(summarize(pick(validation)).loss) if has_validation else math.nan
-    earlier = float(chosen.validation_loss[k])
+    earlier = float(validation_loss[k])
     # The final models were never validated inside a round: they are selected when no earlier
     # round validated better (or there is no validation split, when selection is the final).
-    keep_earlier = has_validation and int(chosen.from_round[k]) >= 0 and earlier < final_validation
+    keep_earlier = has_validation and int(from_round[k]) >= 0 and earlier < final_validation
     entry: dict[str, Any] = {
       "final": summary_dict(summarize(pick(test[False]))),
       "final_validation_loss": finite_or_none(final_validation),
       "selected": {
-        "round": int(chosen.from_round[k]) if keep_earlier else done,
+        "round": int(from_round[k]) if keep_earlier else done,
         "validation_loss": finite_or_none(earlier if keep_earlier else final_validation),
         **summary_dict(summarize(pick(test[keep_earlier]))),
       },

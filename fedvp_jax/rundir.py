@@ -17,6 +17,9 @@ A run directory holds::
     summary.json          the seeds' final metrics, mean and std (written last: a run
                           directory with it is finished)
 
+In a run of several processes (:mod:`fedvp_jax.distributed`) only process 0 writes these files
+(:attr:`RunDir.writer`); every process writes its part of a checkpoint through orbax.
+
 JSON files are written whole or not at all (to a temporary file, then renamed), so a crash
 never leaves a half-written one; a metrics log may end in a torn line, which readers skip.
 ``docs/guarantees.md`` lists everything a run directory promises.
@@ -85,15 +88,25 @@ def read_json(path: Path) -> Any:
     raise ConfigError(f"{path} is unreadable ({type(err).__name__}: {err})") from None
 
 
+def is_process_zero() -> bool:
+  """Whether this process writes run directories: the only process, or process 0 of a
+  multi-process job (JAX, if not imported yet, has joined no job)."""
+  jax = sys.modules.get("jax")
+  return jax is None or jax.process_index() == 0
+
+
 class RunDir:
   """One run directory (see the module docstring for its layout).
 
   Attributes:
     path: the folder.
+    writer: whether this process writes it (:func:`is_process_zero`); for the other processes
+      of a job every write below does nothing, and reads read what process 0 wrote.
   """
 
   def __init__(self, path: str | Path):
     self.path = Path(path)
+    self.writer = is_process_zero()
 
   def __repr__(self) -> str:
     return f"RunDir({str(self.path)!r})"
@@ -119,6 +132,9 @@ class RunDir:
     """
     from filelock import FileLock, Timeout
 
+    if not self.writer:  # process 0 holds it for the job
+      yield
+      return
     guard = FileLock(self.path / LOCK, timeout=0)
     owner = self.path / f"{LOCK}.owner"
     try:
@@ -137,7 +153,8 @@ class RunDir:
   # --- settings and baselines ---
 
   def write_config(self, record: dict[str, Any]) -> None:
-    write_json(self.path / CONFIG, record)
+    if self.writer:
+      write_json(self.path / CONFIG, record)
 
   def read_record(self) -> dict[str, Any]:
     """The whole ``config.json``."""
@@ -159,7 +176,8 @@ class RunDir:
       raise ConfigError(f"{self.path / CONFIG}: {err}") from None
 
   def write_baselines(self, baselines: dict[str, Any]) -> None:
-    write_json(self.path / BASELINES, baselines)
+    if self.writer:
+      write_json(self.path / BASELINES, baselines)
 
   def read_baselines(self) -> dict[str, Any]:
     return read_json(self.path / BASELINES)
@@ -191,13 +209,16 @@ class RunDir:
   def open_metrics(self, seed: int, records: list[dict[str, Any]]):
     """Seed ``seed``'s metrics log, started afresh with ``records``, open for appending. The
     restart is atomic: until it is written whole, the old log stays."""
+    if not self.writer:
+      return open(os.devnull, "a")
     self.seed_dir(seed).mkdir(exist_ok=True)
     path = self.metrics_path(seed)
     write_text(path, "".join(json.dumps(record) + "\n" for record in records))
     return path.open("a")
 
   def write_seed_summary(self, summary: dict[str, Any]) -> None:
-    write_json(self.seed_dir(summary["seed"]) / SUMMARY, summary)
+    if self.writer:
+      write_json(self.seed_dir(summary["seed"]) / SUMMARY, summary)
 
   def read_seed_summary(self, seed: int) -> dict[str, Any] | None:
     path = self.seed_dir(seed) / SUMMARY
@@ -206,7 +227,8 @@ class RunDir:
   # --- the run's outcome ---
 
   def write_summary(self, summary: dict[str, Any]) -> None:
-    write_json(self.path / SUMMARY, summary)
+    if self.writer:
+      write_json(self.path / SUMMARY, summary)
 
   def read_summary(self) -> dict[str, Any] | None:
     """``summary.json``, or ``None`` when the run has not finished."""
@@ -214,10 +236,12 @@ class RunDir:
     return read_json(path) if path.is_file() else None
 
   def mark_diverged(self, message: str, checkpoint: list[int]) -> None:
-    write_json(self.path / DIVERGED, {"message": message, "checkpoint": checkpoint})
+    if self.writer:
+      write_json(self.path / DIVERGED, {"message": message, "checkpoint": checkpoint})
 
   def clear_diverged(self) -> None:
-    (self.path / DIVERGED).unlink(missing_ok=True)
+    if self.writer:
+      (self.path / DIVERGED).unlink(missing_ok=True)
 
   def diverged(self) -> str | None:
     """What made the run stop, if it diverged."""
@@ -257,7 +281,8 @@ class RunDir:
       if isinstance(err, ValueError) and not str(err).startswith(_WRITE_FAILURES):
         raise
       for partial in Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-        shutil.rmtree(partial, ignore_errors=True)
+        if self.writer:
+          shutil.rmtree(partial, ignore_errors=True)
       reason = str(err).split(": Failed")[0] if isinstance(err, ValueError) else err.strerror
       full = "RESOURCE_EXHAUSTED" in str(err) or getattr(err, "errno", None) == errno.ENOSPC
       raise OSError(
@@ -284,7 +309,8 @@ class RunDir:
         state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as err:  # orbax raises many kinds for a damaged checkpoint
         aside = Path(manager.directory) / f"unreadable-{step}"
-        (Path(manager.directory) / str(step)).rename(aside)
+        if self.writer:
+          (Path(manager.directory) / str(step)).rename(aside)
         manager.reload()
         notes.append(
           f"checkpoint at round {step} is unreadable ({type(err).__name__}); moved to {aside}"
@@ -352,11 +378,13 @@ def read_sweep_index(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_sweep_index(folder: Path, entries: list[dict[str, Any]]) -> None:
-  write_json(Path(folder) / SWEEP_INDEX, entries)
+  if is_process_zero():
+    write_json(Path(folder) / SWEEP_INDEX, entries)
 
 
 __all__ = [
   "RunDir",
+  "is_process_zero",
   "missing_rounds",
   "read_json",
   "read_sweep_index",

@@ -20,10 +20,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from fedvp_jax import distributed
 from fedvp_jax.algorithms.core import over_seeds
 from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.errors import ConfigError, DivergenceError
-from fedvp_jax.experiment import Experiment, baseline_summaries, prepare
+from fedvp_jax.experiment import Experiment, baseline_summaries, prepare, window_counts
 from fedvp_jax.privacy import Accounting
 from fedvp_jax.rounds import RoundOutcome, seed_keys, train
 from fedvp_jax.rundir import RunDir, missing_rounds, warn_log_gaps
@@ -106,23 +107,28 @@ def run_steps(
       :func:`resume` continues the run.
   """
   target = RunDir(run_dir)
-  if target.path.exists() and not overwrite:
+  # Every process of a job looks at the folder before prepare()'s collectives, so before
+  # process 0 replaces or creates it.
+  existed, was_run = target.path.exists(), target.exists()
+  if existed and not overwrite:
     raise ConfigError(
       f"run directory {target.path} already exists; choose another name or output folder, "
       "or overwrite it"
     )
+  if existed and not was_run:
+    raise ConfigError(
+      f"{target.path} exists but is not a run directory (it has no config.json); refusing "
+      "to replace it"
+    )
   experiment = prepare(config)  # every input error surfaces before anything on disk changes
-  if target.path.exists():
-    if not target.exists():
-      raise ConfigError(
-        f"{target.path} exists but is not a run directory (it has no config.json); refusing "
-        "to replace it"
-      )
+  if existed:
     with target.lock():  # never replace a run that another process is writing
       pass
-    shutil.rmtree(target.path)
+    if target.writer:
+      shutil.rmtree(target.path)
   try:
-    target.path.mkdir(parents=True)
+    if target.writer:
+      target.path.mkdir(parents=True)
   except OSError as err:
     raise ConfigError(f"cannot create run directory {target.path}: {err}") from err
   try:
@@ -138,7 +144,7 @@ def run_steps(
   except BaseException:
     # Failed (a full disk, Ctrl-C) before it was a run directory: leave no folder that
     # neither --resume nor --overwrite would take.
-    if not target.exists():
+    if target.writer and not target.exists():
       shutil.rmtree(target.path, ignore_errors=True)
     raise
 
@@ -199,10 +205,10 @@ def _resume(
 
 def _describe(experiment: Experiment, baselines: dict[str, Any]) -> None:
   config = experiment.config
-  data = experiment.data
+  counts = window_counts(experiment.data)
   log.info(
-    f"{experiment.spec}: {len(experiment.users)} clients, {int(data.train_counts.sum())} "
-    f"train / {int(data.val_mask.sum())} validation / {int(data.test_counts.sum())} test "
+    f"{experiment.spec}: {len(experiment.users)} clients, {counts['train'].sum()} "
+    f"train / {counts['validation'].sum()} validation / {counts['test'].sum()} test "
     f"windows; {len(experiment.new_users)} new viewers; {config.algorithm}, {config.model}, "
     f"{config.total_rounds} rounds"
   )
@@ -229,6 +235,8 @@ def _run_seeds(
   writes the run's summary."""
   config = experiment.config
   seeds = [config.seed + k for k in range(config.num_seeds)]
+  # Every process of a job decides from the same files: the ones process 0 has written.
+  distributed.barrier(f"read {target.path}")
   finished = [target.read_seed_summary(seed) for seed in seeds]
   if all(s is not None for s in finished):  # finished before an interruption
     logs = [target.read_metrics(seed) for seed in seeds]
@@ -255,7 +263,8 @@ def _run_seeds(
     rounds = train(experiment, seeds, start, earlier)
     while True:
       try:
-        outcome = next(rounds)
+        with distributed.peers_checked():
+          outcome = next(rounds)
       except StopIteration as stop:
         summaries = stop.value
         break
@@ -265,7 +274,8 @@ def _run_seeds(
       done = outcome.round + 1
       due = manager and checkpoint_every and done % checkpoint_every == 0
       if due:
-        target.save_checkpoint(manager, done, outcome.state)
+        with distributed.peers_checked():
+          target.save_checkpoint(manager, done, outcome.state)
       yield Progress(label, done, total, False, *_mean_losses(outcome.records))
   finally:
     for file in files:
@@ -421,9 +431,10 @@ def _config_record(experiment: Experiment, checkpoint_every: int | None) -> dict
     "checkpoint_every": checkpoint_every,
     "dataset": str(experiment.spec),
     "users": list(experiment.users),
-    "train_windows": [int(c) for c in np.asarray(experiment.data.train_counts)],
-    "validation_windows": [int(c) for c in np.asarray(experiment.data.val_mask.sum(axis=1))],
-    "test_windows": [int(c) for c in np.asarray(experiment.data.test_counts)],
+    **{
+      f"{part}_windows": [int(c) for c in counts]
+      for part, counts in window_counts(experiment.data).items()
+    },
     "new_viewers": list(experiment.new_users),
     "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
     # The device a `with jax.default_device(...)` block (the command line's --device) selected.

@@ -6,14 +6,20 @@ are split along a one-dimensional ``"clients"`` mesh, everything else (the serve
 generator, round counters) is replicated, and ``jax.jit`` propagates the placement through the
 round (GSPMD). Results equal single-device results up to float reduction order.
 
-Several hosts are not tested yet; ``docs/architecture.md`` says how a launch would go.
+A number of clients that does not divide over the devices is padded with rows of no windows
+(:func:`pad_rows`), which never train and add nothing to any error sum. In a job of several
+processes (:mod:`fedvp_jax.distributed`) the mesh spans every process's devices, and each
+process builds only the rows its own devices hold (:func:`local_rows`, :func:`assemble`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from fedvp_jax.algorithms.core import ClientsState
@@ -23,18 +29,30 @@ from fedvp_jax.errors import SettingError
 CLIENTS_AXIS = "clients"
 
 
-def client_mesh(num_devices: int) -> Mesh:
+def client_mesh(num_devices: int | None = None) -> Mesh:
   """A one-dimensional mesh named ``"clients"`` over the first ``num_devices`` devices of the
   default kind (the one a ``jax.default_device`` block, e.g. the script's ``--device``, chose).
 
+  In a job of several processes the mesh spans every process's devices: ``num_devices`` is
+  then their total, or ``None``.
+
   Raises:
-    SettingError: when fewer devices are visible.
+    SettingError: when fewer devices are visible, or a multi-process job has more.
   """
   default = getattr(jax.config, "jax_default_device", None)
   available = jax.devices(default.platform) if default is not None else jax.devices()
+  if num_devices is None:
+    num_devices = len(available)
   if not 1 <= num_devices <= len(available):
     visible = f"{len(available)} {available[0].platform} device(s) are visible"
     raise SettingError("devices", num_devices, visible)
+  if jax.process_count() > 1 and num_devices != len(available):
+    raise SettingError(
+      "devices",
+      num_devices,
+      f"a job of {jax.process_count()} processes uses all of their {len(available)} devices; "
+      "leave it out or give that number",
+    )
   return jax.make_mesh(
     (num_devices,), (CLIENTS_AXIS,), axis_types=(AxisType.Auto,), devices=available[:num_devices]
   )
@@ -46,21 +64,55 @@ def split_clients(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda leaf: jax.device_put(leaf, sharding), tree)
 
 
-def shard_data(data: ClientData, mesh: Mesh) -> ClientData:
-  """Splits every client array of ``data`` over ``mesh``.
+def padded_rows(num_clients: int, mesh: Mesh) -> int:
+  """The rows of a clients axis of ``num_clients`` split over ``mesh``: the next multiple of
+  its devices."""
+  return math.ceil(num_clients / mesh.devices.size) * mesh.devices.size
 
-  Raises:
-    SettingError: when the clients do not divide evenly over the devices.
-  """
-  devices = mesh.devices.size
-  if data.num_clients % devices:
-    raise SettingError(
-      "devices",
-      devices,
-      f"the {data.num_clients} clients do not divide evenly over them; choose a number of "
-      "clients that is a multiple of the number of devices",
-    )
-  return split_clients(data, mesh)
+
+def pad_rows(data: ClientData, rows: int) -> ClientData:
+  """``data`` with rows of padding appended up to ``rows``: no windows (masks False), the
+  direction (1, 0, 0) everywhere (see :func:`~fedvp_jax.data.federated.stack_windows`)."""
+  extra = rows - data.num_rows
+
+  def pad(leaf: jax.Array) -> jax.Array:
+    fill = jnp.zeros((extra, *leaf.shape[1:]), leaf.dtype)
+    if leaf.dtype != jnp.bool_:
+      fill = fill.at[..., 0].set(1)
+    return jnp.concatenate([leaf, fill])
+
+  return jax.tree.map(pad, data).replace(clients=data.num_clients)
+
+
+def shard_data(data: ClientData, mesh: Mesh) -> ClientData:
+  """Splits every client array of ``data`` over ``mesh``, padded with rows of no windows when
+  the clients do not divide evenly over its devices."""
+  rows = padded_rows(data.num_clients, mesh)
+  return split_clients(pad_rows(data, rows) if rows > data.num_rows else data, mesh)
+
+
+def local_rows(rows: int, mesh: Mesh) -> list[int]:
+  """The rows of a clients axis of ``rows`` (a multiple of ``mesh``'s devices) that this
+  process's devices hold, in order."""
+  sharding = NamedSharding(mesh, PartitionSpec(CLIENTS_AXIS))
+  held: set[int] = set()
+  for index in sharding.addressable_devices_indices_map((rows,)).values():
+    assert index is not None
+    held.update(range(rows)[index[0]])
+  return sorted(held)
+
+
+def assemble(local: Any, mesh: Mesh, rows: int) -> Any:
+  """Global arrays of ``rows`` rows split over ``mesh`` from this process's part of them:
+  ``local`` holds, for every leaf, the rows :func:`local_rows` lists (in that order), and no
+  process holds any other."""
+  sharding = NamedSharding(mesh, PartitionSpec(CLIENTS_AXIS))
+  return jax.tree.map(
+    lambda leaf: jax.make_array_from_process_local_data(
+      sharding, np.asarray(leaf), (rows, *np.shape(leaf)[1:])
+    ),
+    local,
+  )
 
 
 def state_shardings(state: Any, mesh: Mesh | None, *, seeds_axis: bool = False) -> Any:
@@ -102,6 +154,18 @@ def state_shardings(state: Any, mesh: Mesh | None, *, seeds_axis: bool = False) 
   return jax.tree.map(place, state, is_leaf=lambda node: isinstance(node, ClientsState))
 
 
+def replicate_keys(keys: Any, mesh: Mesh) -> Any:
+  """PRNG keys made on the host (or one device), replicated on every device of ``mesh``: a
+  program over several processes' devices takes no input committed to one device."""
+  whole = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(
+    lambda key: jax.random.wrap_key_data(
+      jax.device_put(np.asarray(jax.random.key_data(key)), whole)
+    ),
+    keys,
+  )
+
+
 def shard_state(state: Any, mesh: Mesh, *, seeds_axis: bool = False) -> Any:
   """Places ``state`` as :func:`state_shardings` says."""
   return jax.device_put(state, state_shardings(state, mesh, seeds_axis=seeds_axis))
@@ -109,7 +173,12 @@ def shard_state(state: Any, mesh: Mesh, *, seeds_axis: bool = False) -> Any:
 
 __all__ = [
   "CLIENTS_AXIS",
+  "assemble",
   "client_mesh",
+  "local_rows",
+  "pad_rows",
+  "padded_rows",
+  "replicate_keys",
   "shard_data",
   "shard_state",
   "split_clients",

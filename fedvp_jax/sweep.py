@@ -45,9 +45,10 @@ from collections.abc import Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedvp_jax import distributed
 from fedvp_jax.config import RunConfig, differences, resolve_name, to_record, with_settings
 from fedvp_jax.errors import ConfigError, DivergenceError, FedVPError, SettingError
-from fedvp_jax.rundir import RunDir, read_sweep_index, write_sweep_index
+from fedvp_jax.rundir import RunDir, is_process_zero, read_sweep_index, write_sweep_index
 from fedvp_jax.runner import Progress, drain, resume_steps, run_steps
 
 log = logging.getLogger("fedvp_jax")
@@ -237,8 +238,11 @@ def sweep_steps(
   out_dir = Path(out_dir)
   plans = {r.name: _plan(r, RunDir(out_dir / r.name), overwrite) for r in runs}
   problems = _check_data(runs)
+  # The processes of a job plan from the same folder, before process 0 changes it.
+  distributed.barrier(f"plan {out_dir}")
   try:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_process_zero():
+      out_dir.mkdir(parents=True, exist_ok=True)
   except OSError as err:
     raise ConfigError(f"cannot create the sweep folder {out_dir}: {err}") from None
   index = read_sweep_index(out_dir)
@@ -266,7 +270,7 @@ def sweep_steps(
         **run_options,
       )
     else:
-      if plan == "run" and target.path.exists():
+      if plan == "run" and target.path.exists() and target.writer:
         target.path.rmdir()  # empty, as _plan checked
       steps = run_steps(
         config,
@@ -279,6 +283,10 @@ def sweep_steps(
         yield sweep_run.name, progress
       outcomes[sweep_run.name] = "done"
     except FedVPError as err:  # one bad configuration does not stop the others
+      # ... but in a job of several processes only a divergence, which every process sees
+      # alike, does; a process that failed alone stops the job (a JobError says which).
+      if distributed.is_multiprocess() and not isinstance(err, DivergenceError):
+        raise
       kind = "diverged" if isinstance(err, DivergenceError) else "failed"
       log.info(f"  {sweep_run.name} {kind}: {err}")
       outcomes[sweep_run.name] = f"{kind}: {err}"
@@ -295,7 +303,9 @@ def _check_data(runs: Sequence[SweepRun]) -> dict[str, str]:
   for r in runs:
     c = r.config
     try:
-      traces = load_traces(parse_spec(c.dataset), c.data_dir, seed=c.seed)
+      # A process of a job reads only its own clients' traces, when it runs them.
+      names_only = () if distributed.is_multiprocess() else None
+      traces = load_traces(parse_spec(c.dataset), c.data_dir, seed=c.seed, users=names_only)
       select_users(traces, c.num_clients, c.users, seed=c.seed)
     except FedVPError as err:
       problems[r.name] = str(err)

@@ -28,6 +28,7 @@ PACKAGES = (
   "fedvp_jax.rundir",
   "fedvp_jax.tensorboard",
   "fedvp_jax.sharding",
+  "fedvp_jax.distributed",
   "fedvp_jax.sweep",
   "fedvp_jax.report",
   "fedvp_jax.plots",

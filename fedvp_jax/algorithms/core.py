@@ -350,9 +350,9 @@ def train_clients(
     label_key = jax.random.fold_in(batch_key, 1)
     labels = sample_final_targets(label_key, data, config.local_steps, label_batch_size, selected)
     batches = (*batches, labels)
-  # When every client trains (the default) the selection is the identity: skip the gather and
-  # scatter, which would copy every client's params and optimizer state each round.
-  everyone = config.clients_per_round in (None, data.num_clients)
+  # When every row trains (the default, without padding rows) the selection is the identity:
+  # skip the gather and scatter, which would copy every client's params and optimizer state.
+  everyone = config.clients_per_round in (None, data.num_clients) and not data.padded
   take = lambda tree: tree if everyone else jax.tree.map(lambda leaf: leaf[selected], tree)
   start_params, start_opt = take(params), take(opt_state)
   trained, trained_opt, losses = update(start_params, start_opt, batches, train_key, context)

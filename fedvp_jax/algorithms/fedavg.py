@@ -45,7 +45,7 @@ def fedavg(
 
   def init(key: PRNGKey, data: ClientData) -> ClientsState:
     config.check_clients(data.num_clients)
-    return core.init_clients(model, optimizer, key, data.num_clients)
+    return core.init_clients(model, optimizer, key, data.num_rows)
 
   def apply(
     state: ClientsState, data: ClientData, key: PRNGKey

@@ -311,7 +311,7 @@ def fedgen(
     model_key, g_key = jax.random.split(key)
     g_params = generator.init(g_key)
     return FedGenState(
-      init_clients(model, optimizer, model_key, data.num_clients),
+      init_clients(model, optimizer, model_key, data.num_rows),
       g_params,
       g_optimizer.init(g_params),
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedvp_jax.cli.common import add_run_options, command, command_parser, on_device
+from fedvp_jax.cli.common import add_run_options, command, command_parser, join_job, on_device
 from fedvp_jax.cli.flags import add_settings, config_from, given_settings
 
 
@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def _run(runs, out: str, args: argparse.Namespace) -> int:
   from fedvp_jax.cli.progress import follow
   from fedvp_jax.report import write_report
+  from fedvp_jax.rundir import is_process_zero
   from fedvp_jax.sweep import sweep_steps
 
+  join_job(args)
   with on_device(args.device):
     steps = sweep_steps(
       runs,
@@ -86,7 +88,8 @@ def _run(runs, out: str, args: argparse.Namespace) -> int:
       tensorboard=args.tensorboard,
     )
     outcomes = follow(steps, args.progress)
-  write_report(out)
+  if is_process_zero():
+    write_report(out)
   failed = [
     name for name, outcome in outcomes.items() if outcome.startswith(("diverged", "failed"))
   ]

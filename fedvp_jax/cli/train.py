@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from fedvp_jax.cli.common import add_run_options, command, command_parser, on_device
+from fedvp_jax.cli.common import add_run_options, command, command_parser, join_job, on_device
 from fedvp_jax.cli.flags import add_settings, config_from, given_settings
 from fedvp_jax.config import SCHEMA
 
@@ -81,12 +81,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
   def body() -> int:
     from fedvp_jax.cli.progress import follow
+    from fedvp_jax.distributed import agree
     from fedvp_jax.runner import run_steps
 
+    join_job(args)
     with on_device(args.device):
       steps = run_steps(
         config,
-        Path(args.out) / name,
+        Path(args.out) / agree(name),  # process 0's clock names the run
         overwrite=args.overwrite,
         checkpoint_every=args.checkpoint_every,
         tensorboard=args.tensorboard,
@@ -102,6 +104,7 @@ def _resume(args: argparse.Namespace, settings: dict) -> int:
   from fedvp_jax.runner import resume_steps
 
   devices = settings.get("devices")
+  join_job(args)
   with on_device(args.device):
     steps = resume_steps(
       args.resume,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 from fedvp_jax.data.synthetic import synthetic_traces
@@ -116,7 +117,11 @@ def available_datasets(root: Path | None) -> list[str]:
 
 
 def load_traces(
-  spec: DatasetSpec, data_dir: str | os.PathLike[str] | None = None, *, seed: int = 0
+  spec: DatasetSpec,
+  data_dir: str | os.PathLike[str] | None = None,
+  *,
+  seed: int = 0,
+  users: Collection[str] | None = None,
 ) -> TraceSet:
   """Loads the traces that ``spec`` names.
 
@@ -124,6 +129,9 @@ def load_traces(
     spec: the dataset spec.
     data_dir: the data root; ``$FEDVP_DATA`` when ``None``. Unused for Synthetic.
     seed: the generator seed of the Synthetic dataset. Unused for file datasets.
+    users: read only these viewers' trace files (see
+      :func:`~fedvp_jax.data.traces.load_trace_dir`); Synthetic, which is generated, not
+      read, is whole whatever this says.
 
   Raises:
     DataError: for a missing data root, or a name that is no dataset there (the message
@@ -140,4 +148,4 @@ def load_traces(
       f"unknown dataset {spec.name!r}: no folder {folder}/sampled_dataset. "
       f"Known datasets under {root}: {known} (aliases: {aliases})"
     )
-  return load_trace_dir(folder)
+  return load_trace_dir(folder, users=users)

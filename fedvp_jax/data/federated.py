@@ -8,7 +8,7 @@ largest client, with a mask marking real windows, so that every per-client opera
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,8 @@ class ClientData:
     val_x: ``f32[clients, n_val, M, 3]`` (``n_val`` is 0 without a validation split).
     val_y: ``f32[clients, n_val, H, 3]``.
     val_mask: ``bool[clients, n_val]``.
+    clients: how many of the rows are clients (rows ``0 .. clients - 1``); ``None``: all of
+      them. Static: part of the tree's structure, not an array.
   """
 
   train_x: jax.Array
@@ -64,6 +66,18 @@ class ClientData:
   val_x: jax.Array
   val_y: jax.Array
   val_mask: jax.Array
+  clients: int | None = struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def of(cls, train: Any, validation: Any, test: Any, clients: int | None = None) -> ClientData:
+    """From the ``(x, y, mask)`` arrays of the train, validation and test windows (NumPy ones
+    are put on the default device)."""
+    train_x, train_y, train_mask = map(jnp.asarray, train)
+    val_x, val_y, val_mask = map(jnp.asarray, validation)
+    test_x, test_y, test_mask = map(jnp.asarray, test)
+    return cls(
+      train_x, train_y, train_mask, test_x, test_y, test_mask, val_x, val_y, val_mask, clients
+    )
 
   @property
   def test(self) -> EvalWindows:
@@ -77,7 +91,18 @@ class ClientData:
 
   @property
   def num_clients(self) -> int:
+    """The clients: the rows that are not padding."""
+    return self.num_rows if self.clients is None else self.clients
+
+  @property
+  def num_rows(self) -> int:
+    """The rows of every array, padding included: the length of the clients axis."""
     return self.train_x.shape[0]
+
+  @property
+  def padded(self) -> bool:
+    """Some rows are padding, not clients."""
+    return self.num_rows != self.num_clients
 
   @property
   def train_counts(self) -> jax.Array:
@@ -135,15 +160,21 @@ def select_users(
   return tuple(u for i, u in enumerate(pool) if i in chosen)
 
 
-def stack_windows(per_client: Sequence[Windows]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Pads clients' windows to the largest and stacks them: ``(x, y, mask)``."""
-  longest = max(len(w) for w in per_client)
+def stack_windows(
+  per_client: Sequence[Windows], length: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads clients' windows to the largest (or to ``length``) and stacks them: ``(x, y,
+  mask)``."""
+  length = max(len(w) for w in per_client) if length is None else length
+  rows = len(per_client)
   first = per_client[0]
-  x = np.zeros((len(per_client), longest, *first.x.shape[1:]), np.float32)
-  y = np.zeros((len(per_client), longest, *first.y.shape[1:]), np.float32)
-  mask = np.zeros((len(per_client), longest), bool)
-  # Padding repeats a real window rather than zeros: zero vectors are off the sphere and
-  # would give NaN gradients through normalisation even though the mask drops them.
+  # Padding is a real window, or the direction (1, 0, 0) in a row without any: zero vectors
+  # are off the sphere and would give NaN gradients through normalisation, and NaN errors
+  # that a mask multiplies by 0, even though the mask drops them.
+  x = np.zeros((rows, length, *first.x.shape[1:]), np.float32)
+  y = np.zeros((rows, length, *first.y.shape[1:]), np.float32)
+  x[..., 0] = y[..., 0] = 1.0
+  mask = np.zeros((rows, length), bool)
   for i, w in enumerate(per_client):
     x[i, : len(w)], y[i, : len(w)], mask[i, : len(w)] = w.x, w.y, True
     if len(w):
@@ -176,7 +207,7 @@ def build_client_data(
     for u in users
   ]
   train, validation, test = (stack_windows([p[i] for p in parts]) for i in range(3))
-  return ClientData(*map(jnp.asarray, (*train, *test, *validation)))
+  return ClientData.of(train, validation, test)
 
 
 def sample_indices(key: jax.Array, mask: jax.Array, num_steps: int, batch_size: int) -> jax.Array:

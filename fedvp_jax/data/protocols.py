@@ -54,6 +54,40 @@ def client_candidates(protocol: str, traces: TraceSet, spec: DatasetSpec) -> tup
   return tuple(u for u in traces.users if u in {u for u, _ in traces.split["train"]})
 
 
+def new_viewer_candidates(
+  protocol: str, traces: TraceSet, clients: Sequence[str]
+) -> tuple[str, ...]:
+  """The viewers who may test the global model under ``protocol``: every viewer who is not a
+  client (``fedvp``), or the ``test_set`` viewers who are not (``track``). A candidate without
+  test windows (:func:`new_viewer_test`) is left out of the new viewers."""
+  if protocol == "track":
+    assert traces.split is not None  # client_candidates checked it
+    return tuple(dict.fromkeys(u for u, _ in traces.split["test"] if u not in set(clients)))
+  return tuple(u for u in traces.users if u not in set(clients))
+
+
+def new_viewer_test(
+  protocol: str, traces: TraceSet, spec: DatasetSpec, user: str, split: str, seed: int
+) -> Windows | None:
+  """A candidate new viewer's test windows under ``protocol`` (``None``: it has none to be
+  tested on, under ``fedvp``)."""
+  if protocol == "track":
+    assert traces.split is not None
+    return Windows.concatenate(
+      [
+        make_windows(traces.traces[v, u], spec.history, spec.horizon, first=TRACK_FIRST_WINDOW)
+        for u, v in traces.split["test"]
+        if u == user
+      ],
+      spec.history,
+      spec.horizon,
+    )
+  try:
+    return viewer_windows(traces, user, spec.history, spec.horizon, split, seed)[2]
+  except DataError:
+    return None
+
+
 def new_viewer_windows(
   protocol: str,
   traces: TraceSet,
@@ -64,35 +98,21 @@ def new_viewer_windows(
 ) -> tuple[tuple[str, ...], EvalWindows | None]:
   """The new viewers under ``protocol`` and their test windows, one row per viewer (``None``
   when every viewer is a client)."""
-  if protocol == "track":
-    assert traces.split is not None  # client_candidates checked it
-    pairs = [(u, v) for u, v in traces.split["test"] if u not in set(clients)]
-    users = tuple(dict.fromkeys(u for u, _ in pairs))
-    per_user = [
-      Windows.concatenate(
-        [
-          make_windows(traces.traces[v, u], spec.history, spec.horizon, first=TRACK_FIRST_WINDOW)
-          for w, v in pairs
-          if w == u
-        ],
-        spec.history,
-        spec.horizon,
-      )
-      for u in users
-    ]
-  else:
-    users, per_user = (), []
-    for user in traces.users:
-      if user in set(clients):
-        continue
-      try:
-        test = viewer_windows(traces, user, spec.history, spec.horizon, split, seed)[2]
-      except DataError:
-        continue  # a viewer without test windows has nothing to be tested on
-      users, per_user = (*users, user), [*per_user, test]
+  users, per_user = [], []
+  for user in new_viewer_candidates(protocol, traces, clients):
+    test = new_viewer_test(protocol, traces, spec, user, split, seed)
+    if test is not None:
+      users.append(user)
+      per_user.append(test)
   if not users:
     return (), None
-  return users, EvalWindows(*map(jnp.asarray, stack_windows(per_user)))
+  return tuple(users), EvalWindows(*map(jnp.asarray, stack_windows(per_user)))
 
 
-__all__ = ["client_candidates", "first_window", "new_viewer_windows"]
+__all__ = [
+  "client_candidates",
+  "first_window",
+  "new_viewer_candidates",
+  "new_viewer_test",
+  "new_viewer_windows",
+]

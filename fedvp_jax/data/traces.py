@@ -38,7 +38,7 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,8 @@ class TraceSet:
     videos: video names in natural order.
     users: user names in natural order.
     traces: ``(video, user) -> f32[T, 3]`` unit head-direction vectors, one per
-      ``SAMPLE_PERIOD``. Not every user needs a trace of every video.
+      ``SAMPLE_PERIOD``. Not every user needs a trace of every video. Loaded for some viewers
+      only (see :func:`load_trace_dir`), it holds only theirs.
     split: the dataset's own ``{"train": ((user, video), ...), "test": (...)}`` pairs, read
       from its split files, or ``None`` when it has none.
   """
@@ -147,7 +148,7 @@ def read_trace_file(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def read_split_file(
-  path: Path, traces: Mapping[tuple[str, str], np.ndarray]
+  path: Path, traces: Mapping[tuple[str, str], object]
 ) -> tuple[tuple[str, str], ...]:
   """Reads a ``user,video`` split file, checking that every pair names a known trace.
 
@@ -197,13 +198,21 @@ def read_split_file(
   return tuple(first_line)  # dicts keep insertion order: the pairs in file order
 
 
-def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = True) -> TraceSet:
+def load_trace_dir(
+  dataset_dir: str | os.PathLike[str],
+  *,
+  use_cache: bool = True,
+  users: Collection[str] | None = None,
+) -> TraceSet:
   """Loads every trace of a dataset folder, through the parsed-array cache.
 
   Args:
     dataset_dir: ``<root>/<Dataset>``, holding ``sampled_dataset/`` and optionally the split
       files ``train_set`` and ``test_set``.
     use_cache: read and write the parsed-array cache.
+    users: read and validate only these viewers' trace files, not through the cache (one
+      process of a multi-process run holds only its own clients' traces); ``videos``,
+      ``users`` and ``split`` still describe the whole dataset. ``None``: every viewer's.
 
   Returns:
     The dataset's traces; ``split`` is set when the split files exist (both or neither must).
@@ -218,21 +227,26 @@ def load_trace_dir(dataset_dir: str | os.PathLike[str], *, use_cache: bool = Tru
     raise DataError(f"{dataset_dir}: no 'sampled_dataset' folder; not a trace dataset")
   files = _trace_files(sampled)
   split_files = _split_files(dataset_dir)
-  fingerprint = _fingerprint(files)
-  cache_path = _cache_path(dataset_dir) if use_cache else None
+  traces: dict[tuple[str, str], np.ndarray] | None = None
+  if users is not None:
+    wanted = set(users)
+    traces = {(v, u): read_trace_file(path) for v, u, path in files if u in wanted}
+  else:
+    fingerprint = _fingerprint(files)
+    cache_path = _cache_path(dataset_dir) if use_cache else None
+    traces = _read_cache(cache_path, fingerprint) if cache_path else None
+    if traces is None:
+      traces = {(video, user): read_trace_file(path) for video, user, path in files}
+      if cache_path:
+        _write_cache(cache_path, fingerprint, traces)
 
-  traces = _read_cache(cache_path, fingerprint) if cache_path else None
-  if traces is None:
-    traces = {(video, user): read_trace_file(path) for video, user, path in files}
-    if cache_path:
-      _write_cache(cache_path, fingerprint, traces)
-
-  videos = tuple(sorted({v for v, _ in traces}, key=natural_key))
-  users = tuple(sorted({u for _, u in traces}, key=natural_key))
+  pairs = dict.fromkeys((video, user) for video, user, _ in files)
+  videos = tuple(sorted({v for v, _ in pairs}, key=natural_key))
+  viewers = tuple(sorted({u for _, u in pairs}, key=natural_key))
   split = None
   if split_files:
-    split = {name: read_split_file(path, traces) for name, path in split_files.items()}
-  return TraceSet(dataset_dir.name, videos, users, traces, split)
+    split = {name: read_split_file(path, pairs) for name, path in split_files.items()}
+  return TraceSet(dataset_dir.name, videos, viewers, traces, split)
 
 
 def _split_files(dataset_dir: Path) -> dict[str, Path]:
