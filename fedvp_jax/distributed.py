@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -73,6 +74,13 @@ def start(
       f"--process-id {process_id}: must be 0 to {num_processes - 1} for --num-processes "  # type: ignore[operator]
       f"{num_processes}"
     )
+  if coordinator is not None and process_id != 0 and not _reachable(coordinator, timeout):
+    # JAX's own client would abort the process with a stack dump instead.
+    raise ConfigError(
+      f"--coordinator {coordinator}: process {process_id} could not join the job of "
+      f"{num_processes} processes within {timeout} s (nothing answers there; start process 0 "
+      "first, and check the address and that the port is open)"
+    )
   # The survivors of a dead process must report it and stop, not be aborted by the runtime.
   jax.config.update("jax_enable_recoverability", True)
   try:
@@ -91,6 +99,20 @@ def start(
       f"{num_processes} processes within {timeout} s ({first[:200]})"
     ) from None
   threading.Thread(target=_watch, name="fedvp-watchdog", daemon=True).start()
+
+
+def _reachable(address: str, timeout: float) -> bool:
+  """Whether something accepts connections at ``HOST:PORT`` within ``timeout`` seconds."""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+        return True
+    except (OSError, ValueError):
+      if time.monotonic() > deadline:
+        return False
+      time.sleep(0.2)
 
 
 def _cluster_detected() -> bool:
@@ -251,10 +273,27 @@ def _watch() -> None:
 
 def finish() -> None:
   """Ends this process's part of the job: once every process has reached it, none of them
-  leaving is a failure (it stops the watchdog)."""
-  if is_multiprocess():
-    _watchdog.stopping.set()
-    barrier("finish")
+  leaving is a failure (it stops the watchdog), and the processes leave the job in order:
+  process 0, which serves it, last."""
+  if not is_multiprocess():
+    return
+  from jax._src import distributed as state
+
+  _watchdog.stopping.set()
+  barrier("finish")
+  client, me = state.global_state.client, jax.process_index()
+  if client is None:
+    return
+  if me != 0:
+    # Gone before process 0 stops serving: a client that disconnects from a stopped
+    # coordinator is aborted by the runtime.
+    client.key_value_set(f"fedvp/left/{me}", "1")
+    jax.distributed.shutdown()
+    return
+  for other in range(1, jax.process_count()):
+    client.blocking_key_value_get(f"fedvp/left/{other}", 1000 * CONNECT_SECONDS)
+  time.sleep(1.0)  # their disconnect is under way once the key is set
+  jax.distributed.shutdown()
 
 
 __all__ = [

@@ -296,6 +296,24 @@ class RunDir:
       absl.setLevel(level)
       sys.unraisablehook = unraisable
 
+  def checkpoint_rows(self, manager) -> int | None:
+    """The length of the clients axis in the newest checkpoint (it grows with the padding of
+    the devices that wrote it), from orbax's metadata; ``None`` without a readable one."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        metadata = ocp.StandardCheckpointer().metadata(
+          Path(manager.directory) / str(step) / "default"
+        )
+      except Exception:  # an unreadable checkpoint; restore_newest deals with it
+        continue
+      for leaf in jax.tree.leaves(metadata.item_metadata):
+        if "client_params" in str(getattr(leaf, "name", "")).split("."):
+          return int(leaf.shape[1])  # after the seeds axis
+    return None
+
   def restore_newest(self, manager, abstract: Any) -> tuple[int, Any, list[str]] | None:
     """The newest checkpoint that restores against ``abstract`` (a tree of
     ``jax.ShapeDtypeStruct`` carrying the reader's shardings), as ``(round, state, notes)``;

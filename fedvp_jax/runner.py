@@ -28,7 +28,7 @@ from fedvp_jax.experiment import Experiment, baseline_summaries, prepare, window
 from fedvp_jax.privacy import Accounting
 from fedvp_jax.rounds import RoundOutcome, seed_keys, train
 from fedvp_jax.rundir import RunDir, missing_rounds, warn_log_gaps
-from fedvp_jax.sharding import state_shardings
+from fedvp_jax.sharding import per_client, place, resize_clients, state_shardings
 from fedvp_jax.summaries import run_summary, summary_dict
 
 log = logging.getLogger("fedvp_jax")
@@ -341,12 +341,25 @@ def _restore_newest(
   init_keys, _ = seed_keys(seeds)
   shapes = jax.eval_shape(over_seeds(experiment.algorithm).init, init_keys, experiment.data)
   shardings = state_shardings(shapes, experiment.mesh, seeds_axis=True)
-  abstract = jax.tree.map(
-    lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-    shapes,
-    shardings,
-  )
-  restored = target.restore_newest(manager, abstract)
+  rows, saved = experiment.data.num_rows, target.checkpoint_rows(manager)
+  if saved is None or saved == rows:
+    restored = target.restore_newest(manager, _abstract(shapes, shardings))
+  else:
+    # Written on devices that padded the clients to another number of rows: read onto this
+    # process's own device, cut or pad the rows, then place as this run places its state.
+    written = jax.tree.map(
+      lambda leaf, clients: jax.ShapeDtypeStruct(
+        (leaf.shape[0], saved, *leaf.shape[2:]) if clients else leaf.shape, leaf.dtype
+      ),
+      shapes,
+      per_client(shapes),
+    )
+    restored = target.restore_newest(
+      manager, _abstract(written, state_shardings(written, None, seeds_axis=True))
+    )
+    if restored is not None:
+      state = resize_clients(jax.device_get(restored[1]), rows, seeds_axis=True)
+      restored = (restored[0], place(state, shardings), restored[2])
   for note in restored[2] if restored else []:
     log.info(f"  {note}; trying the one before")
   if restored is None:
@@ -354,6 +367,15 @@ def _restore_newest(
     return None
   log.info(f"  resuming from the checkpoint at round {restored[0]}")
   return restored[0], restored[1]
+
+
+def _abstract(shapes: Any, shardings: Any) -> Any:
+  """``jax.ShapeDtypeStruct`` leaves carrying ``shardings``: what orbax restores onto."""
+  return jax.tree.map(
+    lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+    shapes,
+    shardings,
+  )
 
 
 def _finish(

@@ -115,13 +115,33 @@ def assemble(local: Any, mesh: Mesh, rows: int) -> Any:
   )
 
 
+def per_client(state: Any) -> Any:
+  """A tree of bools shaped like ``state`` (concrete or abstract): True for the leaves with a
+  clients axis, the per-client parts of every :class:`~fedvp_jax.algorithms.ClientsState`
+  (FedAvg's state is one, FedGen's holds one beside the generator)."""
+
+  def mark(node: Any) -> Any:
+    if isinstance(node, ClientsState):
+      # Everything per client; the rest (server models, counters, losses) is not.
+      marked = jax.tree.map(lambda _: False, node)
+      return marked.replace(
+        client_params=jax.tree.map(lambda _: True, node.client_params),
+        client_opt_state=jax.tree.map(lambda _: True, node.client_opt_state),
+        selected=marked.selected.replace(
+          client_params=jax.tree.map(lambda _: True, node.selected.client_params)
+        ),
+      )
+    return jax.tree.map(lambda _: False, node)
+
+  return jax.tree.map(mark, state, is_leaf=lambda node: isinstance(node, ClientsState))
+
+
 def state_shardings(state: Any, mesh: Mesh | None, *, seeds_axis: bool = False) -> Any:
   """Where every leaf of an algorithm's state goes: a tree of shardings shaped like ``state``.
 
-  The per-client parts of every :class:`~fedvp_jax.algorithms.ClientsState` (FedAvg's state
-  is one, FedGen's holds one beside the generator) are split over ``mesh``'s clients axis and
-  the rest is replicated; with ``mesh=None`` everything sits on the default device. ``state``
-  may be abstract (``jax.ShapeDtypeStruct`` leaves), which is how a checkpoint is restored
+  The per-client leaves (:func:`per_client`) are split over ``mesh``'s clients axis and the
+  rest is replicated; with ``mesh=None`` everything sits on the default device. ``state`` may
+  be abstract (``jax.ShapeDtypeStruct`` leaves), which is how a checkpoint is restored
   straight onto the devices of the run that reads it, whatever devices wrote it.
 
   Args:
@@ -131,27 +151,44 @@ def state_shardings(state: Any, mesh: Mesh | None, *, seeds_axis: bool = False) 
       :func:`~fedvp_jax.algorithms.over_seeds`); it is never split.
   """
   if mesh is None:
-    default = getattr(jax.config, "jax_default_device", None) or jax.devices()[0]
+    default = getattr(jax.config, "jax_default_device", None) or jax.local_devices()[0]
     single = SingleDeviceSharding(default)
     return jax.tree.map(lambda _: single, state)
   seeds = (None,) if seeds_axis else ()
   split = NamedSharding(mesh, PartitionSpec(*seeds, CLIENTS_AXIS))
   whole = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda clients: split if clients else whole, per_client(state))
 
-  def place(node: Any) -> Any:
-    if isinstance(node, ClientsState):
-      # Everything per client is split; the rest (server models, counters, losses) replicated.
-      placed = jax.tree.map(lambda _: whole, node)
-      return placed.replace(
-        client_params=jax.tree.map(lambda _: split, node.client_params),
-        client_opt_state=jax.tree.map(lambda _: split, node.client_opt_state),
-        selected=placed.selected.replace(
-          client_params=jax.tree.map(lambda _: split, node.selected.client_params)
-        ),
-      )
-    return jax.tree.map(lambda _: whole, node)
 
-  return jax.tree.map(place, state, is_leaf=lambda node: isinstance(node, ClientsState))
+def resize_clients(state: Any, rows: int, *, seeds_axis: bool = False) -> Any:
+  """``state`` (host arrays) with ``rows`` rows on its clients axis: cut, or extended with
+  copies of row 0 (finite models for padding rows, whose masks drop them everywhere). A
+  checkpoint of a run whose clients were padded for other devices continues on these."""
+  axis = 1 if seeds_axis else 0
+
+  def resize(leaf: Any, clients: bool) -> Any:
+    leaf = np.asarray(leaf)
+    if not clients or leaf.shape[axis] == rows:
+      return leaf
+    kept = np.take(leaf, range(min(rows, leaf.shape[axis])), axis=axis)
+    extra = rows - kept.shape[axis]
+    if extra <= 0:
+      return kept
+    fill = np.repeat(np.take(leaf, [0], axis=axis), extra, axis=axis)
+    return np.concatenate([kept, fill], axis=axis)
+
+  return jax.tree.map(resize, state, per_client(state))
+
+
+def place(state: Any, shardings: Any) -> Any:
+  """Host arrays put where ``shardings`` say, also over several processes' devices (each
+  process puts the parts its own devices hold)."""
+
+  def put(leaf: Any, sharding: Any) -> jax.Array:
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, state, shardings)
 
 
 def replicate_keys(keys: Any, mesh: Mesh) -> Any:
@@ -178,7 +215,10 @@ __all__ = [
   "local_rows",
   "pad_rows",
   "padded_rows",
+  "per_client",
+  "place",
   "replicate_keys",
+  "resize_clients",
   "shard_data",
   "shard_state",
   "split_clients",

@@ -34,6 +34,19 @@ for algo in ("fedavg", "fedgen"):
   relative = lambda a, b: float(np.max(np.abs(a - b) / (np.abs(b) + 1e-3)))
   diffs = jax.tree.map(relative, states[None], states[8])
   report[algo + "_max_rel_diff"] = max(jax.tree.leaves(diffs))
+  # 6 clients, 4 of them a round, over 4 devices: padded to 8 rows that never train.
+  padded = config.replace(num_clients=6, clients_per_round=4)
+  states = {}
+  for devices in (None, 4):
+    experiment = prepare(padded.replace(devices=devices))
+    states[devices] = run_rounds(experiment.algorithm, experiment.data, 0, 3, experiment.mesh)
+    report[f"{algo}_rows_{devices}"] = experiment.data.num_rows
+  first_six = lambda state: jax.tree.map(
+    lambda x: np.asarray(x)[:6] if np.ndim(x) and np.shape(x)[0] in (6, 8) else np.asarray(x),
+    state,
+  )
+  diffs = jax.tree.map(relative, first_six(states[None]), first_six(states[4]))
+  report[algo + "_padded_max_rel_diff"] = max(jax.tree.leaves(diffs))
 print("REPORT " + json.dumps(report))
 """
 
@@ -66,6 +79,8 @@ def test_sharded_rounds_equal_single_device_rounds(tmp_path, devices):
   for algo in ("fedavg", "fedgen"):
     assert report[algo + "_data_devices"] == devices
     assert report[algo + "_max_rel_diff"] < 1e-4, report
+    assert (report[f"{algo}_rows_None"], report[f"{algo}_rows_4"]) == (6, 8)
+    assert report[algo + "_padded_max_rel_diff"] < 1e-4, report
 
 
 # A run is checkpointed on one placement, "interrupted" (its newest checkpoint and summaries
