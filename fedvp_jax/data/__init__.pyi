@@ -19,7 +19,13 @@ from .federated import (
   select_users,
   stack_windows,
 )
-from .protocols import client_candidates, first_window, new_viewer_windows
+from .protocols import (
+  client_candidates,
+  first_window,
+  new_viewer_candidates,
+  new_viewer_test,
+  new_viewer_windows,
+)
 from .synthetic import synthetic_traces
 from .traces import (
   SAMPLE_PERIOD,
@@ -49,6 +55,8 @@ __all__ = [
   "load_traces",
   "make_windows",
   "natural_key",
+  "new_viewer_candidates",
+  "new_viewer_test",
   "new_viewer_windows",
   "parse_spec",
   "read_split_file",
