@@ -38,6 +38,8 @@ PACKAGES = (
   "fedvp_jax.cli.train",
   "fedvp_jax.cli.sweep",
   "fedvp_jax.cli.report",
+  "fedvp_jax.flower.wire",  # the Flower modules that do not import flwr
+  "fedvp_jax.flower.setup",
 )
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
