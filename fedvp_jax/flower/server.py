@@ -300,15 +300,21 @@ def main(grid: Grid, context: Context) -> None:
   run = context.run_config
   if "config" not in run or "out" not in run:
     raise FedVPError("run config: give 'config' (a config.json) and 'out' (a result folder)")
-  config = from_record(json.loads(Path(str(run["config"])).read_text()))
+  out = Path(str(run["out"]))
   timeout = float(run["round-timeout"]) if "round-timeout" in run else None
-  result = run_server(
-    grid,
-    config,
-    connect_timeout=float(run.get("connect-timeout", 120.0)),
-    round_timeout=timeout,
-  )
-  write_result(result, Path(str(run["out"])))
+  try:
+    config = from_record(json.loads(Path(str(run["config"])).read_text()))
+    result = run_server(
+      grid,
+      config,
+      connect_timeout=float(run.get("connect-timeout", 120.0)),
+      round_timeout=timeout,
+    )
+  except FedVPError as err:  # the serving command reads it and prints it as one line
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "error.txt").write_text(f"{err}\n")
+    raise
+  write_result(result, out)
 
 
 __all__ = [
