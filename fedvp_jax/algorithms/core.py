@@ -381,9 +381,7 @@ def local_training(
     keys.batches, data, config.local_steps, config.batch_size, clients
   )
   if label_batch_size:
-    labels = sample_final_targets(
-      keys.labels, data, config.local_steps, label_batch_size, clients
-    )
+    labels = sample_final_targets(keys.labels, data, config.local_steps, label_batch_size, clients)
     batches = (*batches, labels)
   trained, trained_opt, losses = update(params, opt_state, batches, keys.train, context)
   return trained, trained_opt, losses, batches

@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
   serve.add_argument("--out", type=Path, required=True, help="the run folder")
   serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
   serve.add_argument("--port", type=int, default=9092, help="port to listen on (default 9092)")
-  serve.add_argument("--round-timeout", type=float, help="seconds to wait for a round's replies")
+  serve.add_argument(
+    "--round-timeout",
+    type=float,
+    default=600.0,
+    help="seconds to wait for a round's replies; later ones are left out (default 600)",
+  )
   serve.add_argument(
     "--connect-timeout",
     type=float,

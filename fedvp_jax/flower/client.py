@@ -93,7 +93,8 @@ def client_user(msg: Message, context: Context) -> str:
   """This client's viewer: node config ``user``, or the run's ``users[partition-id]``."""
   if "user" in context.node_config:
     return str(context.node_config["user"])
-  users = [str(u) for u in msg.content["config"]["users"]]
+  record: Any = msg.content["config"]
+  users = [str(u) for u in record["users"]]
   if "partition-id" not in context.node_config:
     raise FedVPError("node config: give this client's 'user' (its viewer) or 'partition-id'")
   index = int(context.node_config["partition-id"])
@@ -151,7 +152,7 @@ def client_round(setup: Setup) -> Any:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
   """One round of local training (see the module doc)."""
-  config = msg.content["config"]
+  config: Any = msg.content["config"]
   setup = build_setup(_run_config(msg))
   round_index = int(config["round"])
   user = client_user(msg, context)
@@ -165,7 +166,7 @@ def train(msg: Message, context: Context) -> Message:
   else:
     own = arrays_from(context.state["fedvp.params"], like, "stored params")
     opt_state = arrays_from(context.state["fedvp.opt"], opt_like, "stored optimizer state")
-  key_data = msg.content["keys"]
+  key_data: Any = msg.content["keys"]
   keys = ClientKeys(
     *(jax.random.wrap_key_data(jnp.asarray(key_data[n].numpy())[None]) for n in KEY_NAMES)
   )
@@ -187,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
   if points is not None:
     upload["points"] = points[0]
   count = int(np.asarray(data.train_counts)[0])
-  metrics = {"num-examples": count, "train-loss": float(jnp.mean(losses))}
+  metrics: dict[str, Any] = {"num-examples": count, "train-loss": float(jnp.mean(losses))}
   content = RecordDict(
     {
       "params": to_record(first_row(trained)),

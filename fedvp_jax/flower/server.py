@@ -113,7 +113,7 @@ def roll_call(grid: Grid, setup: Setup, users: tuple[str, ...], nodes: list[int]
     node = reply.metadata.src_node_id
     if reply.has_error():
       raise RefusedError(f"client node {node} failed the roll call: {reply.error.reason}")
-    hello = reply.content["hello"]
+    hello: Any = reply.content["hello"]
     if "refused" in hello:
       raise RefusedError(f"client node {node} refused the run: {hello['refused']}")
     user = str(hello["user"])
@@ -131,11 +131,9 @@ def roll_call(grid: Grid, setup: Setup, users: tuple[str, ...], nodes: list[int]
 def upload_like(setup: Setup) -> dict[str, Any]:
   """Shapes of a client's ``upload`` record."""
   config, horizon = setup.round, setup.spec.horizon
-  sums = ErrorSums(
-    jax.ShapeDtypeStruct((), jnp.float32),
-    jax.ShapeDtypeStruct((horizon,), jnp.float32),
-    jax.ShapeDtypeStruct((), jnp.float32),
-  )
+  scalar: Any = jax.ShapeDtypeStruct((), jnp.float32)
+  steps: Any = jax.ShapeDtypeStruct((horizon,), jnp.float32)
+  sums = ErrorSums(scalar, steps, scalar)
   like: dict[str, Any] = {
     "losses": jax.ShapeDtypeStruct((config.local_steps,), jnp.float32),
     "validation": sums,
@@ -205,8 +203,8 @@ def run_server(
   for r in range(config.total_rounds):
     key = round_key(rounds_key, r)
     clients_key, server_key = jax.random.split(key) if setup.fedgen else (key, None)
-    selected, keys = plan_round(clients_key, num_clients, setup.round.clients_per_round)
-    selected = [int(c) for c in np.asarray(selected)]
+    chosen, keys = plan_round(clients_key, num_clients, setup.round.clients_per_round)
+    selected = [int(c) for c in np.asarray(chosen)]
     sent = {name: server[name] for name in setup.sent_like(r == 0)}
     round_config = {**base, "round": r}
     shared: dict[str, Any] = {"server": to_record(sent)}
@@ -244,9 +242,8 @@ def run_server(
     uploads = stacked(
       [arrays_from(replies[c].content["upload"], upload_shapes, "upload") for c in answered]
     )
-    counts = jnp.asarray(
-      [float(replies[c].content["metrics"]["num-examples"]) for c in answered], jnp.float32
-    )
+    metric_records: list[Any] = [replies[c].content["metrics"] for c in answered]
+    counts = jnp.asarray([float(m["num-examples"]) for m in metric_records], jnp.float32)
     previous = server
     server, used, train_loss = aggregate(server, trained, uploads["losses"], counts)
     extra = {}
@@ -281,7 +278,7 @@ def write_result(result: ServerResult, out: Path) -> None:
     arrays |= {f"generator/{n}": a for n, a in named_arrays(result.generator).items()}
   partial = out / "params.npz.partial"
   with partial.open("wb") as f:
-    np.savez(f, **arrays)
+    np.savez(f, **arrays)  # type: ignore[arg-type]
   partial.replace(out / "params.npz")
   text = json.dumps({"users": list(result.users), "records": result.records}, indent=1)
   partial = out / "records.json.partial"
