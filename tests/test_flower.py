@@ -54,7 +54,7 @@ def test_core_and_api_docs_work_without_flwr():
   code = (
     "import sys, importlib.util; sys.modules['flwr'] = None\n"
     "import fedvp_jax, fedvp_jax.algorithms, fedvp_jax.experiment, fedvp_jax.runner\n"
-    "import fedvp_jax.cli, fedvp_jax.cli.train, fedvp_jax.flower.wire, fedvp_jax.flower.setup\n"
+    "import fedvp_jax.cli, fedvp_jax.cli.train, fedvp_jax.flower.cli, fedvp_jax.flower.server\n"
     "spec = importlib.util.spec_from_file_location('g', 'scripts/gen_api_docs.py')\n"
     "g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)\n"
     "assert g.render() == open('docs/api.md').read(), 'api.md differs'\n"
@@ -157,7 +157,7 @@ def test_flower_simulation_ends_with_the_vmapped_rounds_server_model(settings):
     chex.assert_trees_all_close(result.generator, state.generator_params, rtol=1e-5, atol=1e-6)
   assert [r["missing_clients"] for r in result.records] == [[], [], []]
   for ours, theirs in zip(result.records, records, strict=True):
-    assert ours.keys() - {"missing_clients"} == theirs.keys()
+    assert ours.keys() - {"missing_clients", "seconds"} == theirs.keys()
     for name in ("train_loss", "test_loss", "validation_loss", "teacher_loss"):
       if name in theirs:
         assert ours[name] == pytest.approx(theirs[name], rel=1e-5), name

@@ -1,6 +1,6 @@
-"""``fedvp-flower`` (``python -m fedvp_jax.flower``): a fedvp_jax run with Flower.
+"""Runs a fedvp_jax algorithm with Flower: simulated, or a server and clients over the network.
 
-Commands:
+``fedvp-flower`` (or ``python -m fedvp_jax.flower``) commands:
 
 * ``simulate``: every client on this machine, in Flower's simulation engine;
 * ``serve``: the server: a SuperLink on ``--host:--port`` and the run's ServerApp; waits for
@@ -107,7 +107,7 @@ def _print_records(records: Sequence[dict[str, Any]]) -> None:
     print(json.dumps(record))
 
 
-def simulate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _simulate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   from fedvp_jax.flower.server import write_result
   from fedvp_jax.flower.simulation import simulate
 
@@ -120,7 +120,7 @@ def simulate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) 
   return 0
 
 
-def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   from fedvp_jax.flower import deploy
   from fedvp_jax.flower.setup import build_setup
 
@@ -161,7 +161,7 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
   return 0
 
 
-def client_command(args: argparse.Namespace) -> int:
+def _client_command(args: argparse.Namespace) -> int:
   from fedvp_jax.flower import deploy
 
   tls = _tls(args, server=False)
@@ -183,11 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.command == "simulate":
-    return command(lambda: simulate_command(parser, args))
+    return command(lambda: _simulate_command(parser, args))
   if args.command == "serve":
-    return command(lambda: serve_command(parser, args))
-  return command(lambda: client_command(args))
+    return command(lambda: _serve_command(parser, args))
+  return command(lambda: _client_command(args))
 
+
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
   sys.exit(main())

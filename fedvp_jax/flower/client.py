@@ -1,4 +1,6 @@
-"""The Flower ``ClientApp``: one client's round of a fedvp_jax algorithm, on its own windows.
+"""The Flower client's side (the handlers of :data:`fedvp_jax.flower.apps.client_app`): one
+client's round of a fedvp_jax algorithm, on its own windows. Flower is imported when a
+handler runs, not with this module.
 
 A client is one viewer. Each ``train`` message it receives runs what the vmapped round runs
 for that viewer, with the same functions and a clients axis of 1: take what the server sent
@@ -30,13 +32,11 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from fedvp_jax.algorithms.aggregation import receive, where_clients
 from fedvp_jax.algorithms.client import stack
@@ -54,10 +54,11 @@ from fedvp_jax.flower.setup import Setup, build_setup, own_data
 from fedvp_jax.flower.wire import from_record as arrays_from
 from fedvp_jax.flower.wire import to_record
 
+if TYPE_CHECKING:
+  from flwr.app import Context, Message
+
 KEY_NAMES = ("batches", "labels", "train")
 """The :class:`~fedvp_jax.algorithms.core.ClientKeys` fields, as the ``keys`` record names."""
-
-app = ClientApp()
 
 
 def _run_config(msg: Message) -> Any:
@@ -108,10 +109,11 @@ def _data(config_text: str, user: str, data_dir: str | None) -> ClientData:
   return own_data(from_record(json.loads(config_text)), user, data_dir)
 
 
-@app.query()
 def hello(msg: Message, context: Context) -> Message:
-  """Answers the server's roll call: this client's viewer and training-sample count, or why
-  it refuses the run."""
+  """The ``query`` handler: answers the server's roll call with this client's viewer and
+  training-sample count, or why it refuses the run."""
+  from flwr.app import ConfigRecord, Message, RecordDict
+
   why = refusal(msg, context)
   if why is not None:
     return Message(RecordDict({"hello": ConfigRecord({"refused": why})}), reply_to=msg)
@@ -149,9 +151,10 @@ def client_round(setup: Setup) -> Any:
   return jax.jit(run)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
-  """One round of local training (see the module doc)."""
+  """The ``train`` handler: one round of local training (see the module doc)."""
+  from flwr.app import Message, MetricRecord, RecordDict
+
   config: Any = msg.content["config"]
   setup = build_setup(_run_config(msg))
   round_index = int(config["round"])
@@ -199,4 +202,4 @@ def train(msg: Message, context: Context) -> Message:
   return Message(content, reply_to=msg)
 
 
-__all__ = ["KEY_NAMES", "app", "client_round", "client_user", "hello", "refusal", "train"]
+__all__ = ["KEY_NAMES", "client_round", "client_user", "hello", "refusal", "train"]

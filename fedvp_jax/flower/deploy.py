@@ -4,8 +4,8 @@ many. No Flower import here: it drives Flower's own commands (``flower-superlink
 ``flower-supernode``, ``flwr run``), installed with the ``flower`` extra.
 
 A run folder (``out``) holds ``config.json`` (the run), ``app/pyproject.toml`` (the Flower app
-whose components are :data:`fedvp_jax.flower.server.app` and
-:data:`fedvp_jax.flower.client.app`, its run config pointing at ``config.json`` and ``out``),
+whose components are :data:`fedvp_jax.flower.apps.server_app` and
+:data:`fedvp_jax.flower.apps.client_app`, its run config pointing at ``config.json`` and ``out``),
 ``flwr-home/config.toml`` (the connection ``flwr run`` submits through) and, once the run
 ends, ``records.json`` and ``params.npz`` (:func:`fedvp_jax.flower.server.write_result`), or
 ``error.txt`` when the server stopped on an error.
@@ -124,8 +124,8 @@ def write_run_folder(
     'publisher = "fedvp"',
     "",
     "[tool.flwr.app.components]",
-    'serverapp = "fedvp_jax.flower.server:app"',
-    'clientapp = "fedvp_jax.flower.client:app"',
+    'serverapp = "fedvp_jax.flower.apps:server_app"',
+    'clientapp = "fedvp_jax.flower.apps:client_app"',
     "",
     "[tool.flwr.app.config]",
     *(f"{key} = {json.dumps(value)}" for key, value in run_config.items()),

@@ -1,4 +1,6 @@
-"""The Flower ``ServerApp``: a fedvp_jax run's server over Flower's ``Grid``.
+"""The Flower server's side: a fedvp_jax run's server over Flower's ``Grid`` (the main of
+:data:`fedvp_jax.flower.apps.server_app`). Flower is imported when it runs, not with this
+module.
 
 The server draws the run's keys as the vmapped rounds do (:func:`~fedvp_jax.rounds.seed_keys`,
 :func:`~fedvp_jax.rounds.round_key`, :func:`~fedvp_jax.algorithms.core.plan_round`), sends each
@@ -9,7 +11,8 @@ its row of the round's keys and, for FedGen, the generator and its weights
 labels' heatmaps (:func:`~fedvp_jax.algorithms.dp.uploaded_heatmaps`, ``train_generator`` of
 :class:`~fedvp_jax.algorithms.fedgen.FedGenParts`) and reports each round as the vmapped rounds
 do (:func:`~fedvp_jax.summaries.round_record`), plus ``missing_clients``: selected clients
-whose reply never came (a failed or unreachable node), left out of that round.
+whose reply never came (a failed or unreachable node), left out of that round, and
+``seconds``, the round's wall time at the server.
 
 Before the first round a roll call (a ``query`` message) learns which node is which viewer
 and stops the run when a client refuses the server's configuration.
@@ -23,13 +26,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid, ServerApp
 
 from fedvp_jax.algorithms import dp
 from fedvp_jax.algorithms.core import (
@@ -49,6 +50,10 @@ from fedvp_jax.metrics import ErrorSums
 from fedvp_jax.rounds import round_key, seed_keys
 from fedvp_jax.summaries import round_record
 
+if TYPE_CHECKING:
+  from flwr.app import Context
+  from flwr.serverapp import Grid
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,8 +68,8 @@ class ServerResult:
   Attributes:
     params: the server's final model.
     generator: FedGen's final generator params (``None`` for the FedAvg family).
-    records: every round's record (:func:`~fedvp_jax.summaries.round_record` and
-      ``missing_clients``).
+    records: every round's record (:func:`~fedvp_jax.summaries.round_record`,
+      ``missing_clients`` and ``seconds``).
     users: the run's viewers, client i being ``users[i]``.
   """
 
@@ -103,6 +108,8 @@ def roll_call(grid: Grid, setup: Setup, users: tuple[str, ...], nodes: list[int]
     RefusedError: a client refused the configuration, is no viewer of the run, or two nodes
       claim the same viewer.
   """
+  from flwr.app import ConfigRecord, Message, RecordDict
+
   base = _base_config(setup, users)
   messages = [
     Message(RecordDict({"config": ConfigRecord(base)}), dst_node_id=node, message_type="query")
@@ -181,6 +188,8 @@ def run_server(
   Raises:
     RefusedError, FedVPError: see :func:`roll_call`, :func:`wait_for_nodes`.
   """
+  from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
   setup = build_setup(config)
   users = run_users(config)
   num_clients = len(users)
@@ -201,6 +210,7 @@ def run_server(
   base = _base_config(setup, users)
   records = []
   for r in range(config.total_rounds):
+    started = time.perf_counter()
     key = round_key(rounds_key, r)
     clients_key, server_key = jax.random.split(key) if setup.fedgen else (key, None)
     chosen, keys = plan_round(clients_key, num_clients, setup.round.clients_per_round)
@@ -262,7 +272,11 @@ def run_server(
       excluded=~used,
       extra=extra,
     )
-    record = {**round_record(r, jax.device_get(metrics)), "missing_clients": missing}
+    record = {
+      **round_record(r, jax.device_get(metrics)),
+      "missing_clients": missing,
+      "seconds": time.perf_counter() - started,
+    }
     records.append(record)
     logger.info("round %d: %s", r, json.dumps(record))
   return ServerResult(server, g_params, records, users)
@@ -286,14 +300,11 @@ def write_result(result: ServerResult, out: Path) -> None:
   partial.replace(out / "records.json")
 
 
-app = ServerApp()
-
-
-@app.main()
 def main(grid: Grid, context: Context) -> None:
-  """The deployed server: run config ``config`` (a ``config.json`` path), ``out`` (the
-  folder for :func:`write_result`), optional ``round-timeout`` and ``connect-timeout``
-  (seconds)."""
+  """The deployed server (:data:`fedvp_jax.flower.apps.server_app`'s main). Its run config:
+  ``config`` (a ``config.json`` path), ``out`` (the folder for :func:`write_result`), optional
+  ``round-timeout`` and ``connect-timeout`` (seconds). A :class:`FedVPError` is also written
+  to ``out/error.txt``, for the serving command to print."""
   run = context.run_config
   if "config" not in run or "out" not in run:
     raise FedVPError("run config: give 'config' (a config.json) and 'out' (a result folder)")
@@ -317,7 +328,6 @@ def main(grid: Grid, context: Context) -> None:
 __all__ = [
   "RefusedError",
   "ServerResult",
-  "app",
   "main",
   "roll_call",
   "run_server",

@@ -1,6 +1,6 @@
 """A Flower run on one machine: Flower's simulation engine (Ray) with one virtual client node
-per viewer, running :mod:`fedvp_jax.flower.client`'s app against
-:func:`fedvp_jax.flower.server.run_server`."""
+per viewer, running :data:`fedvp_jax.flower.apps.client_app` against
+:func:`fedvp_jax.flower.server.run_server`. Flower is imported when it runs."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def simulate(
   from flwr.serverapp import Grid, ServerApp
   from flwr.simulation import run_simulation
 
-  from fedvp_jax.flower.client import app as client_app
+  from fedvp_jax.flower.apps import client_app
 
   build_setup(config)  # refuse unsupported settings before starting Ray
   num_clients = len(run_users(config))
