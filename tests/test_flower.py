@@ -214,3 +214,28 @@ def test_a_client_with_other_settings_is_refused_with_a_clear_message(tmp_path, 
   own.write_text(json.dumps(to_record(one_round)))
   result = run_server(grid, one_round)
   assert len(result.records) == 1 and result.records[0]["missing_clients"] == []
+
+
+@pytest.mark.parametrize(
+  "args, expected",
+  [
+    (["client", "--superlink", "127.0.0.1:1", "--user", "3"], "or --insecure for plain HTTP"),
+    (
+      ["client", "--superlink", "127.0.0.1:1", "--user", "3", "--root-certificates", "/nope"],
+      "--ssl-ca-certfile /nope: no such file",
+    ),
+    (["simulate", "--noise-multiplier", "1.0"], "differential privacy is not supported"),
+  ],
+  ids=["no-tls-choice", "missing-ca-file", "dp-refused"],
+)
+def test_fedvp_flower_refuses_bad_input_in_one_line(args, expected):
+  done = subprocess.run(
+    [sys.executable, "-m", "fedvp_jax.flower", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert done.returncode == 2, done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr
