@@ -146,7 +146,8 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
   )
   try:
     deploy.wait_for_port(local, args.port, 60.0, server)
-    print(f"SuperLink on {args.host}:{args.port}; waiting for {config.clients} clients", flush=True)
+    wanted = "every viewer as a client" if config.clients is None else f"{config.clients} clients"
+    print(f"SuperLink on {args.host}:{args.port}; waiting for {wanted}", flush=True)
     deploy.submit(app, args.out)
     found = deploy.wait_for_result(args.out, None, server)
   finally:
