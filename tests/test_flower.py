@@ -9,8 +9,11 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import chex
+import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +28,7 @@ from fedvp_jax.flower.wire import WireError, from_named, named_arrays
 from fedvp_jax.rounds import iterate_rounds
 from fedvp_jax.summaries import round_record
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 needs_flwr = pytest.mark.skipif(
   importlib.util.find_spec("flwr") is None,
@@ -47,6 +50,13 @@ SMALL = RunConfig.of(
   validation_fraction=0.2,
 )
 """4 clients, 3 rounds of a tiny LSTM on synthetic traces (FedGen: tiny generator)."""
+
+
+def flower_lock() -> filelock.FileLock:
+  """Held while a test runs Flower's processes (a Ray cluster, a SuperLink and SuperNodes), so
+  that pytest-xdist's workers run one such test at a time: two at once on CI's 2 cores would
+  slow the deployed rounds towards their timeout."""
+  return filelock.FileLock(Path(tempfile.gettempdir()) / "fedvp_jax-flower-tests.lock")
 
 
 def test_core_and_api_docs_work_without_flwr():
@@ -143,7 +153,8 @@ def test_flower_simulation_ends_with_the_vmapped_rounds_server_model(settings):
   config = SMALL.replace(**settings)
   assert config.total_rounds == 3
   state, records = engine_run(config)
-  result = simulate(config, cpus_per_client=2)  # one Ray actor: 2 CPUs, clients in turn
+  with flower_lock():  # one Ray actor with 2 CPUs, clients in turn
+    result = simulate(config, cpus_per_client=2)
   assert result.users == run_users(config)
   server = clients_state(state).server_params
   chex.assert_trees_all_close(result.params, server, rtol=1e-5, atol=1e-6)

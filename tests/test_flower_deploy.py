@@ -26,7 +26,7 @@ from fedvp_jax.flower.setup import build_setup, run_users
 from fedvp_jax.flower.wire import from_named
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_flower import SMALL, engine_run, needs_flwr
+from test_flower import SMALL, engine_run, flower_lock, needs_flwr
 
 pytestmark = [needs_flwr, pytest.mark.slow]
 
@@ -124,7 +124,8 @@ def test_deployed_run_matches_the_vmapped_rounds_and_survives_a_killed_client(tm
     for name in ("train_loss", "test_loss", "validation_loss"):
       assert ours[name] == pytest.approx(theirs[name], rel=1e-5), (ours["round"], name)
 
-  records, params, output = deploy(tmp_path / "whole")
+  with flower_lock():
+    records, params, output = deploy(tmp_path / "whole")
   assert records["users"] == list(run_users(CONFIG))
   assert [r["missing_clients"] for r in records["records"]] == [[], [], []]
   for ours, theirs in zip(records["records"], expected, strict=True):
@@ -134,7 +135,8 @@ def test_deployed_run_matches_the_vmapped_rounds_and_survives_a_killed_client(tm
 
   # Client 2 killed once it got round 1's message: left out of rounds 1 and 2, which still
   # aggregate the other two; round 0 is as before.
-  records, params, _ = deploy(tmp_path / "killed", kill=(2, 1))
+  with flower_lock():
+    records, params, _ = deploy(tmp_path / "killed", kill=(2, 1))
   rounds = records["records"]
   assert [r["missing_clients"] for r in rounds] == [[], [2], [2]]
   same_metrics(rounds[0], expected[0])

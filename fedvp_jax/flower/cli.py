@@ -137,7 +137,8 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     connect_timeout=args.connect_timeout,
   )
   log = (args.out / "superlink.log").open("w")
-  env = deploy.flower_env()
+  # Flower keeps its state (installed app bundles) under FLWR_HOME: the run folder's, not ~/.flwr.
+  env = deploy.flower_env(FLWR_HOME=str(args.out.resolve() / "flwr-home"))
   server = subprocess.Popen(
     deploy.superlink_command(args.host, args.port, tls),
     stdout=log,
