@@ -92,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _tls(args: argparse.Namespace, server: bool) -> Any:
   from fedvp_jax.flower.deploy import Tls
 
+  # Absolute paths: Flower's connection file refuses relative ones.
+  absolute = lambda path: None if path is None else str(Path(path).resolve())
   tls = Tls(
     args.insecure,
-    getattr(args, "ssl_certfile", None),
-    getattr(args, "ssl_keyfile", None),
-    args.ssl_ca_certfile,
+    absolute(getattr(args, "ssl_certfile", None)),
+    absolute(getattr(args, "ssl_keyfile", None)),
+    absolute(args.ssl_ca_certfile),
   )
   tls.check(server)
   return tls

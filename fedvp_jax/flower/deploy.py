@@ -226,8 +226,21 @@ def submit(app: Path, out: Path) -> None:
     check=False,
   )
   if done.returncode != 0:
-    last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
-    raise FedVPError(f"flwr run failed ({done.returncode}): {last[0]}")
+    raise FedVPError(
+      f"flwr run failed ({done.returncode}): {_last_message(done.stdout + done.stderr)}"
+    )
+
+
+def _last_message(output: str) -> str:
+  """The last message of Flower's CLI output as one line: the text of its last box (Flower
+  frames errors in one), else its last line."""
+  box = "╭╮╰╯│─ "
+  if "╭" in output:
+    body = output[output.rindex("╭") :].splitlines()[1:]
+    words = [line.strip().strip(box).strip() for line in body]
+    return " ".join(w for w in words if w) or "no message"
+  lines = [line for line in output.strip().splitlines() if line.strip()]
+  return lines[-1].strip() if lines else "no output"
 
 
 def wait_for_result(out: Path, timeout: float | None, server: subprocess.Popen) -> dict:
