@@ -39,6 +39,15 @@ PACKAGES = (
   "fedvp_jax.cli.train",
   "fedvp_jax.cli.sweep",
   "fedvp_jax.cli.report",
+  # fedvp_jax.flower's modules import flwr only when they run (its `apps` module, which
+  # imports it at once, defines no function or class), so this list needs no flwr.
+  "fedvp_jax.flower.wire",
+  "fedvp_jax.flower.setup",
+  "fedvp_jax.flower.client",
+  "fedvp_jax.flower.server",
+  "fedvp_jax.flower.simulation",
+  "fedvp_jax.flower.deploy",
+  "fedvp_jax.flower.cli",
 )
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 

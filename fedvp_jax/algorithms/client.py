@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fedvp_jax.config import require
+from fedvp_jax.data.federated import client_keys
 from fedvp_jax.geometry import turn_about_vertical
 from fedvp_jax.metrics import TRAINING_LOSSES
 from fedvp_jax.models import Model
@@ -72,7 +73,9 @@ LocalUpdate = Callable[
 """Local training of K clients at once: ``(params, opt_state, batches, key, context) ->
 (params, opt_state, losses)``, with leading axis K on ``params``, ``opt_state`` and
 ``batches = (f32[K, S, B, M, 3], f32[K, S, B, H, 3])``; ``losses: f32[K, S]`` is every step's
-loss. ``key`` gives every client its own stream; ``context`` is shared by all."""
+loss. ``key`` gives every client its own stream (one key is split; ``key[K]`` is every
+client's own, see :func:`~fedvp_jax.data.federated.client_keys`); ``context`` is shared by
+all."""
 
 
 def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> LocalUpdate:
@@ -103,7 +106,7 @@ def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Lo
     return params, opt_state, losses
 
   def apply(params, opt_state, batches, key, context):
-    keys = jax.random.split(key, jax.tree.leaves(params)[0].shape[0])
+    keys = client_keys(key, jax.tree.leaves(params)[0].shape[0])
     return jax.vmap(one_client, in_axes=(0, 0, 0, 0, None))(
       params, opt_state, batches, keys, context
     )

@@ -21,6 +21,7 @@ from fedvp_jax.config import RoundConfig
 from fedvp_jax.data.federated import (
   ClientData,
   EvalWindows,
+  client_keys,
   sample_batches,
   sample_final_targets,
 )
@@ -325,6 +326,72 @@ class TrainResult(NamedTuple):
   finite: jax.Array
 
 
+class ClientKeys(NamedTuple):
+  """Every training client's keys of one round, ``key[K]`` each (row k is the k-th selected
+  client's): what a client needs to draw and train exactly as it would in the vmapped round.
+
+  Attributes:
+    batches: its minibatches' key.
+    labels: its label batches' key (FedGen).
+    train: its local steps' key.
+  """
+
+  batches: jax.Array
+  labels: jax.Array
+  train: jax.Array
+
+
+def plan_round(
+  key: PRNGKey, num_clients: int, clients_per_round: int | None
+) -> tuple[jax.Array, ClientKeys]:
+  """``(selected, keys)``: the round's training clients (:func:`select_clients`) and their
+  :class:`ClientKeys`, all from the round's clients key."""
+  select_key, batch_key, train_key = jax.random.split(key, 3)
+  selected = select_clients(select_key, num_clients, clients_per_round)
+  count = selected.shape[0]
+  keys = ClientKeys(
+    client_keys(batch_key, count),
+    client_keys(jax.random.fold_in(batch_key, 1), count),
+    client_keys(train_key, count),
+  )
+  return selected, keys
+
+
+def local_training(
+  config: RoundConfig,
+  update: LocalUpdate,
+  params: StackedParams,
+  opt_state: StackedOptState,
+  data: ClientData,
+  clients: jax.Array,
+  keys: ClientKeys,
+  context: Any = None,
+  label_batch_size: int = 0,
+) -> tuple[StackedParams, StackedOptState, jax.Array, tuple[jax.Array, ...]]:
+  """K clients' local training from ``params`` and ``opt_state`` (leaves ``[K, ...]``), client
+  k on row ``clients[k]`` of ``data`` with ``keys`` row k: ``(trained, opt_state, losses
+  f32[K, S], batches)``. The vmapped round calls it for every selected client; a deployed
+  client (:mod:`fedvp_jax.flower`) for itself alone (K = 1, ``data`` its own windows).
+
+  With ``label_batch_size > 0`` every step's batch also carries that many of the client's own
+  final targets, ``f32[K, S, label_batch_size, 3]``, as a third element (FedGen's labels);
+  the first two elements are the same as without.
+  """
+  batches: tuple[jax.Array, ...] = sample_batches(
+    keys.batches, data, config.local_steps, config.batch_size, clients
+  )
+  if label_batch_size:
+    labels = sample_final_targets(keys.labels, data, config.local_steps, label_batch_size, clients)
+    batches = (*batches, labels)
+  trained, trained_opt, losses = update(params, opt_state, batches, keys.train, context)
+  return trained, trained_opt, losses, batches
+
+
+def finite_updates(trained: StackedParams, losses: jax.Array) -> jax.Array:
+  """``bool[K]``: clients whose trained params and step losses ``f32[K, S]`` are all finite."""
+  return is_finite(trained) & jnp.all(jnp.isfinite(losses), axis=1)
+
+
 def train_clients(
   config: RoundConfig,
   update: LocalUpdate,
@@ -335,28 +402,18 @@ def train_clients(
   context: Any = None,
   label_batch_size: int = 0,
 ) -> TrainResult:
-  """Selects this round's clients, draws their minibatches and trains them all at once.
-
-  With ``label_batch_size > 0`` every step's batch also carries that many of the client's own
-  final targets, ``f32[K, S, label_batch_size, 3]``, as a third element (FedGen's labels);
-  the first two elements are the same as without.
-  """
-  select_key, batch_key, train_key = jax.random.split(key, 3)
-  selected = select_clients(select_key, data.num_clients, config.clients_per_round)
-  batches: tuple[jax.Array, ...] = sample_batches(
-    batch_key, data, config.local_steps, config.batch_size, selected
-  )
-  if label_batch_size:
-    label_key = jax.random.fold_in(batch_key, 1)
-    labels = sample_final_targets(label_key, data, config.local_steps, label_batch_size, selected)
-    batches = (*batches, labels)
+  """Selects this round's clients, draws their minibatches and trains them all at once
+  (:func:`plan_round`, then :func:`local_training`; ``label_batch_size`` as there)."""
+  selected, keys = plan_round(key, data.num_clients, config.clients_per_round)
   # When every row trains (the default, without padding rows) the selection is the identity:
   # skip the gather and scatter, which would copy every client's params and optimizer state.
   everyone = config.clients_per_round in (None, data.num_clients) and not data.padded
   take = lambda tree: tree if everyone else jax.tree.map(lambda leaf: leaf[selected], tree)
   start_params, start_opt = take(params), take(opt_state)
-  trained, trained_opt, losses = update(start_params, start_opt, batches, train_key, context)
-  finite = is_finite(trained) & jnp.all(jnp.isfinite(losses), axis=1)
+  trained, trained_opt, losses, batches = local_training(
+    config, update, start_params, start_opt, data, selected, keys, context, label_batch_size
+  )
+  finite = finite_updates(trained, losses)
 
   def put(full: Any, part: Any) -> Any:
     return part if everyone else jax.tree.map(lambda f, p: f.at[selected].set(p), full, part)
@@ -389,6 +446,19 @@ def mean_train_loss(losses: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.where(
     total > 0, jnp.sum(per_client * weights) / jnp.where(total > 0, total, 1.0), jnp.nan
   )
+
+
+def aggregate_trained(
+  server: Params, trained: StackedParams, losses: jax.Array, finite: jax.Array, counts: jax.Array
+) -> tuple[Params, jax.Array, jax.Array]:
+  """The server's side of a round: ``(new_server, used, train_loss)`` from K clients' trained
+  params (leaves ``f32[K, ...]``), step losses ``f32[K, S]``, :func:`finite_updates` and
+  training-sample counts ``f32[K]`` (the aggregation weights; see
+  :func:`~fedvp_jax.algorithms.aggregation.aggregate` and :func:`mean_train_loss`)."""
+  # A client whose loss diverged is left out even if its params still look finite.
+  weights = jnp.where(finite, counts, 0.0)
+  server, used = aggregate(server, trained, weights)
+  return server, used, mean_train_loss(losses, weights)
 
 
 class ClientsRound(NamedTuple):
@@ -426,11 +496,15 @@ def clients_round(
   result = train_clients(
     config, update, params, state.client_opt_state, data, key, context, label_batch_size
   )
-  # A client whose loss diverged is left out even if its params still look finite.
-  weights = jnp.where(result.finite, data.train_counts[result.selected], 0.0)
-  server, used = aggregate(state.server_params, result.trained, weights)
+  server, used, train_loss = aggregate_trained(
+    state.server_params,
+    result.trained,
+    result.losses,
+    result.finite,
+    data.train_counts[result.selected],
+  )
   metrics = RoundMetrics(
-    train_loss=mean_train_loss(result.losses, weights),
+    train_loss=train_loss,
     test=test,
     validation=validation,
     evaluated=evaluated,

@@ -12,13 +12,20 @@ from __future__ import annotations
 import optax
 
 from fedvp_jax.algorithms import core, dp
-from fedvp_jax.algorithms.client import augmented, local_update, prediction_loss
+from fedvp_jax.algorithms.client import LocalUpdate, augmented, local_update, prediction_loss
 from fedvp_jax.algorithms.core import ClientsState, FederatedAlgorithm, RoundMetrics
 from fedvp_jax.config import PrivacyConfig, RoundConfig
 from fedvp_jax.data.federated import ClientData, EvalWindows
 from fedvp_jax.metrics import ErrorSums
 from fedvp_jax.models import Model
 from fedvp_jax.types import PRNGKey
+
+
+def fedavg_update(
+  model: Model, optimizer: optax.GradientTransformation, config: RoundConfig
+) -> LocalUpdate:
+  """The FedAvg family's local update: ``config.loss`` on (``config.augment``-ed) batches."""
+  return local_update(augmented(prediction_loss(model, config.loss), config.augment), optimizer)
 
 
 def fedavg(
@@ -38,7 +45,7 @@ def fedavg(
     privacy: DP-FedAvg's settings, its noise multiplier resolved; ``None`` or DP off: plain
       FedAvg.
   """
-  update = local_update(augmented(prediction_loss(model, config.loss), config.augment), optimizer)
+  update = fedavg_update(model, optimizer, config)
   private = privacy if privacy is not None and privacy.enabled else None
   if private is not None:
     dp.noise_multiplier(private)  # fail now, not while tracing, if it was never chosen

@@ -48,7 +48,7 @@ from flax import struct
 
 from fedvp_jax.algorithms import dp
 from fedvp_jax.algorithms.aggregation import where_clients
-from fedvp_jax.algorithms.client import LossFn, augmented, local_update, stack
+from fedvp_jax.algorithms.client import LocalUpdate, LossFn, augmented, local_update, stack
 from fedvp_jax.algorithms.core import (
   ClientsState,
   FederatedAlgorithm,
@@ -262,6 +262,70 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
+class FedGenParts(NamedTuple):
+  """The pieces of a FedGen round that the vmapped round and a deployed one
+  (:mod:`fedvp_jax.flower`) share.
+
+  Attributes:
+    generator: G.
+    g_optimizer: G's Adam, its learning rate decaying per round.
+    update: the clients' local update (:func:`fedgen_client_loss`, augmented).
+    train_generator: the server's generator steps (:func:`generator_update`).
+    upload: how clients upload their labels.
+  """
+
+  generator: Generator
+  g_optimizer: optax.GradientTransformation
+  update: LocalUpdate
+  train_generator: GeneratorUpdate
+  upload: dp.HeatmapUpload
+
+
+def fedgen_parts(
+  model: Model,
+  optimizer: optax.GradientTransformation,
+  config: RoundConfig,
+  cfg: FedGenConfig,
+  privacy: PrivacyConfig | None = None,
+) -> FedGenParts:
+  """Builds :class:`FedGenParts` from the run's settings (arguments as :func:`fedgen`)."""
+  generator = build_generator(
+    cfg.generator,
+    model.latent_dim,
+    embedding=cfg.embedding,
+    grain=cfg.grain,
+    noise_dim=cfg.noise_dim,
+    hidden=cfg.generator_hidden,
+  )
+  schedule = optax.exponential_decay(
+    cfg.gen_learning_rate, transition_steps=cfg.gen_steps, decay_rate=SCHEDULE_DECAY, staircase=True
+  )
+  g_optimizer = optax.adam(schedule)
+  client_loss = fedgen_client_loss(model, generator, cfg.latent_weight > 0, config.loss)
+  train_generator = generator_update(
+    model,
+    generator,
+    g_optimizer,
+    cfg.gen_steps,
+    cfg.server_batch_size or config.batch_size,
+    cfg.diversity_weight,
+  )
+  return FedGenParts(
+    generator,
+    g_optimizer,
+    local_update(augmented(client_loss, config.augment), optimizer),
+    train_generator,
+    dp.heatmap_upload(privacy, cfg.grain, cfg.heatmap_sigma),
+  )
+
+
+def uploaded_points(batches: tuple[jax.Array, ...]) -> jax.Array:
+  """``f32[K, S * B, 3]``: the final targets of the minibatches K clients trained on
+  (``batches[1]: f32[K, S, B, H, 3]``), which they upload as labels."""
+  targets = batches[1][..., -1, :]
+  return targets.reshape(targets.shape[0], -1, 3)
+
+
 def fedgen(
   model: Model,
   optimizer: optax.GradientTransformation,
@@ -282,29 +346,9 @@ def fedgen(
   """
   cfg = fedgen_config or FedGenConfig()
   private = privacy if privacy is not None and privacy.enabled else None
-  upload = dp.heatmap_upload(privacy, cfg.grain, cfg.heatmap_sigma)
-  generator = build_generator(
-    cfg.generator,
-    model.latent_dim,
-    embedding=cfg.embedding,
-    grain=cfg.grain,
-    noise_dim=cfg.noise_dim,
-    hidden=cfg.generator_hidden,
-  )
-  schedule = optax.exponential_decay(
-    cfg.gen_learning_rate, transition_steps=cfg.gen_steps, decay_rate=SCHEDULE_DECAY, staircase=True
-  )
-  g_optimizer = optax.adam(schedule)
-  client_loss = fedgen_client_loss(model, generator, cfg.latent_weight > 0, config.loss)
-  update = local_update(augmented(client_loss, config.augment), optimizer)
-  train_generator = generator_update(
-    model,
-    generator,
-    g_optimizer,
-    cfg.gen_steps,
-    cfg.server_batch_size or config.batch_size,
-    cfg.diversity_weight,
-  )
+  parts = fedgen_parts(model, optimizer, config, cfg, privacy)
+  generator, g_optimizer, update = parts.generator, parts.g_optimizer, parts.update
+  upload, train_generator = parts.upload, parts.train_generator
 
   def init(key: PRNGKey, data: ClientData) -> FedGenState:
     config.check_clients(data.num_clients)
@@ -325,8 +369,7 @@ def fedgen(
     )
     # Clients upload the final targets of what they trained on (as points or heatmaps);
     # counts, not normalised, so a client's weight at a label grows with how often it saw it.
-    targets = outcome.result.batches[1][..., -1, :]
-    points = targets.reshape(targets.shape[0], -1, 3)
+    points = uploaded_points(outcome.result.batches)
     heat = dp.uploaded_heatmaps(points, upload, jax.random.fold_in(key, dp.HEATMAP_NOISE))
     heads, usable = outcome.result.trained, outcome.used
     if private is not None:

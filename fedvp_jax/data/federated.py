@@ -210,15 +210,26 @@ def build_client_data(
   return ClientData.of(train, validation, test)
 
 
+def client_keys(key: jax.Array, num_clients: int) -> jax.Array:
+  """``key[K]``, one key per client: ``split(key, K)`` of one key, or ``key`` itself when it
+  already holds the K clients' keys. A deployed client (:mod:`fedvp_jax.flower`) gets its row of
+  the split the simulation makes, so it draws what it would have drawn there."""
+  if key.ndim == 1:
+    return key
+  return jax.random.split(key, num_clients)
+
+
 def sample_indices(key: jax.Array, mask: jax.Array, num_steps: int, batch_size: int) -> jax.Array:
   """``i32[K, S, B]`` window indices of every step's minibatch for clients with ``mask:
-  bool[K, n]``.
+  bool[K, n]``; ``key`` is one key or every client's (see :func:`client_keys`).
 
   Each client walks through a fresh random permutation of its real windows, wrapping around
   when ``num_steps * batch_size`` exceeds its count, so a batch never holds padding and,
-  within one pass over its data, no window twice (like a shuffled data loader).
+  within one pass over its data, no window twice (like a shuffled data loader). A client's draw
+  does not depend on how far it is padded (threefry's bits are a prefix of a longer draw's), so
+  a client alone with its own windows draws the same batches as in the padded stack.
   """
-  keys = jax.random.split(key, mask.shape[0])
+  keys = client_keys(key, mask.shape[0])
   flat = jnp.arange(num_steps * batch_size)
 
   def client_indices(key: jax.Array, mask: jax.Array) -> jax.Array:
@@ -242,7 +253,8 @@ def sample_batches(
   See :func:`sample_indices` for how windows are drawn.
 
   Args:
-    key: PRNG key; the same key gives the same batches.
+    key: PRNG key, or ``key[K]`` every client's (:func:`client_keys`); the same key gives the
+      same batches.
     data: the clients' windows.
     num_steps: local steps S.
     batch_size: windows per step B.

@@ -1,0 +1,252 @@
+"""The Flower apps (fedvp_jax.flower): a lone client draws and trains what it would in the
+vmapped round; Flower's simulation ends with the vmapped rounds' server model and metrics;
+params cross the wire checked; a client with other settings is refused; the core never needs
+flwr. Tests that run Flower skip, saying so, when the ``flower`` extra is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import chex
+import filelock
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedvp_jax.algorithms.core import clients_state, plan_round
+from fedvp_jax.config import RunConfig, to_record
+from fedvp_jax.data.federated import sample_batches, sample_final_targets
+from fedvp_jax.experiment import prepare
+from fedvp_jax.flower.setup import build_setup, own_data, run_users
+from fedvp_jax.flower.wire import WireError, from_named, named_arrays
+from fedvp_jax.rounds import iterate_rounds
+from fedvp_jax.summaries import round_record
+
+REPO = Path(__file__).resolve().parents[1]
+
+needs_flwr = pytest.mark.skipif(
+  importlib.util.find_spec("flwr") is None,
+  reason="flwr is not installed: pip install -e '.[flower]' (CI installs it through .[dev])",
+)
+
+SMALL = RunConfig.of(
+  dataset="Synthetic-m4-h2",
+  model="lstm",
+  num_clients=4,
+  rounds=3,
+  local_steps=2,
+  batch_size=8,
+  latent_dim=12,
+  grain=16,
+  heatmap_sigma=30.0,
+  gen_batch_size=8,
+  gen_steps=2,
+  validation_fraction=0.2,
+)
+"""4 clients, 3 rounds of a tiny LSTM on synthetic traces (FedGen: tiny generator)."""
+
+
+def flower_lock() -> filelock.FileLock:
+  """Held while a test runs Flower's processes (a Ray cluster, a SuperLink and SuperNodes), so
+  that pytest-xdist's workers run one such test at a time: two at once on CI's 2 cores would
+  slow the deployed rounds towards their timeout."""
+  return filelock.FileLock(Path(tempfile.gettempdir()) / "fedvp_jax-flower-tests.lock")
+
+
+def test_core_and_api_docs_work_without_flwr():
+  # flwr made unimportable: the core, the CLI and the API reference must not notice.
+  code = (
+    "import sys, importlib.util; sys.modules['flwr'] = None\n"
+    "import fedvp_jax, fedvp_jax.algorithms, fedvp_jax.experiment, fedvp_jax.runner\n"
+    "import fedvp_jax.cli, fedvp_jax.cli.train, fedvp_jax.flower.cli, fedvp_jax.flower.server\n"
+    "spec = importlib.util.spec_from_file_location('g', 'scripts/gen_api_docs.py')\n"
+    "g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)\n"
+    "assert g.render() == open('docs/api.md').read(), 'api.md differs'\n"
+    "assert not [m for m in sys.modules if m.startswith('flwr.')], 'flwr was imported'\n"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_client_alone_holds_its_row_of_the_vmapped_data():
+  experiment = prepare(SMALL)
+  for k, user in enumerate(experiment.users):
+    row = jax.tree.map(lambda leaf: leaf[k : k + 1], experiment.data)
+    chex.assert_trees_all_equal(own_data(SMALL, user), row)
+
+
+def test_a_lone_client_draws_its_row_of_the_vmapped_draw():
+  # Client k alone with its own unpadded windows and its row of the round's keys draws the
+  # minibatches and labels that row k of the padded, all-clients draw holds. Clients get
+  # different window counts, so that all but the largest are padded in the stack.
+  data = prepare(SMALL).data
+  n = data.train_mask.shape[1]
+  lengths = [n, n // 2, n // 3, 7]
+  mask = jnp.arange(n)[None, :] < jnp.asarray(lengths)[:, None]
+  padded = data.replace(train_mask=mask)
+  selected, keys = plan_round(jax.random.key(5), data.num_clients, None)
+  all_x, all_y = sample_batches(keys.batches, padded, 3, 8, selected)
+  all_labels = sample_final_targets(keys.labels, padded, 3, 8, selected)
+  for k, length in enumerate(lengths):
+    alone = data.replace(
+      train_x=data.train_x[k : k + 1, :length],
+      train_y=data.train_y[k : k + 1, :length],
+      train_mask=jnp.ones((1, length), bool),
+    )
+    row = lambda tree: jax.tree.map(lambda leaf: leaf[k : k + 1], tree)
+    zero = jnp.zeros((1,), jnp.int32)
+    x, y = sample_batches(row(keys.batches), alone, 3, 8, zero)
+    labels = sample_final_targets(row(keys.labels), alone, 3, 8, zero)
+    chex.assert_trees_all_equal(
+      (x, y, labels), (all_x[k : k + 1], all_y[k : k + 1], row(all_labels))
+    )
+
+
+def test_wire_round_trip_and_a_clear_error_for_another_model():
+  setup = build_setup(SMALL)
+  params = setup.model.init(jax.random.key(0))
+  named = named_arrays(params)
+  assert all("/" in name for name in named) and any(name.startswith("head/") for name in named)
+  chex.assert_trees_all_equal(from_named(named, setup.params_like()), params)
+  other = build_setup(SMALL.replace(latent_dim=16)).model.init(jax.random.key(0))
+  with pytest.raises(WireError) as err:
+    from_named(named_arrays(other), setup.params_like(), "server's params")
+  message = str(err.value)
+  assert "\n" not in message and "server's params" in message and "expected float32" in message
+  with pytest.raises(WireError, match="missing head/"):
+    from_named({n: a for n, a in named.items() if not n.startswith("head/")}, params)
+
+
+def engine_run(config: RunConfig) -> tuple[object, list[dict]]:
+  """The vmapped rounds' final state and their round records."""
+  experiment = prepare(config)
+  records, state = [], None
+  rounds = iterate_rounds(experiment.algorithm, experiment.data, config.seed, config.total_rounds)
+  for r, (state, metrics) in enumerate(rounds):
+    records.append(round_record(r, jax.device_get(metrics)))
+    state = jax.device_get(state)
+  return state, records
+
+
+@needs_flwr
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "settings",
+  [
+    {"algorithm": "fedavg"},
+    {"algorithm": "partial-fedavg", "beta": 0.5},
+    {"algorithm": "fedgen", "pretrain_rounds": 2, "rounds": 1},
+  ],
+  ids=["fedavg", "partial-fedavg-beta0.5", "fedgen-pretrained"],
+)
+def test_flower_simulation_ends_with_the_vmapped_rounds_server_model(settings):
+  from fedvp_jax.flower.simulation import simulate
+
+  config = SMALL.replace(**settings)
+  assert config.total_rounds == 3
+  state, records = engine_run(config)
+  with flower_lock():  # one Ray actor with 2 CPUs, clients in turn
+    result = simulate(config, cpus_per_client=2)
+  assert result.users == run_users(config)
+  server = clients_state(state).server_params
+  chex.assert_trees_all_close(result.params, server, rtol=1e-5, atol=1e-6)
+  # and it moved: the engine's model is not the initial one
+  initial = build_setup(config).model.init(jax.random.split(jax.random.key(config.seed))[0])
+  if "pretrain_rounds" not in settings:
+    assert not np.allclose(
+      named_arrays(initial)["head/out/kernel"], named_arrays(server)["head/out/kernel"]
+    )
+  if config.uses_generator:
+    chex.assert_trees_all_close(result.generator, state.generator_params, rtol=1e-5, atol=1e-6)
+  assert [r["missing_clients"] for r in result.records] == [[], [], []]
+  for ours, theirs in zip(result.records, records, strict=True):
+    assert ours.keys() - {"missing_clients", "seconds"} == theirs.keys()
+    for name in ("train_loss", "test_loss", "validation_loss", "teacher_loss"):
+      if name in theirs:
+        assert ours[name] == pytest.approx(theirs[name], rel=1e-5), name
+
+
+class DirectGrid:
+  """A stand-in for Flower's Grid that hands each message to the client app's handler in this
+  process, as node ``dst_node_id`` with the given node config."""
+
+  def __init__(self, node_configs):
+    self.node_configs = node_configs
+
+  def get_node_ids(self):
+    return list(self.node_configs)
+
+  def send_and_receive(self, messages, timeout=None):
+    from flwr.app import Context, RecordDict
+
+    from fedvp_jax.flower import client
+
+    handlers = {"query": client.hello, "train": client.train}
+    for msg in messages:
+      node = msg.metadata.dst_node_id
+      context = Context(1, node, self.node_configs[node], RecordDict(), {})
+      yield handlers[msg.metadata.message_type](msg, context)
+
+
+@needs_flwr
+def test_a_client_with_other_settings_is_refused_with_a_clear_message(tmp_path, monkeypatch):
+  # Messages made outside a Flower process need the task identity Flower's runtimes set.
+  from flwr.supercore.task_identity import TaskIdentity
+
+  for name in ("_task_id", "_run_id", "_node_id"):
+    monkeypatch.setattr(TaskIdentity, name, 1)
+  from fedvp_jax.errors import FedVPError
+  from fedvp_jax.flower.server import RefusedError, roll_call, run_server
+
+  setup = build_setup(SMALL)
+  users = run_users(SMALL)
+  own = tmp_path / "config.json"
+  own.write_text(json.dumps(to_record(SMALL.replace(model="transformer"))))
+  grid = DirectGrid(
+    {10 + i: {"partition-id": i} for i in range(len(users) - 1)}
+    | {99: {"partition-id": len(users) - 1, "config": str(own)}}
+  )
+  with pytest.raises(RefusedError) as err:
+    roll_call(grid, setup, users, grid.get_node_ids())
+  message = str(err.value)
+  assert "\n" not in message
+  assert "client node 99 refused the run" in message and "model: 'transformer' -> 'lstm'" in message
+  assert isinstance(err.value, FedVPError)  # so the commands print it as one line
+  # the same settings in the client's own config.json: accepted, and the run goes through
+  one_round = SMALL.replace(rounds=1)
+  own.write_text(json.dumps(to_record(one_round)))
+  result = run_server(grid, one_round)
+  assert len(result.records) == 1 and result.records[0]["missing_clients"] == []
+
+
+@pytest.mark.parametrize(
+  "args, expected",
+  [
+    (["client", "--superlink", "127.0.0.1:1", "--user", "3"], "or --insecure for plain HTTP"),
+    (
+      ["client", "--superlink", "127.0.0.1:1", "--user", "3", "--root-certificates", "/nope"],
+      "--ssl-ca-certfile /nope: no such file",
+    ),
+    (["simulate", "--noise-multiplier", "1.0"], "differential privacy is not supported"),
+  ],
+  ids=["no-tls-choice", "missing-ca-file", "dp-refused"],
+)
+def test_fedvp_flower_refuses_bad_input_in_one_line(args, expected):
+  done = subprocess.run(
+    [sys.executable, "-m", "fedvp_jax.flower", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert done.returncode == 2, done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr
