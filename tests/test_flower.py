@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 
 from fedvp_jax.algorithms.core import clients_state, plan_round
 from fedvp_jax.config import RunConfig, to_record
@@ -35,20 +36,7 @@ needs_flwr = pytest.mark.skipif(
   reason="flwr is not installed: pip install -e '.[flower]' (CI installs it through .[dev])",
 )
 
-SMALL = RunConfig.of(
-  dataset="Synthetic-m4-h2",
-  model="lstm",
-  num_clients=4,
-  rounds=3,
-  local_steps=2,
-  batch_size=8,
-  latent_dim=12,
-  grain=16,
-  heatmap_sigma=30.0,
-  gen_batch_size=8,
-  gen_steps=2,
-  validation_fraction=0.2,
-)
+SMALL = TINY_RUN.replace(num_clients=4, validation_fraction=0.2)
 """4 clients, 3 rounds of a tiny LSTM on synthetic traces (FedGen: tiny generator)."""
 
 

@@ -64,6 +64,19 @@ def job_flags(port: int, process: int) -> list[str]:
   ]
 
 
+def run_alone(argv: list[str], devices: int = DEVICES_EACH, timeout: float = 600):
+  """``python argv...`` as one process with ``devices`` CPU devices, to its end."""
+  return subprocess.run(
+    [sys.executable, *argv],
+    cwd=REPO,
+    env=environment(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
+
+
 def start_job(argv: list[str], cwd: Path) -> list[subprocess.Popen]:
   """Starts every process of a job running ``python argv... <job flags>``."""
   port = free_port()
@@ -153,22 +166,8 @@ def test_two_processes_give_one_process_metrics_and_read_only_their_traces(data_
   args = [json.dumps(SETTINGS), json.dumps(RUNS)]
   single = {}
   for devices in ("None", "4"):
-    result = subprocess.run(
-      [
-        sys.executable,
-        "-c",
-        SCRIPT,
-        str(data_root),
-        str(tmp_path / f"one-{devices}"),
-        *args,
-        devices,
-      ],
-      cwd=REPO,
-      env=environment(4),
-      capture_output=True,
-      text=True,
-      timeout=600,
-      check=False,
+    result = run_alone(
+      ["-c", SCRIPT, str(data_root), str(tmp_path / f"one-{devices}"), *args, devices], 4
     )
     assert result.returncode == 0, result.stderr[-3000:]
     single[devices] = report_of(result.stdout)
@@ -251,21 +250,14 @@ def test_an_unreachable_coordinator_is_one_line(tmp_path):
     "from fedvp_jax import distributed\n"
     f"distributed.start('127.0.0.1:{free_port()}', 2, 1, timeout=2)\n"
   )
-  result = subprocess.run(
-    [sys.executable, "-c", script],
-    cwd=REPO,
-    env=environment(1),
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=False,
-  )
+  result = run_alone(["-c", script], devices=1, timeout=120)
   assert result.returncode != 0
   assert "could not join the job of 2 processes within 2 s" in result.stderr
 
 
 def test_a_killed_process_stops_the_job_and_the_run_resumes_on_one_or_two(data_root, tmp_path):
-  rounds = ["--rounds", "150", "--clients-per-round", "4", "--checkpoint-every", "2"]
+  total = 60  # process 1 is killed after 6 logged rounds, long before the end
+  rounds = ["--rounds", str(total), "--clients-per-round", "4", "--checkpoint-every", "2"]
   job = start_job(train_command(tmp_path / "job", data_root, *rounds), cwd=REPO)
   log = tmp_path / "job" / "run" / "seed0" / "metrics.jsonl"
   deadline = time.monotonic() + 300
@@ -283,15 +275,7 @@ def test_a_killed_process_stops_the_job_and_the_run_resumes_on_one_or_two(data_r
   assert not (run_dir / "summary.json").exists()
   assert any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())
 
-  whole = subprocess.run(
-    [sys.executable, *train_command(tmp_path / "whole", data_root, *rounds)],
-    cwd=REPO,
-    env=environment(DEVICES_EACH),
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
+  whole = run_alone(train_command(tmp_path / "whole", data_root, *rounds))
   assert whole.returncode == 0, whole.stderr[-2000:]
   expected = json.loads((tmp_path / "whole" / "run" / "summary.json").read_text())
 
@@ -301,19 +285,11 @@ def test_a_killed_process_stops_the_job_and_the_run_resumes_on_one_or_two(data_r
   shutil.copytree(tmp_path / "whole" / "run", later)
   for summary in later.rglob("summary.json"):
     summary.unlink()
-  shutil.rmtree(later / "checkpoints" / "150")
+  shutil.rmtree(later / "checkpoints" / str(total))
 
   shutil.copytree(run_dir, tmp_path / "copy")
   resume = ["-m", "fedvp_jax", "train", "--no-progress", "--resume"]
-  alone = subprocess.run(
-    [sys.executable, *resume, str(run_dir)],
-    cwd=REPO,
-    env=environment(DEVICES_EACH),
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
+  alone = run_alone([*resume, str(run_dir)])
   assert alone.returncode == 0, alone.stderr[-2000:]
   assert "resuming from the checkpoint at round" in alone.stdout
   for resumed in (tmp_path / "copy", later):
@@ -348,15 +324,7 @@ def test_a_sweep_runs_over_two_processes_as_over_one(data_root, tmp_path):
   spec = tmp_path / "spec.toml"
   spec.write_text(SPEC)
   sweep = ["-m", "fedvp_jax", "sweep", str(spec), "--data-dir", str(data_root), "--no-progress"]
-  one = subprocess.run(
-    [sys.executable, *sweep, "--out", str(tmp_path / "one")],
-    cwd=REPO,
-    env=environment(DEVICES_EACH),
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
+  one = run_alone([*sweep, "--out", str(tmp_path / "one")])
   assert one.returncode == 0, one.stderr[-2000:]
   for code, _, err in finish(start_job([*sweep, "--out", str(tmp_path / "two")], cwd=REPO)):
     assert code == 0, err[-2000:]
@@ -366,3 +334,47 @@ def test_a_sweep_runs_over_two_processes_as_over_one(data_root, tmp_path):
     ]
     np.testing.assert_allclose(numbers(summaries[1]), numbers(summaries[0]), rtol=1e-4)
   assert (tmp_path / "two" / "results.md").is_file()
+
+
+def test_under_slurm_the_job_comes_from_the_environment(data_root, tmp_path):
+  """`srun` sets these variables; JAX derives the coordinator (first node, a port from the job
+  id), the number of processes and each one's id from them, so the command takes no job flag."""
+  port = free_port_in(range(65535 - 2**12 + 1, 65536))
+  command = train_command(tmp_path, data_root, "--rounds", "2")
+  job = []
+  for p in range(PROCESSES):
+    slurm = {
+      "SLURM_JOB_ID": str(port - (65535 - 2**12 + 1)),
+      "SLURM_STEP_NODELIST": "127.0.0.1",
+      "SLURM_NTASKS": str(PROCESSES),
+      "SLURM_PROCID": str(p),
+      "SLURM_LOCALID": str(p),
+    }
+    job.append(
+      subprocess.Popen(
+        [sys.executable, *command],
+        cwd=REPO,
+        env={**environment(DEVICES_EACH), **slurm},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
+  (code0, out0, err0), (code1, out1, err1) = finish(job)
+  assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
+  # Process 0 reports and writes; process 1 (a non-writer, so it did join) prints nothing but
+  # gloo's connection lines.
+  assert "run directory:" in out0
+  assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == []
+  assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def free_port_in(ports: range) -> int:
+  for port in np.random.default_rng().permutation(list(ports)):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", int(port)))
+      except OSError:
+        continue
+      return int(port)
+  raise RuntimeError("no free port")
