@@ -7,7 +7,7 @@ Open MPI, Kubernetes); otherwise the run is one process, exactly as without this
 joined, ``jax.devices()`` lists every process's devices, the clients mesh spans them all
 (:mod:`fedvp_jax.sharding`), each process reads only the traces of the clients its devices hold
 (:func:`fedvp_jax.experiment.prepare`), and only process 0 writes the run directory
-(:func:`is_writer`); checkpoints are written by all of them through orbax.
+(:func:`fedvp_jax.rundir.is_process_zero`); checkpoints are written by all of them through orbax.
 
 What can go wrong is said in one line: a coordinator that cannot be reached
 (:data:`CONNECT_SECONDS`), processes whose configurations differ (:func:`check_same`, before
@@ -129,11 +129,6 @@ def _cluster_detected() -> bool:
 def is_multiprocess() -> bool:
   """Whether this process is one of several."""
   return jax.process_count() > 1
-
-
-def is_writer() -> bool:
-  """Whether this process writes the run directory: process 0, the only one that does."""
-  return jax.process_index() == 0
 
 
 def fetch(tree: Any) -> Any:
@@ -305,7 +300,6 @@ __all__ = [
   "fetch",
   "finish",
   "is_multiprocess",
-  "is_writer",
   "maximum",
   "peer_failure",
   "peers_checked",

@@ -147,7 +147,8 @@ def _process_rows(
   split over ``mesh``: it reads only the traces of the rows its devices hold. Window counts are
   padded to the largest over every process, so the arrays agree on their shapes."""
   rows = padded_rows(len(users), mesh)
-  clients = [users[i] for i in local_rows(rows, mesh) if i < len(users)]
+  held = local_rows(rows, mesh)
+  clients = [users[i] for i in held if i < len(users)]
   candidates = new_viewer_candidates(config.protocol, catalogue, users)
   viewer_rows = padded_rows(max(len(candidates), 1), mesh)
   viewers = [candidates[i] for i in local_rows(viewer_rows, mesh) if i < len(candidates)]
@@ -166,7 +167,7 @@ def _process_rows(
     )
     for user in clients
   ]
-  parts += [(none, none, none)] * (len(local_rows(rows, mesh)) - len(clients))
+  parts += [(none, none, none)] * (len(held) - len(clients))
   longest = distributed.maximum([max(len(part[i]) for part in parts) for i in range(3)])
   train, validation, test = (
     assemble(stack_windows([part[i] for part in parts], int(longest[i])), mesh, rows)

@@ -65,9 +65,10 @@ def join_job(args: argparse.Namespace) -> None:
   """Joins the job of several processes that the flags (or the cluster) describe, if any;
   then only process 0 logs and draws progress."""
   from fedvp_jax import distributed
+  from fedvp_jax.rundir import is_process_zero
 
   distributed.start(args.coordinator, args.num_processes, args.process_id)
-  if not distributed.is_writer():
+  if not is_process_zero():
     logging.getLogger("fedvp_jax").setLevel(logging.WARNING)
     args.progress = False
 
