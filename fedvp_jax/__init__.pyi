@@ -36,7 +36,15 @@ from .geometry import (
   vec_to_lonlat,
 )
 from .heatmap import heatmaps, label_weights, sample_labels
-from .metrics import ErrorSums, Summary, error_sums, mse, orthodromic_loss, summarize
+from .metrics import (
+  ErrorSums,
+  Summary,
+  error_sums,
+  mse,
+  orthodromic_loss,
+  summarize,
+  training_loss,
+)
 from .models import Model, build_model
 from .privacy import Accounting, account
 from .report import write_report
@@ -116,6 +124,7 @@ __all__ = [
   "select_users",
   "shard_data",
   "summarize",
+  "training_loss",
   "turn_about_vertical",
   "vec_to_lonlat",
   "weighted_mean",

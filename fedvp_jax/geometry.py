@@ -33,11 +33,15 @@ def orthodromic_distance(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   """Great-circle distance in radians between unit vectors ``a, b: f32[..., 3]``.
 
   Uses ``atan2(|a x b|, a . b)``, which stays accurate for nearly equal and nearly opposite
-  directions where ``arccos(a . b)`` loses precision.
+  directions where ``arccos(a . b)`` loses precision. Differentiable everywhere, so it is also
+  a training loss: where ``a x b`` is exactly zero (a perfect prediction) the norm's undefined
+  gradient is taken as zero, while a NaN still passes through.
   """
-  cross = jnp.linalg.norm(jnp.cross(a, b), axis=-1)
-  dot = jnp.sum(a * b, axis=-1)
-  return jnp.arctan2(cross, dot)
+  squared = jnp.sum(jnp.square(jnp.cross(a, b)), axis=-1)
+  exact = squared == 0
+  # The double where keeps sqrt's infinite derivative at 0 out of the gradient.
+  sine = jnp.where(exact, 0.0, jnp.sqrt(jnp.where(exact, 1.0, squared)))
+  return jnp.arctan2(sine, jnp.sum(a * b, axis=-1))
 
 
 def rotate(v: jnp.ndarray, axis: jnp.ndarray, angle: jnp.ndarray) -> jnp.ndarray:

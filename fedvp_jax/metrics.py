@@ -1,10 +1,12 @@
 """Losses and error metrics of viewport predictions, masked and summed per client."""
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from fedvp_jax.config import require
 from fedvp_jax.geometry import orthodromic_distance
 
 
@@ -16,20 +18,21 @@ def mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
 def orthodromic_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
   """Mean great-circle distance in radians between ``prediction`` and ``target: f32[..., H,
-  3]``: the ``"orthodromic"`` training loss, the metric itself.
+  3]`` (:func:`~fedvp_jax.geometry.orthodromic_distance`, whose gradient is finite even at a
+  perfect prediction): the ``"orthodromic"`` training loss, the metric itself."""
+  return jnp.mean(orthodromic_distance(prediction, target))
 
-  ``|a x b|`` is computed as ``sqrt(|a x b|^2 + eps)`` so that the gradient stays finite
-  where a prediction is exactly right (the norm's gradient is undefined at zero).
+
+def training_loss(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The clients' training loss named by the setting ``loss`` (``RoundConfig.loss``):
+  ``"mse"`` (:func:`mse`) or ``"orthodromic"`` (:func:`orthodromic_loss`), as
+  ``(prediction, target) -> f32[]``.
+
+  Raises:
+    SettingError: for another name.
   """
-  cross = jnp.cross(prediction, target)
-  sine = jnp.sqrt(jnp.sum(jnp.square(cross), axis=-1) + _SAFE_NORM_EPS)
-  return jnp.mean(jnp.arctan2(sine, jnp.sum(prediction * target, axis=-1)))
-
-
-_SAFE_NORM_EPS = 1e-12
-
-TRAINING_LOSSES = {"mse": mse, "orthodromic": orthodromic_loss}
-"""The clients' training losses by their setting's name (``RoundConfig.loss``)."""
+  require("loss", name)
+  return {"mse": mse, "orthodromic": orthodromic_loss}[name]
 
 
 class ErrorSums(NamedTuple):

@@ -61,7 +61,9 @@ def round_record(r: int, metrics: Any) -> dict[str, Any]:
   if bool(metrics.evaluated):
     record.update({f"test_{k}": v for k, v in summary_dict(summarize(metrics.test)).items()})
     if float(np.sum(metrics.validation.num_windows)) > 0:
-      record["validation_loss"] = finite_or_none(summarize(metrics.validation).loss)
+      validation = summary_dict(summarize(metrics.validation))
+      record["validation_loss"] = validation["loss"]
+      record["validation_orthodromic_deg"] = validation["orthodromic_deg"]
   for name, value in metrics.extra.items():
     record[name] = finite_or_none(value)
   return record

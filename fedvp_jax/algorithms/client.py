@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedvp_jax.config import require
 from fedvp_jax.data.federated import client_keys
 from fedvp_jax.geometry import turn_about_vertical
-from fedvp_jax.metrics import TRAINING_LOSSES
+from fedvp_jax.metrics import training_loss
 from fedvp_jax.models import Model
 from fedvp_jax.types import Batch, OptState, Params, PRNGKey, StackedOptState, StackedParams
 
@@ -34,8 +33,7 @@ def prediction_loss(model: Model, loss: str) -> LossFn:
   Raises:
     SettingError: for another name.
   """
-  require("loss", loss)
-  measure = TRAINING_LOSSES[loss]
+  measure = training_loss(loss)
 
   def loss_fn(params: Params, batch: Batch, key: PRNGKey, context: Any) -> jax.Array:
     del key, context

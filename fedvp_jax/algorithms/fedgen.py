@@ -59,10 +59,10 @@ from fedvp_jax.algorithms.core import (
   evaluate_server,
   init_clients,
 )
-from fedvp_jax.config import FedGenConfig, PrivacyConfig, RoundConfig, require
+from fedvp_jax.config import FedGenConfig, PrivacyConfig, RoundConfig
 from fedvp_jax.data.federated import ClientData, EvalWindows
 from fedvp_jax.heatmap import combined, label_weights, sample_labels
-from fedvp_jax.metrics import TRAINING_LOSSES, ErrorSums, mse
+from fedvp_jax.metrics import ErrorSums, mse, training_loss
 from fedvp_jax.models import Model
 from fedvp_jax.models.generator import Generator, build_generator
 from fedvp_jax.types import OptState, Params, PRNGKey, StackedParams
@@ -141,8 +141,7 @@ def fedgen_client_loss(model: Model, generator: Generator, latent_term: bool, lo
   latent term out of the program.
   """
 
-  require("loss", loss)
-  measure = TRAINING_LOSSES[loss]
+  measure = training_loss(loss)
 
   def loss_fn(params: Params, batch: Any, key: PRNGKey, context: GeneratorContext) -> jax.Array:
     history, future, labels = batch
