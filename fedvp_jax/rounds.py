@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedvp_jax import distributed
 from fedvp_jax.algorithms.core import FederatedAlgorithm, clients_state, over_seeds
@@ -64,35 +65,112 @@ def keyed_apply(algorithm: FederatedAlgorithm) -> Any:
   return apply
 
 
-def iterate_rounds(
+LONGEST_CHUNK = 10
+"""The most rounds one jitted call runs (:func:`chunk_ends`): few enough that the progress bar
+still moves every few seconds on a CPU, many enough that the host waits for the device only
+once per chunk."""
+
+
+def chunk_ends(
+  first: int,
+  rounds: int,
+  must_end: Callable[[int], bool] = lambda done: False,
+  longest: int = LONGEST_CHUNK,
+) -> list[int]:
+  """Where the chunks of rounds ``first .. rounds - 1`` end, as rounds done: the first chunk
+  is one round (it compiles, so its time is the compile's), a chunk ends where ``must_end(done)``
+  (a checkpoint is due, or the state is needed to stop) or after ``longest`` rounds, and the
+  last at ``rounds``.
+
+  >>> chunk_ends(0, 25, must_end=lambda done: done % 8 == 0)
+  [1, 8, 16, 24, 25]
+  """
+  ends, size = [], 0
+  for done in range(first + 1, rounds + 1):
+    size += 1
+    if done == first + 1 or done == rounds or size == longest or must_end(done):
+      ends.append(done)
+      size = 0
+  return ends
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """Consecutive rounds run by one jitted call (:func:`iterate_chunks`).
+
+  Attributes:
+    first: its first round.
+    count: how many rounds it ran.
+    state: the state after its last round; valid until the next chunk starts (its buffers
+      are donated to that chunk).
+    metrics: every round's :class:`~fedvp_jax.algorithms.RoundMetrics`, leaves
+      ``[longest, ...]`` (with a seeds axis after it over seeds), on the host; rows
+      ``0 .. count - 1`` are this chunk's rounds, the rest zeros.
+  """
+
+  first: int
+  count: int
+  state: Any
+  metrics: Any
+
+  def round_metrics(self, i: int) -> Any:
+    """Round ``first + i``'s metrics."""
+    return jax.tree.map(lambda leaf: leaf[i], self.metrics)
+
+
+def chunked_apply(algorithm: FederatedAlgorithm, longest: int) -> Any:
+  """Up to ``longest`` rounds of :func:`keyed_apply` in one program (a ``lax.fori_loop`` whose
+  trip count is an argument, so every chunk length up to ``longest`` shares one compile).
+
+  Returns:
+    ``(state, data, rounds_key, count) -> (state, metrics)``, ``metrics`` leaves
+    ``[longest, ...]`` of which the first ``count`` rows are the rounds run.
+  """
+  apply = keyed_apply(algorithm)
+
+  def run(state: Any, data: ClientData, rounds_key: PRNGKey, count: jax.Array) -> Any:
+    shapes = jax.eval_shape(apply, state, data, rounds_key)[1]
+    rows = jax.tree.map(lambda s: jnp.zeros((longest, *s.shape), s.dtype), shapes)
+
+    def one_round(i: jax.Array, carry: Any) -> Any:
+      state, rows = carry
+      state, metrics = apply(state, data, rounds_key)
+      return state, jax.tree.map(lambda row, m: row.at[i].set(m), rows, metrics)
+
+    return jax.lax.fori_loop(0, count, one_round, (state, rows))
+
+  return run
+
+
+def iterate_chunks(
   algorithm: FederatedAlgorithm,
   data: ClientData,
   seed: Seeds,
-  rounds: int,
+  ends: Sequence[int],
   mesh: Mesh | None = None,
   start: tuple[int, Any] | None = None,
-) -> Iterator[tuple[Any, Any]]:
-  """Runs rounds of ``algorithm`` with its jitted ``apply``, yielding after each.
+) -> Iterator[Chunk]:
+  """Runs rounds of ``algorithm`` in chunks, one jitted call and one read of the metrics by
+  the host per chunk, yielding after each.
 
   The keys are the ones every run uses (:func:`seed_keys`), so the same seed gives the same
-  run whichever loop drives it, and seed s of a vmapped group equals seed s run alone (up to
-  float rounding).
+  run however the rounds are chunked, and seed s of a vmapped group equals seed s run alone
+  (up to float rounding).
 
   Args:
     algorithm: any :class:`~fedvp_jax.algorithms.FederatedAlgorithm`.
     data: the clients' windows.
     seed: the PRNG seed, or a sequence of seeds to run together with
-      :func:`~fedvp_jax.algorithms.over_seeds` (state and metrics then have a leading seeds
-      axis).
-    rounds: the round to stop before (rounds ``0 .. rounds - 1``, from ``start``'s on).
+      :func:`~fedvp_jax.algorithms.over_seeds` (state and metrics then have a seeds axis).
+    ends: increasing rounds done at which the chunks end (:func:`chunk_ends`); the last is
+      the round to stop before.
     mesh: a ``"clients"`` mesh (see :mod:`fedvp_jax.sharding`) to split the clients' state
       over, matching ``data`` already placed on it; ``None`` for the default device.
     start: ``(round, state)`` to continue from (a restored checkpoint) instead of ``init``;
       the remaining rounds get the same keys as in an uninterrupted run.
 
   Yields:
-    ``(state, metrics)`` after every round. A yielded state is valid until the next round
-    starts: its buffers are donated to that round to save device memory.
+    A :class:`Chunk` after every chunk.
   """
   seeds_axis = np.ndim(seed) > 0
   if seeds_axis:
@@ -109,10 +187,42 @@ def iterate_rounds(
     shapes = jax.eval_shape(algorithm.init, init_key, data)
     placement = None if mesh is None else state_shardings(shapes, mesh, seeds_axis=seeds_axis)
     first, state = 0, jax.jit(algorithm.init, out_shardings=placement)(init_key, data)
-  apply = jax.jit(keyed_apply(algorithm), donate_argnums=0)
-  for _ in range(first, rounds):
-    state, metrics = apply(state, data, rounds_key)
-    yield state, metrics
+  bounds = [first, *ends]
+  longest = max((b - a for a, b in itertools.pairwise(bounds)), default=1)
+  run = jax.jit(chunked_apply(algorithm, longest), donate_argnums=0)
+  for done, end in itertools.pairwise(bounds):
+    # The trip count as a replicated array: one compile for every length, and a program over
+    # several processes' devices takes no host-made value.
+    count = np.int32(end - done)
+    if mesh is not None:
+      count = jax.device_put(count, NamedSharding(mesh, PartitionSpec()))
+    state, metrics = run(state, data, rounds_key, count)
+    yield Chunk(done, end - done, state, distributed.fetch(metrics))
+
+
+def iterate_rounds(
+  algorithm: FederatedAlgorithm,
+  data: ClientData,
+  seed: Seeds,
+  rounds: int,
+  mesh: Mesh | None = None,
+  start: tuple[int, Any] | None = None,
+) -> Iterator[tuple[Any, Any]]:
+  """Runs rounds of ``algorithm`` one jitted call each (:func:`iterate_chunks` with chunks of
+  one round), yielding after each.
+
+  Args:
+    algorithm, data, seed, mesh, start: as :func:`iterate_chunks`.
+    rounds: the round to stop before (rounds ``0 .. rounds - 1``, from ``start``'s on).
+
+  Yields:
+    ``(state, metrics)`` after every round, the metrics on the host. A yielded state is valid
+    until the next round starts: its buffers are donated to that round to save device memory.
+  """
+  first = 0 if start is None else start[0]
+  ends = list(range(first + 1, rounds + 1))
+  for chunk in iterate_chunks(algorithm, data, seed, ends, mesh, start):
+    yield chunk.state, chunk.round_metrics(0)
 
 
 def run_rounds(
@@ -125,9 +235,10 @@ def run_rounds(
   """The state after ``rounds`` rounds of ``algorithm`` (arguments as :func:`iterate_rounds`)."""
   if rounds < 1:
     raise ConfigError(f"rounds {rounds}: must be at least 1")
-  # Drain the iterator, keeping only the last (state, metrics).
-  ((state, _),) = collections.deque(iterate_rounds(algorithm, data, seed, rounds, mesh), maxlen=1)
-  return state
+  # Drain the chunks, keeping only the last.
+  chunks = iterate_chunks(algorithm, data, seed, chunk_ends(0, rounds), mesh)
+  ((last,),) = [collections.deque(chunks, maxlen=1)]
+  return last.state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +249,8 @@ class RoundOutcome:
     round: the round (from 0).
     records: per seed, its JSON-ready metrics record (:func:`~fedvp_jax.summaries.round_record`
       with the round's ``seconds``).
-    state: the state after the round, with the seeds axis; valid until the next round.
+    state: the state after the round, with the seeds axis, at the end of a chunk of rounds
+      (:func:`iterate_chunks`), else ``None``; valid until the next chunk starts.
     diverged: when some seed diverged (see :func:`diverged_models`, or every training client
       had a non-finite update), what happened (the loop then stops), else ``None``.
     good_until: the newest round whose models are known good: the state after that many
@@ -202,8 +314,11 @@ def train(
   seeds: Sequence[int],
   start: tuple[int, Any] | None = None,
   earlier: Sequence[Sequence[dict[str, Any]]] | None = None,
+  checkpoint_every: int | None = None,
 ) -> Generator[RoundOutcome, None, list[dict[str, Any]]]:
-  """Runs the experiment for ``seeds``, all at once as one vmapped program.
+  """Runs the experiment for ``seeds``, all at once as one vmapped program, in chunks of
+  rounds (:func:`iterate_chunks`): the host reads the metrics once per chunk, and the outcomes
+  of a chunk's rounds are yielded after it.
 
   With ``experiment.config.patience`` the rounds stop early once every seed has gone that many
   evaluations without a better validation loss.
@@ -214,9 +329,11 @@ def train(
     start: ``(round, state)`` to continue from, see :func:`iterate_rounds` (the state has the
       seeds axis).
     earlier: per seed, the records of the rounds before ``start`` (for early stopping).
+    checkpoint_every: a chunk ends at every multiple of it, so the outcome of that round
+      carries the state to checkpoint.
 
   Yields:
-    A :class:`RoundOutcome` after every round; after one that diverged, nothing more. The
+    A :class:`RoundOutcome` for every round; after one that diverged, nothing more. The
     models are checked for divergence (:func:`diverged_models`) at every evaluation and at the
     end; when only the final models fail, one last outcome without records says so.
 
@@ -245,33 +362,49 @@ def train(
   has_validation = data.val_mask.shape[1] > 0
   checked_on = "validation" if has_validation else "test"
   cause = _likely_cause(experiment)
-  rounds_iter = iterate_rounds(algorithm, data, seeds, rounds, experiment.mesh, start)
-  for r, (state, on_device) in enumerate(rounds_iter, start=first):
-    metrics = distributed.fetch(on_device)
-    round_times.append(time.perf_counter() - t0)
-    per_seed = [jax.tree.map(lambda x, k=k: x[k], metrics) for k in range(len(seeds))]
-    records = [{**round_record(r, m), "seconds": round_times[-1]} for m in per_seed]
-    patience.update(records)
-    diverged = [
-      seed
-      for seed, record, m in zip(seeds, records, per_seed, strict=True)
-      if len(record["excluded_clients"]) == len(m.selected)
-    ]
-    message = None
-    if bool(per_seed[0].evaluated):
-      checks = [_check(m.validation if has_validation else m.test) for m in per_seed]
-      message = _divergence(f"round {r}", seeds, checks, checked_on, cause)
-      good_until = r if message is None else good_until
-    if diverged and message is None:
-      message = (
-        f"round {r}, seed {diverged[0]}: every training client's update was non-finite (NaN or "
-        f"inf), so there is nothing to aggregate; {cause}"
-      )
-    yield RoundOutcome(r, records, state, message, good_until)
-    if message:
-      return []
-    done = r + 1
-    if patience.exhausted:
+  every = config.round.eval_every
+
+  def must_end(done: int) -> bool:
+    # A checkpoint needs the state after its round; so does a stop for patience, which
+    # follows an evaluated round (round done - 1).
+    checkpoint = checkpoint_every is not None and done % checkpoint_every == 0
+    return checkpoint or (config.patience is not None and (done - 1) % every == 0)
+
+  ends = chunk_ends(first, rounds, must_end)
+  stopped = False
+  for chunk in iterate_chunks(algorithm, data, seeds, ends, experiment.mesh, start):
+    state, seconds = chunk.state, (time.perf_counter() - t0) / chunk.count
+    for i in range(chunk.count):
+      r, metrics = chunk.first + i, chunk.round_metrics(i)
+      round_times.append(seconds)
+      per_seed = [jax.tree.map(lambda x, k=k: x[k], metrics) for k in range(len(seeds))]
+      records = [{**round_record(r, m), "seconds": seconds} for m in per_seed]
+      patience.update(records)
+      diverged = [
+        seed
+        for seed, record, m in zip(seeds, records, per_seed, strict=True)
+        if len(record["excluded_clients"]) == len(m.selected)
+      ]
+      message = None
+      if bool(per_seed[0].evaluated):
+        checks = [_check(m.validation if has_validation else m.test) for m in per_seed]
+        message = _divergence(f"round {r}", seeds, checks, checked_on, cause)
+        good_until = r if message is None else good_until
+      if diverged and message is None:
+        message = (
+          f"round {r}, seed {diverged[0]}: every training client's update was non-finite (NaN "
+          f"or inf), so there is nothing to aggregate; {cause}"
+        )
+      last = i == chunk.count - 1
+      yield RoundOutcome(r, records, state if last else None, message, good_until)
+      if message:
+        return []
+      done = r + 1
+      # Patience runs out only after an evaluated round, which ends its chunk (must_end).
+      stopped = patience.exhausted
+      if stopped:
+        break
+    if stopped:
       break
     t0 = time.perf_counter()
   outcome, final_checks = _final_models(experiment, state, done)
@@ -380,10 +513,15 @@ def _final_models(
 
 
 __all__ = [
+  "LONGEST_CHUNK",
   "RANDOM_DIRECTION_DEG",
+  "Chunk",
   "RoundOutcome",
   "Seeds",
+  "chunk_ends",
+  "chunked_apply",
   "diverged_models",
+  "iterate_chunks",
   "iterate_rounds",
   "keyed_apply",
   "round_key",

@@ -260,7 +260,7 @@ def _run_seeds(
   total = config.total_rounds
   try:
     yield Progress(label, first, total, compiling=True)
-    rounds = train(experiment, seeds, start, earlier)
+    rounds = train(experiment, seeds, start, earlier, checkpoint_every if manager else None)
     while True:
       try:
         with distributed.peers_checked():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,30 @@ def shared_compilation_cache(tmp_path_factory):
   for name, value in settings.items():
     jax.config.update(name, value)
     os.environ[name.upper()] = str(value)  # and the commands tests run as subprocesses
+
+
+@contextlib.contextmanager
+def compiles(name: str) -> Iterator[list[str]]:
+  """Collects, while open, a line for every program named ``jit(name)`` that JAX lowers to
+  compile (a hit in the persistent cache still counts: it is a program the run needed)."""
+  import jax
+
+  found: list[str] = []
+
+  class Collect(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+      message = record.getMessage()
+      if message.startswith(f"Compiling jit({name})"):
+        found.append(message[:200])
+
+  handler = Collect(logging.DEBUG)
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles():
+      yield found
+  finally:
+    logger.removeHandler(handler)
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_RUN as TINY
+from conftest import compiles
 
 from fedvp_jax import rounds, runner
 from fedvp_jax.algorithms import FederatedAlgorithm, over_seeds, seed_axes
@@ -68,17 +69,24 @@ def test_round_keys_are_derived_inside_the_jitted_round():
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "fedgen"])
-def test_the_round_is_traced_once_and_keys_stay_on_device(algo, monkeypatch):
-  """round_key runs only while the round is traced: once, if the host derives no keys and the
-  state init builds has the types every round returns (a weak-typed init once compiled the
-  round twice, 9-11 s of a Transformer run's start)."""
+def test_the_rounds_compile_once_and_keys_stay_on_device(algo, monkeypatch):
+  """round_key runs only while the round is traced, never on the host; and the chunk program
+  compiles once for chunks of every length, if the state init builds has the types every
+  round returns (a weak-typed init once compiled the round twice, 9-11 s of a Transformer
+  run's start)."""
   experiment = prepare(TINY.replace(algorithm=algo))
-  calls = []
+  on_host = []
   real = rounds.round_key
-  monkeypatch.setattr(rounds, "round_key", lambda *args: calls.append(1) or real(*args))
-  for _ in rounds.iterate_rounds(experiment.algorithm, experiment.data, [0, 1], 3):
-    pass
-  assert len(calls) == 1, f"round_key ran {len(calls)} times for 3 rounds"
+  monkeypatch.setattr(
+    rounds,
+    "round_key",
+    lambda key, r: on_host.append(r) if not isinstance(r, jax.core.Tracer) else real(key, r),
+  )
+  with compiles("run") as compiled:
+    chunks = rounds.iterate_chunks(experiment.algorithm, experiment.data, [0, 1], [1, 4, 5])
+    assert [chunk.count for chunk in chunks] == [1, 3, 1]
+  assert on_host == [], "round keys were derived on the host"
+  assert len(compiled) == 1, compiled
 
 
 def test_times_writes_every_seed_and_their_spread(tmp_path):
@@ -145,3 +153,32 @@ def test_one_seed_has_no_spread():
   assert summary["orthodromic_deg_std"] == [None, None]
   two = run_summary({}, {}, [*seeds, seed(0.7, [3.0, 4.0])])
   assert two["final_loss_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+def test_chunks_of_rounds_equal_rounds_one_at_a_time():
+  """The same rounds run in chunks of several rounds per call, or one per call, give the same
+  state and every round's metrics (rows past a chunk's count stay zero)."""
+  experiment = prepare(TINY.replace(eval_every=2))
+  algorithm, data = experiment.algorithm, experiment.data
+  one_at_a_time = [
+    (jax.device_get(state), metrics)
+    for state, metrics in rounds.iterate_rounds(algorithm, data, [0, 1], 5)
+  ]
+  chunks = list(rounds.iterate_chunks(algorithm, data, [0, 1], [1, 4, 5]))
+  assert [(c.first, c.count) for c in chunks] == [(0, 1), (1, 3), (4, 1)]
+  for chunk in chunks:
+    for i in range(chunk.count):
+      chex.assert_trees_all_close(
+        chunk.round_metrics(i), one_at_a_time[chunk.first + i][1], rtol=1e-5, atol=1e-6
+      )
+    for i in range(chunk.count, 3):
+      assert all(not np.any(leaf) for leaf in jax.tree.leaves(chunk.round_metrics(i)))
+  chex.assert_trees_all_close(
+    jax.device_get(chunks[-1].state), one_at_a_time[-1][0], rtol=1e-5, atol=1e-6
+  )
+
+
+def test_chunks_end_where_a_checkpoint_or_a_stop_needs_the_state():
+  assert rounds.chunk_ends(0, 3) == [1, 3]  # one round first: its time is the compile's
+  assert rounds.chunk_ends(0, 25, longest=10) == [1, 11, 21, 25]
+  assert rounds.chunk_ends(7, 30, lambda done: done % 10 == 0) == [8, 10, 20, 30]
