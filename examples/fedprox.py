@@ -103,7 +103,7 @@ def fedprox(
     return train(params, opt_state, (*batches, rows), key, params)
 
   def init(key: jax.Array, data: fv.ClientData) -> fv.ClientsState:
-    return init_clients(model, optimizer, key, data.num_clients)
+    return init_clients(model, optimizer, config, key, data.num_clients)
 
   def apply(state: fv.ClientsState, data: fv.ClientData, key: jax.Array):
     outcome = clients_round(model, config, update, state, data, key)
@@ -112,7 +112,7 @@ def fedprox(
   def evaluate(
     state: fv.ClientsState, data: fv.ClientData, part: str = "test", best: bool = False
   ) -> fv.ErrorSums:
-    return evaluate_deployed(model, config, state, data, part, best)
+    return evaluate_deployed(model, state, data, part, best)
 
   return fv.FederatedAlgorithm(init, apply, evaluate)
 

@@ -167,6 +167,12 @@ class Setting:
     unrecorded: for a setting added after runs were already recorded, ``(value,)``: what a
       ``config.json`` without it means, i.e. how fedvp_jax ran before the setting existed,
       so an old run is resumed, reused and reported as it ran; ``()``: the default.
+    traced: a value inside the compiled round, held in the state (the learning rates as
+      ``optax.inject_hyperparams`` values, beta, FedGen's weights and schedule lengths): a new
+      value never recompiles, and configurations that differ only in such settings (and in
+      the algorithm's send mode) run as one program
+      (:func:`~fedvp_jax.algorithms.over_configs`). Every other setting is static: it
+      changes shapes or the program's structure.
   """
 
   name: str
@@ -182,6 +188,7 @@ class Setting:
   check: Check | None = None
   placement: bool = False
   unrecorded: tuple[Any, ...] = ()
+  traced: bool = False
 
   @property
   def flag(self) -> str:
@@ -257,6 +264,7 @@ def _setting(
   check: Check | None = None,
   placement: bool = False,
   unrecorded: tuple[Any, ...] = (),
+  traced: bool = False,
 ) -> Any:
   """A dataclass field that is a setting (see :class:`Setting`; ``flags`` defaults to
   ``--<name>`` with dashes)."""
@@ -269,6 +277,7 @@ def _setting(
     "check": check,
     "placement": placement,
     "unrecorded": unrecorded,
+    "traced": traced,
   }
   return dataclasses.field(default=default, metadata={"setting": declared})
 
@@ -302,7 +311,9 @@ class RoundConfig:
   """
 
   send: str = "full"
-  beta: float = _setting(1.0, "clients take beta*server + (1-beta)*own", check=_in_unit_interval)
+  beta: float = _setting(
+    1.0, "clients take beta*server + (1-beta)*own", check=_in_unit_interval, traced=True
+  )
   local_steps: int = _setting(
     10,
     "local minibatch steps per client per round; one 'epoch' is one minibatch, as in FedGen's code",
@@ -394,6 +405,7 @@ class FedGenConfig:
     "generator Adam learning rate, decayed 0.98 per round (FedGen's: 1e-4)",
     ("--gen-learning-rate", "--ensemble-lr"),
     check=_positive_float32,
+    traced=True,
   )
   server_batch_size: int | None = _setting(
     None,
@@ -405,15 +417,17 @@ class FedGenConfig:
     "initial weight of the clients' generator term (FedGen's: 10)",
     ("--alpha", "--generative-alpha"),
     check=_non_negative_finite,
+    traced=True,
   )
   latent_weight: float = _setting(
     0.0,
     "initial weight of FedGen's latent term; 0 is off",
     ("--latent-weight", "--generative-beta"),
     check=_non_negative_finite,
+    traced=True,
   )
   diversity_weight: float = _setting(
-    0.0, "weight of FedGen's diversity loss", check=_non_negative_finite
+    0.0, "weight of FedGen's diversity loss", check=_non_negative_finite, traced=True
   )
   pretrain_rounds: int = _setting(
     0,
@@ -421,9 +435,10 @@ class FedGenConfig:
     "trains it; they come before --rounds, so a run has pretrain + rounds rounds",
     ("--pretrain-rounds", "--pretrain-epochs"),
     check=_at_least(0),
+    traced=True,
   )
   gen_warmup: int = _setting(
-    0, "rounds over which alpha ramps up from 0 after stage one", check=_at_least(0)
+    0, "rounds over which alpha ramps up from 0 after stage one", check=_at_least(0), traced=True
   )
   noise_dim: int = _setting(32, "size of the generator's noise input", check=_at_least(1))
   generator_hidden: int = _setting(
@@ -579,7 +594,9 @@ class RunConfig:
     100, "federated rounds", ("--rounds", "--num-glob-iters"), check=_at_least(1)
   )
   optimizer: str = _setting("sgd", "the clients' optimizer", choices=OPTIMIZERS)
-  learning_rate: float = _setting(0.01, "the clients' learning rate", check=_positive_float32)
+  learning_rate: float = _setting(
+    0.01, "the clients' learning rate", check=_positive_float32, traced=True
+  )
   num_clients: int | None = _setting(
     10,
     "viewers drawn (seeded) as clients (None, from Python or config.json: every viewer)",
@@ -702,6 +719,9 @@ SCHEMA: dict[str, Setting] = {}
 SCHEMA.update((s.name, s) for s in _settings_of(RunConfig, ()))
 """Every setting by its flat name, in declaration order (the order of ``--help``)."""
 
+TRACED = tuple(name for name, s in SCHEMA.items() if s.traced)
+"""The settings held as values inside the compiled round (:attr:`Setting.traced`)."""
+
 _BY_LEGACY = {
   old: s.name
   for s in SCHEMA.values()
@@ -814,6 +834,7 @@ __all__ = [
   "SCHEMA",
   "SEND_MODES",
   "SPLITS",
+  "TRACED",
   "AlgorithmSpec",
   "FedGenConfig",
   "PrivacyConfig",

@@ -8,6 +8,7 @@ import json
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -69,8 +70,10 @@ class Experiment:
 
 
 def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
-  """The clients' optax optimizer at ``config.learning_rate``."""
-  return {"sgd": optax.sgd, "adam": optax.adam}[config.optimizer](config.learning_rate)
+  """The clients' optax optimizer at ``config.learning_rate``, an ``optax.inject_hyperparams``
+  value in its state (so :func:`~fedvp_jax.algorithms.over_configs` can vary it)."""
+  build = {"sgd": optax.sgd, "adam": optax.adam}[config.optimizer]
+  return optax.inject_hyperparams(build, hyperparam_dtype=jnp.float32)(config.learning_rate)
 
 
 OVERSIZED_BATCH = 4

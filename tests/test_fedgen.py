@@ -212,7 +212,9 @@ def reference_fedgen_round(model, generator, cfg, config, state, data, key):
   g_opt = optax.adam(
     optax.exponential_decay(cfg.gen_learning_rate, cfg.gen_steps, SCHEDULE_DECAY, staircase=True)
   )
-  opt_state = state.generator_opt_state
+  # The state's optimizer holds its initial rate as an injected hyperparameter; inside is
+  # plain Adam's state.
+  opt_state = state.generator_opt_state.inner_state
   batch = config.batch_size
 
   def generator_objective(g_params, y, w, noise):

@@ -11,6 +11,8 @@ A client receiving a layer takes ``beta * server + (1 - beta) * own``; ``beta = 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -79,25 +81,47 @@ def blend(server: Params, own: StackedParams, beta: float | jax.Array) -> Stacke
   return jax.tree.map(lambda s, o: beta * s[None] + (1.0 - beta) * o, server, own)
 
 
-def receive(
-  server: Params, clients: StackedParams, send: str, beta: float | jax.Array
+def send_mask(params: Params, send: str) -> Params:
+  """What the server sends as data: a tree like ``params`` with ``f32[]`` leaves, 1 where the
+  server sends that layer and 0 where the client keeps its own (see the module doc), so that
+  every send mode runs in one program (:func:`receive_sent`).
+
+  Args:
+    params: one model's params (or their shapes).
+    send: ``"full"``, ``"partial"`` (the ``"head"`` subtree only) or ``"none"``.
+  """
+
+  def sent(path: Any, _: Any) -> jax.Array:
+    head = getattr(path[0], "key", None) == "head"
+    return jnp.asarray(send == "full" or (send == "partial" and head), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(sent, params)
+
+
+def receive_sent(
+  server: Params, clients: StackedParams, sent: Params, beta: float | jax.Array
 ) -> StackedParams:
-  """Every client's params after taking what the server sends (see the module doc).
+  """Every client's params after taking what the server sends.
 
   Args:
     server: the server's model.
     clients: every client's model, leaves ``f32[clients, ...]``.
-    send: ``"full"``, ``"partial"`` (the ``"head"`` subtree only) or ``"none"``.
+    sent: :func:`send_mask`, ``f32[]`` leaves of 1 (sent) or 0.
     beta: the server's share of each received layer.
 
   Returns:
-    The clients' params, leaves ``f32[clients, ...]``.
+    ``w * server + (1 - w) * own`` per layer with ``w = beta * sent``, leaves ``f32[clients,
+    ...]``: exactly the server's layer where ``w`` is 1 and exactly the client's where it is 0.
   """
-  if send == "none":
-    return clients
-  if send == "full":
-    return blend(server, clients, beta)
-  return {**clients, "head": blend(server["head"], clients["head"], beta)}
+  return jax.tree.map(lambda s, o, m: blend(s, o, beta * m), server, clients, sent)
+
+
+def receive(
+  server: Params, clients: StackedParams, send: str, beta: float | jax.Array
+) -> StackedParams:
+  """:func:`receive_sent` with the send mode by name (``"full"``, ``"partial"`` or
+  ``"none"``)."""
+  return receive_sent(server, clients, send_mask(server, send), beta)
 
 
 def where_clients(

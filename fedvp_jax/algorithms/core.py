@@ -7,7 +7,7 @@ the state and ``apply`` runs one round; ``apply`` is what gets jitted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -15,9 +15,15 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedvp_jax.algorithms.aggregation import aggregate, is_finite, receive, where_clients
+from fedvp_jax.algorithms.aggregation import (
+  aggregate,
+  is_finite,
+  receive_sent,
+  send_mask,
+  where_clients,
+)
 from fedvp_jax.algorithms.client import LocalUpdate, stack
-from fedvp_jax.config import RoundConfig
+from fedvp_jax.config import TRACED, RoundConfig
 from fedvp_jax.data.federated import (
   ClientData,
   EvalWindows,
@@ -25,6 +31,7 @@ from fedvp_jax.data.federated import (
   sample_batches,
   sample_final_targets,
 )
+from fedvp_jax.errors import SettingError
 from fedvp_jax.metrics import ErrorSums, error_sums, summarize
 from fedvp_jax.models import Model
 from fedvp_jax.types import Params, PRNGKey, StackedOptState, StackedParams, State
@@ -56,6 +63,29 @@ class Selected:
 
 
 @struct.dataclass
+class RoundHyperparams:
+  """The round's settings that are values, not program structure: held in the state (like
+  ``optax.inject_hyperparams``' learning rate in an optimizer state), so a new value never
+  recompiles, and configurations that differ only in them run as one vmapped program
+  (:func:`over_configs`).
+
+  Attributes:
+    beta: ``f32[]`` the server's share of each layer a client receives.
+    sent: ``Params``-shaped tree of ``f32[]``: 1 where the server sends the layer, 0 where the
+      client keeps its own (:func:`~fedvp_jax.algorithms.aggregation.send_mask` of the send
+      mode: full, head only or nothing).
+  """
+
+  beta: jax.Array
+  sent: Params
+
+
+def round_hyperparams(config: RoundConfig, params: Params) -> RoundHyperparams:
+  """``config``'s :class:`RoundHyperparams` for a model with ``params``."""
+  return RoundHyperparams(jnp.asarray(config.beta, jnp.float32), send_mask(params, config.send))
+
+
+@struct.dataclass
 class ClientsState:
   """The part of the state every algorithm has.
 
@@ -63,9 +93,11 @@ class ClientsState:
     server_params: ``Params``, the server's (aggregated) model.
     client_params: ``StackedParams``, leaves ``f32[clients, ...]``: each client's own model as
       it stands after its last local training.
-    client_opt_state: ``StackedOptState``, leaves ``[clients, ...]``.
+    client_opt_state: ``StackedOptState``, leaves ``[clients, ...]`` (an
+      ``optax.inject_hyperparams`` optimizer holds its learning rate here, ``f32[clients]``).
     round: ``i32[]`` rounds completed.
     selected: the models chosen on validation so far (:class:`Selected`).
+    hyper: the round's settings held as values (:class:`RoundHyperparams`).
   """
 
   server_params: Params
@@ -73,6 +105,29 @@ class ClientsState:
   client_opt_state: StackedOptState
   round: jax.Array
   selected: Selected
+  hyper: RoundHyperparams
+
+  def with_hyperparam(self, name: str, value: Any) -> ClientsState:
+    """This state with setting ``name`` (one held as a value: ``beta``, ``send`` as a
+    :func:`~fedvp_jax.algorithms.aggregation.send_mask`, or ``learning_rate``, which an
+    ``optax.inject_hyperparams`` optimizer holds) set to ``value``.
+
+    Raises:
+      SettingError: for another setting, or a learning rate the optimizer does not hold.
+    """
+    if name == "beta":
+      return self.replace(hyper=self.hyper.replace(beta=_like(self.hyper.beta, value)))
+    if name == "send":
+      return self.replace(hyper=self.hyper.replace(sent=value))
+    if name == "learning_rate":
+      held = getattr(self.client_opt_state, "hyperparams", {})
+      if "learning_rate" not in held:
+        raise SettingError(
+          name, None, "the clients' optimizer must hold it: build it with optax.inject_hyperparams"
+        )
+      rates = {**held, "learning_rate": _like(held["learning_rate"], value)}
+      return self.replace(client_opt_state=self.client_opt_state._replace(hyperparams=rates))
+    raise SettingError(name, None, "is not one of this algorithm's settings held as values")
 
 
 class RoundMetrics(NamedTuple):
@@ -128,15 +183,147 @@ class FederatedAlgorithm(NamedTuple):
 
 
 def seed_axes(state: State) -> Any:
-  """The vmap axes of a seeds-batched state: 0 for every leaf but the round counters.
+  """The vmap axes of a seeds-batched state: 0 for every leaf but the round counters and the
+  settings held as values (``hyper``: every seed runs the same configuration).
 
   Every seed is at the same round, so ``round`` stays one unbatched ``i32[]``: a batched
-  counter would make each ``lax.cond`` it steers (evaluation on its schedule, FedGen's stage
-  one) a ``select`` that computes both branches every round.
+  counter (or a batched setting, such as FedGen's pretraining length) would make each
+  ``lax.cond`` it steers (evaluation on its schedule, FedGen's stage one) a ``select`` that
+  computes both branches every round.
   """
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: None if getattr(path[-1], "name", None) == "round" else 0, state
+    lambda path, _: None if _is_round(path) or _is_hyper(path) else 0, state
   )
+
+
+def _is_round(path: Any) -> bool:
+  return getattr(path[-1], "name", None) == "round"
+
+
+def _is_hyper(path: Any) -> bool:
+  return any(getattr(entry, "name", None) == "hyper" for entry in path)
+
+
+def _like(leaf: jax.Array, value: Any) -> jax.Array:
+  """``value`` with ``leaf``'s dtype and shape (a per-client copy where ``leaf`` has one)."""
+  return jnp.broadcast_to(jnp.asarray(value, leaf.dtype), leaf.shape)
+
+
+def config_axes(state: State) -> Any:
+  """The vmap axes of a configurations-batched state (:func:`over_configs`): 0 for every leaf
+  but the round counter, which every configuration shares."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: None if _is_round(path) else 0, state)
+
+
+Hyperparams = Mapping[str, Sequence[Any]]
+"""Settings held as values, by name, ``C`` values each (one per configuration): a sequence or
+an array ``[C]``; ``send`` as names (``"full"``, ``"partial"``, ``"none"``). Which settings
+these can be is declared in :mod:`fedvp_jax.config` (``Setting.traced``)."""
+
+
+def over_configs(
+  algorithm: FederatedAlgorithm, hyperparams: Hyperparams, rounds: Sequence[int] | None = None
+) -> FederatedAlgorithm:
+  """``algorithm`` run for ``C`` configurations at once, as one vmapped program: the
+  configurations differ only in ``hyperparams``, settings the state holds as values
+  (:class:`RoundHyperparams`, FedGen's
+  :class:`~fedvp_jax.algorithms.fedgen.GeneratorHyperparams`, the optimizers' injected learning
+  rates), so one compile serves them all.
+
+  Configuration c equals ``algorithm`` built with its settings and run alone with the same
+  key, up to float rounding. Every configuration shares the key (as separate runs of one seed
+  would), ``data`` and the round counter; :func:`over_seeds` on top adds seeds (state leaves
+  ``[seeds, C, ...]``).
+
+  Args:
+    algorithm: built from any one of the configurations: every setting not in
+      ``hyperparams`` is its. Settings varied here must all be values in its state (a
+      learning rate needs a clients' optimizer built with ``optax.inject_hyperparams``); with
+      DP on, the send mode decides what is clipped, so it must not vary.
+    hyperparams: see :data:`Hyperparams`.
+    rounds: each configuration's number of rounds; a configuration's state stays as it is
+      after its last round (shorter runs wait, frozen, while longer ones go on), and its
+      metrics in later rounds are to be ignored. ``None``: every configuration runs every
+      round.
+
+  Returns:
+    A :class:`FederatedAlgorithm` whose ``init(key, data)``, ``apply(state, data, key)``,
+    ``evaluate`` and ``evaluate_global`` work on every configuration at once: state and metric
+    leaves gain a leading ``C`` axis, except the shared ``round`` (:func:`config_axes`).
+
+  Raises:
+    SettingError: for a setting the state does not hold as a value.
+  """
+  for name in hyperparams:
+    if name not in (*TRACED, "send"):
+      raise SettingError(
+        name,
+        None,
+        "is static (it changes the program's shapes or structure): configurations that differ "
+        f"in it need programs of their own; these can vary: send, {', '.join(TRACED)}",
+      )
+  counts = {len(values) for values in hyperparams.values()} | (
+    set() if rounds is None else {len(rounds)}
+  )
+  if len(counts) != 1:
+    raise ValueError(f"every setting needs one value per configuration; got {sorted(counts)}")
+  (num_configs,) = counts
+  last = None if rounds is None else jnp.asarray(rounds, jnp.int32)
+
+  def stacked(params: Params) -> dict[str, Any]:
+    """``hyperparams`` as arrays ``[C]``; ``send`` as stacked masks."""
+    out: dict[str, Any] = {}
+    for name, values in hyperparams.items():
+      if name == "send":
+        out[name] = jax.tree.map(
+          lambda *masks: jnp.stack(masks), *[send_mask(params, mode) for mode in values]
+        )
+      else:
+        out[name] = jnp.asarray(values)
+    return out
+
+  def configured(state: State, values: dict[str, Any]) -> State:
+    for name, value in values.items():
+      state = state.with_hyperparam(name, value)
+    return state
+
+  def init(key: PRNGKey, data: ClientData) -> State:
+    values = stacked(clients_state(jax.eval_shape(algorithm.init, key, data)).server_params)
+    one = lambda values: configured(algorithm.init(key, data), values)
+    first = jax.tree.map(lambda leaf: leaf[0], values)
+    axes = config_axes(jax.eval_shape(one, first))
+    return jax.vmap(one, out_axes=axes)(values)
+
+  def apply(state: State, data: ClientData, key: PRNGKey) -> tuple[State, RoundMetrics]:
+    def one(state: State, active: jax.Array) -> tuple[State, RoundMetrics]:
+      new, metrics = algorithm.apply(state, data, key)
+      if last is None:
+        return new, metrics
+      frozen = jax.tree_util.tree_map_with_path(
+        lambda path, n, o: n if _is_round(path) else jnp.where(active, n, o), new, state
+      )
+      return frozen, metrics
+
+    axes = config_axes(state)
+    round_index = clients_state(state).round
+    active = jnp.ones(num_configs, bool) if last is None else round_index < last
+    return jax.vmap(one, in_axes=(axes, 0), out_axes=(axes, 0))(state, active)
+
+  def evaluate(
+    state: State, data: ClientData, part: Part = "test", best: bool = False
+  ) -> ErrorSums:
+    one = lambda state: algorithm.evaluate(state, data, part, best)
+    return jax.vmap(one, in_axes=(config_axes(state),))(state)
+
+  evaluate_global = None
+  if algorithm.evaluate_global is not None:
+    by_config = algorithm.evaluate_global
+
+    def evaluate_global(state: State, windows: EvalWindows, best: bool = False) -> ErrorSums:
+      one = lambda state: by_config(state, windows, best)
+      return jax.vmap(one, in_axes=(config_axes(state),))(state)
+
+  return FederatedAlgorithm(init, apply, evaluate, evaluate_global)
 
 
 def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
@@ -194,9 +381,14 @@ def clients_state(state: State) -> ClientsState:
 
 
 def init_clients(
-  model: Model, optimizer: optax.GradientTransformation, key: PRNGKey, num_clients: int
+  model: Model,
+  optimizer: optax.GradientTransformation,
+  config: RoundConfig,
+  key: PRNGKey,
+  num_clients: int,
 ) -> ClientsState:
-  """Server and every client start from the same initial model, like FedGen's deep copies."""
+  """Server and every client start from the same initial model, like FedGen's deep copies;
+  the state holds ``config``'s :class:`RoundHyperparams`."""
   params = model.init(key)
   clients = stack(params, num_clients)
   return ClientsState(
@@ -207,6 +399,7 @@ def init_clients(
     selected=Selected(
       clients, params, jnp.array(NOT_VALIDATED, jnp.float32), jnp.array(-1, jnp.int32)
     ),
+    hyper=round_hyperparams(config, params),
   )
 
 
@@ -223,17 +416,23 @@ def evaluate_clients(model: Model, params: StackedParams, windows: EvalWindows) 
   return error_sums(prediction, windows.y, windows.mask)
 
 
-def deployed_params(config: RoundConfig, state: ClientsState, best: bool = False) -> StackedParams:
+def deployed_params(state: ClientsState, best: bool = False) -> StackedParams:
   """The models clients would use now (theirs after receiving the server's), or with ``best``
   those chosen on validation."""
   if best:
     return state.selected.client_params
-  return receive(state.server_params, state.client_params, config.send, config.beta)
+  return received(state)
+
+
+def received(state: ClientsState) -> StackedParams:
+  """Every client's params after taking what the server sends (the state's
+  :class:`RoundHyperparams`)."""
+  hyper = state.hyper
+  return receive_sent(state.server_params, state.client_params, hyper.sent, hyper.beta)
 
 
 def evaluate_deployed(
   model: Model,
-  config: RoundConfig,
   state: ClientsState,
   data: ClientData,
   part: Part = "test",
@@ -242,7 +441,7 @@ def evaluate_deployed(
   """Errors of the deployed models (:func:`deployed_params`) on every client's ``part``
   windows."""
   windows = {"test": data.test, "validation": data.validation}[part]
-  return evaluate_clients(model, deployed_params(config, state, best), windows)
+  return evaluate_clients(model, deployed_params(state, best), windows)
 
 
 def evaluate_server(
@@ -489,7 +688,7 @@ def clients_round(
 ) -> ClientsRound:
   """The round every algorithm shares: receive, evaluate, train the selected clients,
   aggregate their models weighted by their training-sample counts."""
-  params = receive(state.server_params, state.client_params, config.send, config.beta)
+  params = received(state)
   validation, test, evaluated = evaluate_on_schedule(model, config, params, data, state.round)
   has_validation = data.val_mask.shape[1] > 0
   selected = select_on_validation(state, params, validation, evaluated, has_validation)
@@ -511,7 +710,11 @@ def clients_round(
     selected=result.selected,
     excluded=~used,
   )
-  new_state = ClientsState(
-    server, result.client_params, result.client_opt_state, state.round + 1, selected
+  new_state = state.replace(
+    server_params=server,
+    client_params=result.client_params,
+    client_opt_state=result.client_opt_state,
+    round=state.round + 1,
+    selected=selected,
   )
   return ClientsRound(new_state, metrics, result, used)

@@ -52,7 +52,7 @@ def fedavg(
 
   def init(key: PRNGKey, data: ClientData) -> ClientsState:
     config.check_clients(data.num_clients)
-    return core.init_clients(model, optimizer, key, data.num_rows)
+    return core.init_clients(model, optimizer, config, key, data.num_rows)
 
   def apply(
     state: ClientsState, data: ClientData, key: PRNGKey
@@ -65,7 +65,7 @@ def fedavg(
   def evaluate(
     state: ClientsState, data: ClientData, part: core.Part = "test", best: bool = False
   ) -> ErrorSums:
-    return core.evaluate_deployed(model, config, state, data, part, best)
+    return core.evaluate_deployed(model, state, data, part, best)
 
   def evaluate_global(state: ClientsState, windows: EvalWindows, best: bool = False) -> ErrorSums:
     return core.evaluate_server(model, state, windows, best)

@@ -75,18 +75,68 @@ SCHEDULE_FLOOR = 1e-4
 
 
 @struct.dataclass
+class GeneratorHyperparams:
+  """FedGen's settings that are values, not program structure (see
+  :class:`~fedvp_jax.algorithms.core.RoundHyperparams`).
+
+  Attributes:
+    alpha: ``f32[]`` initial weight of the clients' generator term.
+    latent_weight: ``f32[]`` initial weight of the latent term (whether the term is in the
+      program at all is structure: ``FedGenConfig.latent_weight > 0``).
+    diversity_weight: ``f32[]`` weight of the diversity loss in G's objective.
+    pretrain_rounds: ``i32[]`` stage-one rounds.
+    warmup: ``i32[]`` rounds over which alpha_t ramps up after stage one.
+  """
+
+  alpha: jax.Array
+  latent_weight: jax.Array
+  diversity_weight: jax.Array
+  pretrain_rounds: jax.Array
+  warmup: jax.Array
+
+
+def generator_hyperparams(cfg: FedGenConfig) -> GeneratorHyperparams:
+  """``cfg``'s :class:`GeneratorHyperparams`."""
+  f32 = lambda value: jnp.asarray(value, jnp.float32)
+  return GeneratorHyperparams(
+    alpha=f32(cfg.alpha),
+    latent_weight=f32(cfg.latent_weight),
+    diversity_weight=f32(cfg.diversity_weight),
+    pretrain_rounds=jnp.asarray(cfg.pretrain_rounds, jnp.int32),
+    warmup=jnp.asarray(cfg.gen_warmup, jnp.int32),
+  )
+
+
+@struct.dataclass
 class FedGenState:
   """The FedGen family's state.
 
   Attributes:
-    clients: server and client models, optimizer states, round count.
+    clients: server and client models, optimizer states, round count, round settings.
     generator_params: ``Params`` of G.
     generator_opt_state: G's Adam state (its step count drives the learning-rate decay).
+    hyper: FedGen's settings held as values (:class:`GeneratorHyperparams`).
   """
 
   clients: ClientsState
   generator_params: Params
   generator_opt_state: OptState
+  hyper: GeneratorHyperparams
+
+  def with_hyperparam(self, name: str, value: Any) -> FedGenState:
+    """This state with setting ``name`` (FedGen's ``alpha``, ``latent_weight``,
+    ``diversity_weight``, ``pretrain_rounds``, ``gen_warmup``, ``gen_learning_rate``, or one
+    of :meth:`ClientsState.with_hyperparam`'s) set to ``value``."""
+    field = {"gen_warmup": "warmup"}.get(name, name)
+    if field in ("alpha", "latent_weight", "diversity_weight", "pretrain_rounds", "warmup"):
+      old = getattr(self.hyper, field)
+      return self.replace(hyper=self.hyper.replace(**{field: jnp.asarray(value, old.dtype)}))
+    if name == "gen_learning_rate":
+      opt = self.generator_opt_state
+      rate = jnp.asarray(value, opt.hyperparams["learning_rate"].dtype)
+      hyperparams = {**opt.hyperparams, "learning_rate": rate}
+      return self.replace(generator_opt_state=opt._replace(hyperparams=hyperparams))
+    return self.replace(clients=self.clients.with_hyperparam(name, value))
 
 
 class GeneratorContext(NamedTuple):
@@ -103,20 +153,25 @@ class GeneratorContext(NamedTuple):
   latent_weight: jax.Array
 
 
-def generator_weights(config: FedGenConfig, round_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+def generator_weights(
+  config: FedGenConfig | GeneratorHyperparams, round_index: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """``(alpha_t, beta_t)`` of a round (0 while the generator is off); see the module doc."""
-  start = max(config.pretrain_rounds, 1)
+  hyper = generator_hyperparams(config) if isinstance(config, FedGenConfig) else config
+  start = jnp.maximum(hyper.pretrain_rounds, 1)
   t = (round_index - start).astype(jnp.float32)
   decay = SCHEDULE_DECAY**t
-  ramp = jnp.clip((t + 1) / config.gen_warmup, 0.0, 1.0) if config.gen_warmup else 1.0
+  ramp = jnp.where(
+    hyper.warmup > 0, jnp.clip((t + 1) / jnp.maximum(hyper.warmup, 1), 0.0, 1.0), 1.0
+  )
   on = round_index >= start
 
-  def weight(initial: float) -> jax.Array:
-    if initial == 0:
-      return jnp.zeros(())
-    return jnp.where(on, jnp.maximum(SCHEDULE_FLOOR, initial * decay) * ramp, 0.0)
+  def weight(initial: jax.Array) -> jax.Array:
+    # A weight of 0 is off: the floor would otherwise switch it on.
+    scheduled = jnp.maximum(SCHEDULE_FLOOR, initial * decay) * ramp
+    return jnp.where(on & (initial > 0), scheduled, 0.0)
 
-  return weight(config.alpha), weight(config.latent_weight)
+  return weight(hyper.alpha), weight(hyper.latent_weight)
 
 
 def diversity_loss(noise: jax.Array, z: jax.Array) -> jax.Array:
@@ -199,14 +254,26 @@ def teacher_loss(
   return jnp.sum(jnp.mean(weights * error, axis=1)), z
 
 
-GeneratorUpdate = Callable[
-  [Params, OptState, StackedParams, jax.Array, jax.Array, PRNGKey],
-  tuple[Params, OptState, jax.Array, jax.Array],
-]
-"""``(g_params, g_opt_state, heads, usable, heat, key) -> (g_params, g_opt_state, teacher,
-diversity)``: the server's generator steps of one round. ``heads``: the trained clients'
-params, leaves ``f32[K, ...]``; ``usable: bool[K]``; ``heat: f32[K, G/2, G]`` their label
-heatmaps; ``teacher`` and ``diversity`` are the losses' means over the steps."""
+GeneratorUpdate = Callable[..., tuple[Params, OptState, jax.Array, jax.Array]]
+"""``(g_params, g_opt_state, heads, usable, heat, key, diversity_weight=None) -> (g_params,
+g_opt_state, teacher, diversity)``: the server's generator steps of one round. ``heads``: the
+trained clients' params, leaves ``f32[K, ...]``; ``usable: bool[K]``; ``heat: f32[K, G/2, G]``
+their label heatmaps; ``diversity_weight``: ``f32[]``, or ``None`` for the one it was built
+with; ``teacher`` and ``diversity`` are the losses' means over the steps."""
+
+
+def generator_optimizer(learning_rate: float, steps_per_round: int) -> optax.GradientTransformation:
+  """G's Adam, its learning rate decaying by :data:`SCHEDULE_DECAY` per round of
+  ``steps_per_round`` steps. The initial rate is an ``optax.inject_hyperparams`` value in the
+  optimizer state (``hyperparams["learning_rate"]``), so it can change without a recompile."""
+
+  def adam(learning_rate: jax.Array) -> optax.GradientTransformation:
+    schedule = optax.exponential_decay(
+      learning_rate, steps_per_round, decay_rate=SCHEDULE_DECAY, staircase=True
+    )
+    return optax.adam(schedule)
+
+  return optax.inject_hyperparams(adam, hyperparam_dtype=jnp.float32)(learning_rate=learning_rate)
 
 
 def generator_update(
@@ -220,7 +287,7 @@ def generator_update(
   """Builds the server's generator training: ``num_steps`` optimizer steps inside
   ``lax.scan``, each on ``batch_size`` labels drawn from the clients' combined heatmap."""
 
-  def train(g_params, g_opt, heads, usable, heat, key):
+  def train(g_params, g_opt, heads, usable, heat, key, diversity_weight=diversity_weight):
     # An unusable client's head may hold NaN, and 0 * NaN is NaN in the gradient even where its
     # error is masked: give those clients harmless zero params and no heat at all.
     heads = where_clients(usable, heads, optax.tree.zeros_like(heads))
@@ -296,10 +363,7 @@ def fedgen_parts(
     noise_dim=cfg.noise_dim,
     hidden=cfg.generator_hidden,
   )
-  schedule = optax.exponential_decay(
-    cfg.gen_learning_rate, transition_steps=cfg.gen_steps, decay_rate=SCHEDULE_DECAY, staircase=True
-  )
-  g_optimizer = optax.adam(schedule)
+  g_optimizer = generator_optimizer(cfg.gen_learning_rate, cfg.gen_steps)
   client_loss = fedgen_client_loss(model, generator, cfg.latent_weight > 0, config.loss)
   train_generator = generator_update(
     model,
@@ -354,14 +418,15 @@ def fedgen(
     model_key, g_key = jax.random.split(key)
     g_params = generator.init(g_key)
     return FedGenState(
-      init_clients(model, optimizer, model_key, data.num_rows),
+      init_clients(model, optimizer, config, model_key, data.num_rows),
       g_params,
       g_optimizer.init(g_params),
+      generator_hyperparams(cfg),
     )
 
   def apply(state: FedGenState, data: ClientData, key: PRNGKey) -> tuple[FedGenState, RoundMetrics]:
     clients_key, server_key = jax.random.split(key)
-    alpha, latent_weight = generator_weights(cfg, state.clients.round)
+    alpha, latent_weight = generator_weights(state.hyper, state.clients.round)
     context = GeneratorContext(state.generator_params, alpha, latent_weight)
     outcome = clients_round(
       model, config, update, state.clients, data, clients_key, context, cfg.gen_batch_size
@@ -377,16 +442,24 @@ def fedgen(
       usable = jnp.ones((1,), bool)
       heat = jnp.sum(heat, axis=0, keepdims=True)
     g_params, g_opt, teacher, diversity = train_generator(
-      state.generator_params, state.generator_opt_state, heads, usable, heat, server_key
+      state.generator_params,
+      state.generator_opt_state,
+      heads,
+      usable,
+      heat,
+      server_key,
+      state.hyper.diversity_weight,
     )
     extra = {"generator_weight": alpha, "teacher_loss": teacher, "diversity_loss": diversity}
     metrics = outcome.metrics._replace(extra={**outcome.metrics.extra, **extra})
-    return FedGenState(outcome.state, g_params, g_opt), metrics
+    return state.replace(
+      clients=outcome.state, generator_params=g_params, generator_opt_state=g_opt
+    ), metrics
 
   def evaluate(
     state: FedGenState, data: ClientData, part: Part = "test", best: bool = False
   ) -> ErrorSums:
-    return evaluate_deployed(model, config, state.clients, data, part, best)
+    return evaluate_deployed(model, state.clients, data, part, best)
 
   def evaluate_global(state: FedGenState, windows: EvalWindows, best: bool = False) -> ErrorSums:
     return evaluate_server(model, state.clients, windows, best)

@@ -1,0 +1,119 @@
+"""Configurations as data (issue 12): configurations that differ only in settings the state
+holds as values run as one vmapped program (``over_configs``), and each equals itself run
+alone."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import TINY_RUN, compiles
+
+from fedvp_jax.algorithms import clients_state, fedavg, over_configs
+from fedvp_jax.config import TRACED, RunConfig, get
+from fedvp_jax.errors import SettingError
+from fedvp_jax.experiment import prepare
+from fedvp_jax.models import build_model
+from fedvp_jax.rounds import run_rounds
+
+BASE = TINY_RUN.replace(eval_every=2, clients_per_round=2)
+
+
+def group_of(configs: list[RunConfig]) -> tuple[dict[str, list], list[int]]:
+  """The settings in which ``configs`` differ (with the send mode), and their rounds."""
+  varied = {
+    name: [get(config, name) for config in configs]
+    for name in TRACED
+    if len({get(config, name) for config in configs}) > 1
+  }
+  varied["send"] = [config.round.send for config in configs]
+  return varied, [config.total_rounds for config in configs]
+
+
+def slice_config(tree, c: int, seeds: bool):
+  """Configuration c of a group's state (after the seeds axis when there is one), leaving
+  the shared round counter as it is."""
+
+  def pick(path, leaf):
+    names = [getattr(entry, "name", None) for entry in path]
+    if names[-1] == "round":
+      return leaf
+    # Seeds share their settings: those leaves have no seeds axis.
+    return leaf[:, c] if seeds and "hyper" not in names else leaf[c]
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def assert_alone_equals_grouped(configs: list[RunConfig], seeds) -> None:
+  """Each configuration, run alone for its rounds, ends where it ends inside the group (its
+  state frozen after its last round), to float rounding."""
+  varied, rounds = group_of(configs)
+  # The group is built from a configuration that sends the full model, like the sweep does,
+  # so that the server's model on new viewers exists for every member.
+  leader = next(c for c in configs if c.round.send == "full")
+  experiment = prepare(leader)
+  group = over_configs(experiment.algorithm, varied, rounds)
+  with compiles("run") as compiled:
+    together = jax.device_get(run_rounds(group, experiment.data, seeds, max(rounds)))
+  assert len(compiled) == 1, compiled
+  for c, config in enumerate(configs):
+    alone_experiment = prepare(config)
+    chex.assert_trees_all_equal(alone_experiment.data, experiment.data)
+    alone = jax.device_get(
+      run_rounds(alone_experiment.algorithm, experiment.data, seeds, config.total_rounds)
+    )
+    mine = slice_config(together, c, seeds=not np.isscalar(seeds))
+    # The round counter is the group's; everything else is this configuration's.
+    chex.assert_trees_all_close(
+      clients_state(mine).replace(round=clients_state(alone).round),
+      clients_state(alone),
+      rtol=2e-5,
+      atol=2e-6,
+      custom_message=f"configuration {c}: {config.algorithm}",
+    )
+    if hasattr(alone, "generator_params"):
+      chex.assert_trees_all_close(
+        (mine.generator_params, mine.hyper),
+        (alone.generator_params, alone.hyper),
+        rtol=2e-5,
+        atol=2e-6,
+      )
+
+
+def test_the_fedavg_family_with_every_send_mode_and_beta_runs_as_one_program():
+  configs = [
+    BASE.replace(algorithm="fedavg"),
+    BASE.replace(algorithm="fedavg", beta=0.5, learning_rate=0.03),
+    BASE.replace(algorithm="local", learning_rate=0.02),
+    BASE.replace(algorithm="partial-fedavg"),
+    BASE.replace(algorithm="partial-fedavg", beta=0.5),
+  ]
+  assert_alone_equals_grouped(configs, seeds=(0, 1))
+
+
+def test_the_fedgen_family_with_pretraining_and_warmup_runs_as_one_program():
+  fedgen = BASE.replace(rounds=3, diversity_weight=0.1)
+  configs = [
+    fedgen.replace(algorithm="fedgen"),
+    fedgen.replace(algorithm="fedgen", beta=0.5, pretrain_rounds=2, gen_warmup=2),
+    fedgen.replace(algorithm="local-fedgen", alpha=0.5, gen_learning_rate=3e-3),
+    fedgen.replace(algorithm="partial-fedgen", pretrain_rounds=1, diversity_weight=0.0),
+  ]
+  assert_alone_equals_grouped(configs, seeds=0)
+
+
+def test_only_settings_held_as_values_can_vary():
+  experiment = prepare(BASE)
+  with pytest.raises(SettingError, match="local_steps.*is static"):
+    over_configs(experiment.algorithm, {"local_steps": [1, 2]})
+  with pytest.raises(ValueError, match="one value per configuration"):
+    over_configs(experiment.algorithm, {"beta": [0.5, 1.0]}, rounds=[3])
+  # A learning rate the optimizer does not hold as a value cannot be varied.
+  spec = experiment.spec
+  model = build_model("lstm", spec.history, spec.horizon, latent_dim=BASE.latent_dim)
+  plain = fedavg(model, optax.sgd(0.1), BASE.round)
+  group = over_configs(plain, {"learning_rate": [0.1, 0.2]})
+  with pytest.raises(SettingError, match="inject_hyperparams"):
+    group.init(jax.random.key(0), experiment.data)
