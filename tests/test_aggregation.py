@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedvp_jax.algorithms.aggregation import aggregate, receive, weighted_mean
+from fedvp_jax.algorithms.aggregation import (
+  aggregate,
+  receive,
+  receive_sent,
+  send_mask,
+  weighted_mean,
+)
 from fedvp_jax.config import RoundConfig
 from fedvp_jax.errors import ConfigError, SettingError
 
@@ -75,6 +81,13 @@ def test_receive_modes_by_hand(beta):
       np.testing.assert_array_equal(none[part][name][k], own)
   # Partial leaves every encoder bit-for-bit untouched.
   chex.assert_trees_all_equal(partial["encoder"], clients["encoder"])
+  # The send mode as data (per-leaf masks, what the vmapped round holds in its state) gives
+  # exactly the same models: the server's layer where sent with beta 1, the client's where not.
+  for send, by_name in (("full", full), ("partial", partial), ("none", none)):
+    masked = jax.jit(receive_sent)(server, clients, send_mask(server, send), beta)
+    chex.assert_trees_all_close(masked, by_name, rtol=1e-6)
+    if beta == 1.0 or send == "none":
+      chex.assert_trees_all_equal(masked, by_name)
 
 
 def test_bad_send_settings():

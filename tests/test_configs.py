@@ -106,7 +106,7 @@ def test_the_fedgen_family_with_pretraining_and_warmup_runs_as_one_program():
 
 def test_only_settings_held_as_values_can_vary():
   experiment = prepare(BASE)
-  with pytest.raises(SettingError, match="local_steps.*is static"):
+  with pytest.raises(SettingError, match=r"local_steps.*is static"):
     over_configs(experiment.algorithm, {"local_steps": [1, 2]})
   with pytest.raises(ValueError, match="one value per configuration"):
     over_configs(experiment.algorithm, {"beta": [0.5, 1.0]}, rounds=[3])

@@ -218,3 +218,27 @@ def test_heatmap_example_without_data_root_says_what_to_do(tmp_path):
 def test_heatmap_example_with_missing_folder(heatmap_only, tmp_path):
   with pytest.raises(fv.DataError, match="is not a folder"):
     heatmap_only.main(["--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")])
+
+
+# ---- lr_grid.py ---------------------------------------------------------------------------------
+
+
+def test_a_learning_rate_grid_in_one_program_equals_each_rate_alone(capsys):
+  """Every row of the grid equals plain FedAvg with optax.sgd at that rate (no injected
+  hyperparameters), run alone for each seed, to float rounding."""
+  lr_grid = load_example("lr_grid")
+  args = ["--num-clients", "3", "--rounds", "2", "--local-steps", "3", "--batch-size", "8"]
+  rows = lr_grid.main([*args, "--learning-rates", "0.02,0.2", "--seeds", "2"])
+  assert "2 learning rates in one program" in capsys.readouterr().out
+  spec = fv.parse_spec("Synthetic-m10-h5")
+  traces = fv.load_traces(spec, None, seed=0)
+  data = fv.build_client_data(traces, spec, fv.select_users(traces, 3, seed=0), seed=0)
+  model = fv.build_model("lstm", spec.history, spec.horizon, latent_dim=32)
+  config = fv.RoundConfig(local_steps=3, batch_size=8)
+  for row, rate in zip(rows, [0.02, 0.2], strict=True):
+    alone = fv.fedavg(model, optax.sgd(rate), config)
+    sums = [jax.jit(alone.evaluate)(fv.run_rounds(alone, data, seed, 2), data) for seed in (0, 1)]
+    summary = fv.summarize(jax.tree.map(lambda a, b: a + b, *sums))
+    np.testing.assert_allclose(row["loss"], float(summary.loss), rtol=1e-5)
+    np.testing.assert_allclose(row["orthodromic_deg"], summary.orthodromic_deg, rtol=1e-4)
+  assert rows[0]["loss"] != rows[1]["loss"]

@@ -12,7 +12,13 @@ import pytest
 from conftest import TINY_RUN
 
 from fedvp_jax.algorithms.client import augmented
-from fedvp_jax.algorithms.core import NOT_VALIDATED, ClientsState, Selected, select_on_validation
+from fedvp_jax.algorithms.core import (
+  NOT_VALIDATED,
+  ClientsState,
+  RoundHyperparams,
+  Selected,
+  select_on_validation,
+)
 from fedvp_jax.experiment import prepare
 from fedvp_jax.metrics import ErrorSums
 from fedvp_jax.rounds import train
@@ -24,7 +30,8 @@ def planted_state(num_clients: int = 2) -> ClientsState:
   params = {"w": jnp.zeros((3,))}
   stacked = jax.tree.map(lambda x: jnp.zeros((num_clients, *x.shape)), params)
   selected = Selected(stacked, params, jnp.array(NOT_VALIDATED), jnp.array(-1, jnp.int32))
-  return ClientsState(params, stacked, (), jnp.zeros((), jnp.int32), selected)
+  hyper = RoundHyperparams(jnp.ones(()), jax.tree.map(lambda _: jnp.ones(()), params))
+  return ClientsState(params, stacked, (), jnp.zeros((), jnp.int32), selected, hyper)
 
 
 @pytest.mark.parametrize("curve", [[5.0, 3.0, 4.0, 1.0, 2.0], [1.0, 2.0, 3.0], [3.0, 3.0, 2.0]])

@@ -119,9 +119,22 @@ def receive_sent(
 def receive(
   server: Params, clients: StackedParams, send: str, beta: float | jax.Array
 ) -> StackedParams:
-  """:func:`receive_sent` with the send mode by name (``"full"``, ``"partial"`` or
-  ``"none"``)."""
-  return receive_sent(server, clients, send_mask(server, send), beta)
+  """Every client's params after taking what the server sends, the send mode by name: the
+  same as :func:`receive_sent` with its :func:`send_mask`, but ``server`` need only hold
+  what is sent (the ``"head"`` subtree for ``"partial"``, nothing for ``"none"``), as when it
+  crosses a network (:mod:`fedvp_jax.flower`).
+
+  Args:
+    server: the server's model (or the part of it that is sent).
+    clients: every client's model, leaves ``f32[clients, ...]``.
+    send: ``"full"``, ``"partial"`` (the ``"head"`` subtree only) or ``"none"``.
+    beta: the server's share of each received layer.
+  """
+  if send == "none":
+    return clients
+  if send == "full":
+    return blend(server, clients, beta)
+  return {**clients, "head": blend(server["head"], clients["head"], beta)}
 
 
 def where_clients(
