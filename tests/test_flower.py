@@ -24,7 +24,7 @@ from fedvp_jax.algorithms.core import clients_state, plan_round
 from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.data.federated import sample_batches, sample_final_targets
 from fedvp_jax.experiment import prepare
-from fedvp_jax.flower.setup import build_setup, own_data, run_users
+from fedvp_jax.flower.setup import build_setup, catalogue, own_data, run_dataset, run_users
 from fedvp_jax.flower.wire import WireError, from_named, named_arrays
 from fedvp_jax.rounds import iterate_rounds
 from fedvp_jax.summaries import round_record
@@ -167,20 +167,23 @@ class DirectGrid:
   process, as node ``dst_node_id`` with the given node config."""
 
   def __init__(self, node_configs):
+    from flwr.app import RecordDict
+
     self.node_configs = node_configs
+    self.states = {node: RecordDict() for node in node_configs}  # each node's context.state
 
   def get_node_ids(self):
     return list(self.node_configs)
 
   def send_and_receive(self, messages, timeout=None):
-    from flwr.app import Context, RecordDict
+    from flwr.app import Context
 
     from fedvp_jax.flower import client
 
-    handlers = {"query": client.hello, "train": client.train}
+    handlers = {"query": client.hello, "train": client.train, "evaluate": client.evaluate}
     for msg in messages:
       node = msg.metadata.dst_node_id
-      context = Context(1, node, self.node_configs[node], RecordDict(), {})
+      context = Context(1, node, self.node_configs[node], self.states[node], {})
       yield handlers[msg.metadata.message_type](msg, context)
 
 
@@ -195,7 +198,7 @@ def test_a_client_with_other_settings_is_refused_with_a_clear_message(tmp_path, 
   from fedvp_jax.flower.server import RefusedError, roll_call, run_server
 
   setup = build_setup(SMALL)
-  users = run_users(SMALL)
+  traces, users = run_dataset(SMALL)
   own = tmp_path / "config.json"
   own.write_text(json.dumps(to_record(SMALL.replace(model="transformer"))))
   grid = DirectGrid(
@@ -203,7 +206,7 @@ def test_a_client_with_other_settings_is_refused_with_a_clear_message(tmp_path, 
     | {99: {"partition-id": len(users) - 1, "config": str(own)}}
   )
   with pytest.raises(RefusedError) as err:
-    roll_call(grid, setup, users, grid.get_node_ids())
+    roll_call(grid, setup, users, grid.get_node_ids(), catalogue(traces))
   message = str(err.value)
   assert "\n" not in message
   assert "client node 99 refused the run" in message and "model: 'transformer' -> 'lstm'" in message
