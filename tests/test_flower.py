@@ -18,15 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, write_dataset
 
 from fedvp_jax.algorithms.core import clients_state, plan_round
 from fedvp_jax.config import RunConfig, to_record
+from fedvp_jax.data.datasets import load_traces, parse_spec
 from fedvp_jax.data.federated import sample_batches, sample_final_targets
+from fedvp_jax.errors import DataError
 from fedvp_jax.experiment import prepare
 from fedvp_jax.flower.setup import build_setup, catalogue, own_data, run_dataset, run_users
 from fedvp_jax.flower.wire import WireError, from_named, named_arrays
 from fedvp_jax.rounds import iterate_rounds
+from fedvp_jax.rundir import RunDir
+from fedvp_jax.runner import run as engine_run_dir
 from fedvp_jax.summaries import round_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,14 +139,22 @@ def engine_run(config: RunConfig) -> tuple[object, list[dict]]:
   ],
   ids=["fedavg", "partial-fedavg-beta0.5", "fedgen-pretrained"],
 )
-def test_flower_simulation_ends_with_the_vmapped_rounds_server_model(settings):
+def test_flower_simulation_ends_with_the_vmapped_rounds_server_model(settings, tmp_path):
   from fedvp_jax.flower.simulation import simulate
 
   config = SMALL.replace(**settings)
   assert config.total_rounds == 3
   state, records = engine_run(config)
   with flower_lock():  # one Ray actor with 2 CPUs, clients in turn
-    result = simulate(config, cpus_per_client=2)
+    result = simulate(config, cpus_per_client=2, out=tmp_path / "flower")
+  # Its run directory is what `fedvp train` leaves, the same summary to float rounding.
+  engine_run_dir(config, tmp_path / "engine")
+  flower, engine = RunDir(tmp_path / "flower"), RunDir(tmp_path / "engine")
+  assert flower.is_finished() and flower.read_config() == config
+  assert flower.read_metrics(config.seed) == json.loads(json.dumps(result.records))
+  assert flower.read_summary() == json.loads(json.dumps(result.summary))
+  assert_same_summary(flower.read_summary(), engine.read_summary())
+  assert flower.read_baselines() == pytest.approx(engine.read_baselines())
   assert result.users == run_users(config)
   server = clients_state(state).server_params
   chex.assert_trees_all_close(result.params, server, rtol=1e-5, atol=1e-6)
@@ -160,6 +172,120 @@ def test_flower_simulation_ends_with_the_vmapped_rounds_server_model(settings):
     for name in ("train_loss", "test_loss", "validation_loss", "teacher_loss"):
       if name in theirs:
         assert ours[name] == pytest.approx(theirs[name], rel=1e-5), name
+
+
+def assert_same_summary(ours, theirs, path="summary"):
+  """Every entry of ``theirs`` (a vmapped run's summary.json) but timings is in ``ours``, equal
+  to float rounding: relative 1e-5, and 1e-3 percentage points for gains (a gain is a
+  difference of two near errors, which takes their rounding to absolute terms)."""
+  if isinstance(theirs, dict):
+    for key, value in theirs.items():
+      if not key.endswith("seconds"):
+        assert key in ours, f"{path}/{key} is missing"
+        assert_same_summary(ours[key], value, f"{path}/{key}")
+  elif isinstance(theirs, list):
+    assert len(ours) == len(theirs), path
+    for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+      assert_same_summary(a, b, f"{path}[{k}]")
+  elif isinstance(theirs, float):
+    absolute = 1e-3 if "gain_percent" in path else 1e-7
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=absolute), path
+  else:
+    assert ours == theirs, path
+
+
+def identity_for_messages(monkeypatch):
+  """Messages made outside a Flower process need the task identity Flower's runtimes set."""
+  from flwr.supercore.task_identity import TaskIdentity
+
+  for name in ("_task_id", "_run_id", "_node_id"):
+    monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def viewer_folder(root: Path, dataset: str, user: str, to: Path, split_files: bool) -> Path:
+  """A data root ``to`` holding ONE viewer's trace files of ``dataset`` under ``root``
+  (symbolic links, nothing copied) and, with ``split_files``, the dataset's split files."""
+  source = root / dataset
+  for video in (source / "sampled_dataset").iterdir():
+    if (video / user).is_file():
+      (to / dataset / "sampled_dataset" / video.name).mkdir(parents=True)
+      (to / dataset / "sampled_dataset" / video.name / user).symlink_to(video / user)
+  if split_files:
+    for name in ("train_set", "test_set"):
+      (to / dataset / name).symlink_to(source / name)
+  return to
+
+
+def real_windows(data, k: int) -> dict:
+  """Client ``k``'s real (unpadded) train, validation and test windows."""
+  parts = {"train": "train", "val": "val", "test": "test"}
+  return {
+    f"{p}_{xy}": np.asarray(getattr(data, f"{p}_{xy}")[k])[
+      np.asarray(getattr(data, f"{p}_mask")[k])
+    ]
+    for p in parts
+    for xy in ("x", "y")
+  }
+
+
+def test_a_client_with_only_its_viewers_folder_splits_as_the_vmapped_run(tmp_path):
+  # A dataset without split files: the video split is drawn from ALL videos, which a client
+  # holding only its own viewer's traces does not see (viewer 0 never watched video 2), so it
+  # needs the server's catalogue.
+  root = tmp_path / "all"
+  write_dataset(root, videos=6, users=4, length=40)
+  (root / "Tiny" / "sampled_dataset" / "2_video" / "0").unlink()
+  config = TINY_RUN.replace(
+    dataset="Tiny-m4-h2", data_dir=str(root), num_clients=4, validation_fraction=0.3
+  )
+  data = prepare(config).data
+  traces, users = run_dataset(config)
+  for k, user in enumerate(users):
+    folder = str(viewer_folder(root, "Tiny", user, tmp_path / f"viewer{user}", False))
+    chex.assert_trees_all_equal(
+      real_windows(own_data(config, user, folder, catalogue(traces)), 0), real_windows(data, k)
+    )
+  # what the folder alone would give (its own 5 videos split with the seed): other windows
+  alone = own_data(config, "0", str(tmp_path / "viewer0"))
+  assert not np.array_equal(real_windows(alone, 0)["test_x"], real_windows(data, 0)["test_x"])
+  # a folder of another viewer, or of another dataset, is refused in one line
+  with pytest.raises(DataError, match="no trace of viewer '1'"):
+    own_data(config, "1", str(tmp_path / "viewer0"), catalogue(traces))
+
+
+@needs_flwr
+@pytest.mark.real_data
+def test_clients_each_given_only_their_viewers_folder_run_as_the_vmapped_run(
+  david_root, tmp_path, monkeypatch
+):
+  # David_MMSys_18 has split files: copied into a viewer's folder they name pairs whose traces
+  # are elsewhere, which loading the folder as a dataset refuses. Each client reads only its
+  # own viewer's traces, with the dataset's split from the server, and the run (server and
+  # clients in this process) leaves the summary the vmapped run leaves.
+  identity_for_messages(monkeypatch)
+  from fedvp_jax.flower.server import run_server
+
+  config = TINY_RUN.replace(
+    dataset="David-m5-h5",
+    data_dir=str(david_root),
+    num_clients=2,
+    rounds=2,
+    validation_fraction=0.2,
+  )
+  users = run_users(config)
+  folders = {
+    user: viewer_folder(david_root, "David_MMSys_18", user, tmp_path / f"viewer{user}", True)
+    for user in users
+  }
+  with pytest.raises(DataError, match="has no trace"):
+    load_traces(parse_spec(config.dataset), folders[users[0]])
+  grid = DirectGrid({20 + i: {"user": u, "data-dir": str(folders[u])} for i, u in enumerate(users)})
+  result = run_server(grid, config, out=tmp_path / "flower")
+  engine_run_dir(config, tmp_path / "engine")
+  ours = RunDir(tmp_path / "flower").read_summary()
+  assert ours["seeds"][0]["missing_clients"] == [] and "new_viewers" in ours
+  assert_same_summary(ours, RunDir(tmp_path / "engine").read_summary())
+  assert [r["round"] for r in result.records] == [0, 1]
 
 
 class DirectGrid:
@@ -189,11 +315,7 @@ class DirectGrid:
 
 @needs_flwr
 def test_a_client_with_other_settings_is_refused_with_a_clear_message(tmp_path, monkeypatch):
-  # Messages made outside a Flower process need the task identity Flower's runtimes set.
-  from flwr.supercore.task_identity import TaskIdentity
-
-  for name in ("_task_id", "_run_id", "_node_id"):
-    monkeypatch.setattr(TaskIdentity, name, 1)
+  identity_for_messages(monkeypatch)
   from fedvp_jax.errors import FedVPError
   from fedvp_jax.flower.server import RefusedError, roll_call, run_server
 
