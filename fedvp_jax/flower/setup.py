@@ -91,7 +91,8 @@ def build_setup(config: RunConfig) -> Setup:
   """The :class:`Setup` of ``config`` (cached per config).
 
   Raises:
-    ConfigError: for settings a Flower run does not support (differential privacy).
+    ConfigError: for settings a Flower run does not support (differential privacy, devices,
+      several seeds, early stopping).
   """
   return _build(config_json(config))
 
@@ -105,6 +106,10 @@ def _build(text: str) -> Setup:
     )
   if config.devices is not None:
     raise ConfigError("devices: a Flower client trains alone; leave devices unset")
+  if config.num_seeds != 1:
+    raise ConfigError("num_seeds: a Flower run is one seed; run each seed as its own run")
+  if config.patience is not None:
+    raise ConfigError("patience: early stopping is not supported by the Flower apps yet")
   spec = parse_spec(config.dataset)
   model = build_model(config.model, spec.history, spec.horizon, latent_dim=config.latent_dim)
   optimizer = make_optimizer(config)
