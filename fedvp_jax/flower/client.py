@@ -10,21 +10,30 @@ model on schedule (:func:`~fedvp_jax.algorithms.core.evaluate_on_schedule`), tra
 :class:`~fedvp_jax.algorithms.core.ClientKeys`, sent by the server), and reply with the trained
 params, the step losses, the training-sample count, the error sums and, for FedGen, the label
 upload (the final targets it trained on). Its own model and optimizer state stay in the node's
-``context.state`` between rounds, as in the vmapped state.
+``context.state`` between rounds, as in the vmapped state, and so does the model it deployed in
+its last evaluated round (``fedvp.candidate``), which becomes its selected model
+(``fedvp.selected``) when the server's next message names that round as the one selected on
+validation. After the last round an ``evaluate`` message asks for the final model's test and
+validation errors, the selected model's test errors and the trivial predictors' (the run's
+summary, at the server).
 
 Node config (``--node-config`` of ``flower-supernode``; Flower's simulation sets
 ``partition-id``):
 
 * ``user``: this client's viewer, or ``partition-id``: its index in the run's users;
-* ``data-dir``: the folder with this viewer's traces (default: the run's ``data_dir``);
+* ``data-dir``: the data root with this viewer's traces (default: the run's ``data_dir``); it
+  may hold this viewer's trace files only: they are split within the server's catalogue of the
+  dataset (:func:`~fedvp_jax.flower.setup.own_data`);
 * ``config``: a ``config.json`` this client must run; a server with other settings is refused.
 
 Message contents (record names): ``config`` (ConfigRecord: ``config`` JSON, ``fingerprint``,
-``round``, ``users``, FedGen's ``alpha`` and ``latent-weight``), ``server`` and ``generator``
-(ArrayRecords of params, see :mod:`fedvp_jax.flower.wire`) and ``keys`` (the client's keys as
-``uint32`` key data); replies carry ``params``, ``upload`` (losses, error sums, points) and
-``metrics`` (``num-examples``, ``train-loss``), or ``hello`` (to ``query``) with ``refused``
-when this client will not join.
+``round``, ``users``, ``catalogue`` JSON, ``selected-round``, FedGen's ``alpha`` and
+``latent-weight``), ``server`` and ``generator`` (ArrayRecords of params, see
+:mod:`fedvp_jax.flower.wire`) and ``keys`` (the client's keys as ``uint32`` key data); replies
+carry ``params``, ``upload`` (losses, error sums, points) and ``metrics`` (``num-examples``,
+``train-loss``), ``final`` and ``metrics`` (``selected-round``) to ``evaluate``, or ``hello``
+(to ``query``: the viewer and its window counts) with ``refused`` when this client will not
+join.
 """
 
 from __future__ import annotations
