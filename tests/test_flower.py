@@ -171,6 +171,15 @@ def test_flower_simulation_ends_with_the_vmapped_rounds_server_model(settings, t
     )
   if config.uses_generator:
     chex.assert_trees_all_close(result.generator, state.generator_params, rtol=1e-5, atol=1e-6)
+  # The server keeps the vmapped state's Selected: where an earlier round than the final one
+  # validated best (FedGen's case here), the same round and server model.
+  engine_selected = clients_state(state).selected
+  assert not config.uses_generator or int(result.selected.from_round) < config.total_rounds
+  if int(result.selected.from_round) < config.total_rounds:
+    assert int(result.selected.from_round) == int(engine_selected.from_round)
+    chex.assert_trees_all_close(
+      result.selected.server_params, engine_selected.server_params, rtol=1e-5, atol=1e-6
+    )
   assert [r["missing_clients"] for r in result.records] == [[], [], []]
   for ours, theirs in zip(result.records, records, strict=True):
     assert ours.keys() - {"missing_clients", "seconds"} == theirs.keys()

@@ -502,8 +502,9 @@ def _final(
     logger.warning("clients %s: no final evaluation; the summary leaves them out", missing)
   final = _stacked([finals[c] for c in sorted(finals)])
   final_validation = float(summarize(final["validation"]).loss) if has_validation else math.nan
-  # The final models were never validated inside a round: one more selection step, as the
-  # vmapped run's end, picks them unless an earlier round validated better.
+  # The final models were never validated inside a round: one more selection step picks them
+  # unless an earlier round validated better, as the vmapped run's end does (on an exact tie
+  # of the two validation losses that end picks the final models, this step the earlier ones).
   chosen = _select(selected, server, done, final["validation"], True, has_validation)
   is_final = int(chosen.from_round) == done
   summary_entry = models_summary(
