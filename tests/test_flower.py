@@ -267,6 +267,23 @@ def test_a_client_with_only_its_viewers_folder_splits_as_the_vmapped_run(tmp_pat
     own_data(config, "1", str(tmp_path / "viewer0"), catalogue(traces))
 
 
+def test_a_viewers_folder_with_the_datasets_split_files_splits_as_the_vmapped_run(
+  tiny_root, tmp_path
+):
+  # Split files copied along name other viewers' pairs, absent here: loading the folder as a
+  # dataset refuses them; the client reads its own traces only, split as the server's are.
+  config = TINY_RUN.replace(dataset="Tiny-m4-h2", data_dir=str(tiny_root), num_clients=4)
+  folder = viewer_folder(tiny_root, "Tiny", "2", tmp_path / "viewer2", True)
+  with pytest.raises(DataError, match="has no trace"):
+    load_traces(parse_spec(config.dataset), folder)
+  traces, users = run_dataset(config)
+  assert traces.split is not None
+  chex.assert_trees_all_equal(
+    real_windows(own_data(config, "2", str(folder), catalogue(traces)), 0),
+    real_windows(prepare(config).data, users.index("2")),
+  )
+
+
 @needs_flwr
 @pytest.mark.real_data
 def test_clients_each_given_only_their_viewers_folder_run_as_the_vmapped_run(
