@@ -91,63 +91,89 @@ def stop(process: subprocess.Popen) -> None:
   process.wait(30)
 
 
-def deploy(tmp: Path, config: RunConfig, kill: tuple[int, int] | None = None) -> tuple[RunDir, str]:
-  """Runs ``config`` with a server and 3 clients; ``kill = (client, round)`` freezes that
-  client once it has received that round's message, then kills it. Returns the run directory
-  and the server's output."""
-  tmp.mkdir(parents=True, exist_ok=True)
-  port = free_port()
-  users = run_users(config)
-  out = tmp / "run"
-  server = start(
-    ["serve", *setting_flags(config), "--out", str(out), "--port", str(port), "--insecure"],
-    tmp / "server.log",
-  )
-  marker = tmp / "frozen"
-  faults: dict[int, dict[str, str]] = {}
-  if kill is not None:
-    (tmp / "fault").mkdir()
-    (tmp / "fault" / "sitecustomize.py").write_text(FREEZE)
-    path = os.pathsep.join([str(tmp / "fault"), os.environ.get("PYTHONPATH", "")])
-    faults[kill[0]] = {"PYTHONPATH": path, "FEDVP_TEST_FREEZE": f"{kill[1]}:{marker}"}
-  clients = [
-    start(
-      ["client", "--superlink", f"127.0.0.1:{port}", "--user", user, "--insecure"],
-      tmp / f"client{i}.log",
-      **faults.get(i, {}),
+class Deployment:
+  """``config`` run by a server and 3 clients, started at once; ``kill = (client, round)``
+  freezes that client once it has received that round's message, then kills it."""
+
+  def __init__(self, tmp: Path, config: RunConfig, kill: tuple[int, int] | None = None):
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    self.tmp, self.kill, self.killed = tmp, kill, False
+    self.out, self.marker = tmp / "run", tmp / "frozen"
+    self.server = start(
+      ["serve", *setting_flags(config), "--out", str(self.out), "--port", str(port), "--insecure"],
+      tmp / "server.log",
     )
-    for i, user in enumerate(users)
-  ]
-  try:
-    # A safety net for a hung run only: nothing below depends on how fast the rounds go.
-    deadline = time.monotonic() + 1200
-    killed = False
-    while server.poll() is None and time.monotonic() < deadline:
-      if kill is not None and not killed and marker.exists():
-        stop(clients[kill[0]])
-        killed = True
-      time.sleep(0.2)
-    output = (tmp / "server.log").read_text()
-    assert server.poll() == 0, output[-3000:]
-    assert kill is None or killed, "the client to kill never got that round's message"
-  finally:
-    for process in [server, *clients]:
+    faults: dict[int, dict[str, str]] = {}
+    if kill is not None:
+      (tmp / "fault").mkdir()
+      (tmp / "fault" / "sitecustomize.py").write_text(FREEZE)
+      path = os.pathsep.join([str(tmp / "fault"), os.environ.get("PYTHONPATH", "")])
+      faults[kill[0]] = {"PYTHONPATH": path, "FEDVP_TEST_FREEZE": f"{kill[1]}:{self.marker}"}
+    self.clients = [
+      start(
+        ["client", "--superlink", f"127.0.0.1:{port}", "--user", user, "--insecure"],
+        tmp / f"client{i}.log",
+        **faults.get(i, {}),
+      )
+      for i, user in enumerate(run_users(config))
+    ]
+
+  def running(self) -> bool:
+    """Whether the server still runs; kills the client to kill once it is frozen."""
+    if self.kill is not None and not self.killed and self.marker.exists():
+      stop(self.clients[self.kill[0]])
+      self.killed = True
+    return self.server.poll() is None
+
+  def stop(self) -> None:
+    for process in [self.server, *self.clients]:
       stop(process)
-  return RunDir(out), output
+
+  def result(self) -> tuple[RunDir, str]:
+    """The run directory and the server's output, once the server has exited."""
+    output = (self.tmp / "server.log").read_text()
+    assert self.server.poll() == 0, output[-3000:]
+    assert self.kill is None or self.killed, "the client to kill never got that round's message"
+    return RunDir(self.out), output
+
+
+def wait(deployments: list[Deployment]) -> None:
+  """Until every deployment's server has exited. A safety net for a hung run only: nothing
+  depends on how fast the rounds go."""
+  deadline = time.monotonic() + 1200
+  while any([d.running() for d in deployments]) and time.monotonic() < deadline:
+    time.sleep(0.2)
 
 
 def test_deployed_run_matches_the_vmapped_rounds_and_survives_a_killed_client(tmp_path):
-  state, expected = engine_run(CONFIG)
-  like = build_setup(CONFIG).params_like()
-  engine_params = clients_state(jax.device_get(state)).server_params
-
   def same_metrics(ours, theirs):
     assert ours.keys() - {"missing_clients", "seconds"} == theirs.keys() - {"seconds"}
     for name in ("train_loss", "test_loss", "validation_loss"):
       assert ours[name] == pytest.approx(theirs[name], rel=1e-5), (ours["round"], name)
 
+  # Two deployments at once (each server waits for its own clients only; the killed one idles
+  # until Flower's heartbeat check reports its dead client), and the vmapped reference runs in
+  # this process meanwhile.
+  deployments: list[Deployment] = []
   with flower_lock():
-    run, output = deploy(tmp_path / "whole", CONFIG)
+    try:
+      whole = Deployment(tmp_path / "whole", CONFIG)
+      deployments.append(whole)
+      # Client 2 frozen once it got round 1's message, then killed. (Two rounds: every round
+      # costs each client a fresh app process, about 15 s here.)
+      killed = Deployment(tmp_path / "killed", CONFIG.replace(rounds=2), kill=(2, 1))
+      deployments.append(killed)
+      state, expected = engine_run(CONFIG)
+      engine_run_dir(CONFIG, tmp_path / "engine")
+      wait(deployments)
+    finally:
+      for deployment in deployments:
+        deployment.stop()
+  like = build_setup(CONFIG).params_like()
+  engine_params = clients_state(jax.device_get(state)).server_params
+
+  run, output = whole.result()
   records = run.read_metrics(CONFIG.seed)
   assert run.read_record()["users"] == list(run_users(CONFIG))
   assert run.read_config() == CONFIG and run.is_finished()
@@ -157,15 +183,12 @@ def test_deployed_run_matches_the_vmapped_rounds_and_survives_a_killed_client(tm
   with np.load(run.path / "params.npz") as f:
     params = {n: f[n] for n in f.files if not n.startswith(("selected/", "generator/"))}
   chex.assert_trees_all_close(from_named(params, like), engine_params, rtol=1e-5, atol=1e-6)
-  engine_run_dir(CONFIG, tmp_path / "engine")
   assert_same_summary(run.read_summary(), RunDir(tmp_path / "engine").read_summary())
   assert '"round": 2' in output and "run directory:" in output  # the command printed them
 
-  # Client 2 frozen once it got round 1's message, then killed: left out of round 1, which
-  # still aggregates the other two, and of the final evaluation; round 0 is as before. (Two
-  # rounds: every round costs each client a fresh app process, about 15 s here.)
-  with flower_lock():
-    run, output = deploy(tmp_path / "killed", CONFIG.replace(rounds=2), kill=(2, 1))
+  # The killed client is left out of round 1, which still aggregates the other two, and of
+  # the final evaluation; round 0 is as in the whole run.
+  run, output = killed.result()
   rounds = run.read_metrics(CONFIG.seed)
   assert [r["missing_clients"] for r in rounds] == [[], [2]]
   same_metrics(rounds[0], expected[0])
