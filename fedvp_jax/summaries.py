@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedvp_jax.baselines import best_trivial
-from fedvp_jax.metrics import Summary, summarize
+from fedvp_jax.metrics import ErrorSums, Summary, summarize
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -67,6 +67,36 @@ def round_record(r: int, metrics: Any) -> dict[str, Any]:
   for name, value in metrics.extra.items():
     record[name] = finite_or_none(value)
   return record
+
+
+def models_summary(
+  final_test: ErrorSums,
+  final_validation_loss: float,
+  selected_round: int,
+  selected_validation_loss: float,
+  selected_test: ErrorSums,
+) -> dict[str, Any]:
+  """A seed summary's ``final`` and ``selected`` entries: the final models' test errors and
+  validation loss, and the round, validation loss and test errors of the models selected on
+  validation (NaN losses, as without a validation split, are written ``null``).
+
+  Args:
+    final_test: the final models' test error sums (a clients axis, on the host).
+    final_validation_loss: their validation loss.
+    selected_round: the round whose start the selected models are (the number of rounds when
+      they are the final ones).
+    selected_validation_loss: their validation loss.
+    selected_test: their test error sums.
+  """
+  return {
+    "final": summary_dict(summarize(final_test)),
+    "final_validation_loss": finite_or_none(final_validation_loss),
+    "selected": {
+      "round": int(selected_round),
+      "validation_loss": finite_or_none(selected_validation_loss),
+      **summary_dict(summarize(selected_test)),
+    },
+  }
 
 
 def gains_percent(
@@ -153,6 +183,7 @@ __all__ = [
   "finite_or_none",
   "gains_percent",
   "mean_std",
+  "models_summary",
   "round_record",
   "run_summary",
   "summary_dict",

@@ -122,6 +122,7 @@ def load_traces(
   *,
   seed: int = 0,
   users: Collection[str] | None = None,
+  split_files: bool = True,
 ) -> TraceSet:
   """Loads the traces that ``spec`` names.
 
@@ -132,6 +133,8 @@ def load_traces(
     users: read only these viewers' trace files (see
       :func:`~fedvp_jax.data.traces.load_trace_dir`); Synthetic, which is generated, not
       read, is whole whatever this says.
+    split_files: read and check the dataset's split files (see
+      :func:`~fedvp_jax.data.traces.load_trace_dir`).
 
   Raises:
     DataError: for a missing data root, or a name that is no dataset there (the message
@@ -148,4 +151,4 @@ def load_traces(
       f"unknown dataset {spec.name!r}: no folder {folder}/sampled_dataset. "
       f"Known datasets under {root}: {known} (aliases: {aliases})"
     )
-  return load_trace_dir(folder, users=users)
+  return load_trace_dir(folder, users=users, split_files=split_files)

@@ -203,6 +203,7 @@ def load_trace_dir(
   *,
   use_cache: bool = True,
   users: Collection[str] | None = None,
+  split_files: bool = True,
 ) -> TraceSet:
   """Loads every trace of a dataset folder, through the parsed-array cache.
 
@@ -213,6 +214,10 @@ def load_trace_dir(
     users: read and validate only these viewers' trace files, not through the cache (one
       process of a multi-process run holds only its own clients' traces); ``videos``,
       ``users`` and ``split`` still describe the whole dataset. ``None``: every viewer's.
+    split_files: read and check the split files. ``False`` leaves them unread and ``split``
+      ``None``: for a folder holding one viewer's traces (a Flower client's), whose split files,
+      if copied along, name pairs whose traces are elsewhere; such a client takes the dataset's
+      videos and split from the server (:mod:`fedvp_jax.flower.setup`).
 
   Returns:
     The dataset's traces; ``split`` is set when the split files exist (both or neither must).
@@ -226,7 +231,7 @@ def load_trace_dir(
   if not sampled.is_dir():
     raise DataError(f"{dataset_dir}: no 'sampled_dataset' folder; not a trace dataset")
   files = _trace_files(sampled)
-  split_files = _split_files(dataset_dir)
+  found_split = _split_files(dataset_dir) if split_files else {}
   traces: dict[tuple[str, str], np.ndarray] | None = None
   if users is not None:
     wanted = set(users)
@@ -244,8 +249,8 @@ def load_trace_dir(
   videos = tuple(sorted({v for v, _ in pairs}, key=natural_key))
   viewers = tuple(sorted({u for _, u in pairs}, key=natural_key))
   split = None
-  if split_files:
-    split = {name: read_split_file(path, pairs) for name, path in split_files.items()}
+  if found_split:
+    split = {name: read_split_file(path, pairs) for name, path in found_split.items()}
   return TraceSet(dataset_dir.name, videos, viewers, traces, split)
 
 

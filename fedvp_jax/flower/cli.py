@@ -31,6 +31,8 @@ from typing import Any
 
 from fedvp_jax.cli.common import command, command_parser
 from fedvp_jax.cli.flags import add_settings, config_from, given_settings
+from fedvp_jax.errors import ConfigError
+from fedvp_jax.rundir import RunDir
 
 
 def _add_tls(p: argparse.ArgumentParser, server: bool) -> None:
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", required=True)
   sim = commands.add_parser("simulate", help="all clients on this machine (Flower's simulation)")
   add_settings(sim)
-  sim.add_argument("--out", type=Path, help="write records.json and params.npz here")
+  sim.add_argument(
+    "--out", type=Path, help="the run directory to write (as fedvp train does); none if not given"
+  )
   sim.add_argument(
     "--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default 1)"
   )
@@ -104,21 +108,31 @@ def _tls(args: argparse.Namespace, server: bool) -> Any:
   return tls
 
 
-def _print_records(records: Sequence[dict[str, Any]]) -> None:
+def _print_run(records: Sequence[dict[str, Any]], summary: dict[str, Any], out: Any) -> None:
+  """The rounds' records, one JSON line each, then the run's summary in two lines."""
   for record in records:
     print(json.dumps(record))
+  seed = summary["seeds"][0]
+  gains = ", ".join("nan" if g is None else f"{g:+.1f}" for g in summary["gain_percent"])
+  print(
+    f"final: Average Global Loss {summary['final_loss_mean']}; selected on validation (round "
+    f"{seed['selected']['round']}): {summary['selected_loss_mean']}; gain over the best trivial "
+    f"predictor [{gains}] %"
+  )
+  if seed["missing_clients"]:
+    print(f"WARNING: clients {seed['missing_clients']} missed the final evaluation")
+  if out is not None:
+    print(f"run directory: {out}")
 
 
 def _simulate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-  from fedvp_jax.flower.server import write_result
   from fedvp_jax.flower.simulation import simulate
 
   config = config_from(parser, given_settings(args))
-  result = simulate(config, cpus_per_client=args.cpus_per_client)
-  _print_records(result.records)
-  if args.out is not None:
-    write_result(result, args.out)
-    print(f"wrote {args.out / 'records.json'} and {args.out / 'params.npz'}")
+  if args.out is not None and RunDir(args.out).exists():  # before Ray starts
+    raise ConfigError(f"run directory {args.out} already exists; choose another --out")
+  result = simulate(config, cpus_per_client=args.cpus_per_client, out=args.out)
+  _print_run(result.records, result.summary, args.out)
   return 0
 
 
@@ -160,8 +174,7 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     except subprocess.TimeoutExpired:
       server.kill()
     log.close()
-  _print_records(found["records"])
-  print(f"wrote {args.out / 'records.json'} and {args.out / 'params.npz'}")
+  _print_run(RunDir(args.out).read_metrics(config.seed), found, args.out)
   return 0
 
 

@@ -3,12 +3,13 @@
 many. No Flower import here: it drives Flower's own commands (``flower-superlink``,
 ``flower-supernode``, ``flwr run``), installed with the ``flower`` extra.
 
-A run folder (``out``) holds ``config.json`` (the run), ``app/pyproject.toml`` (the Flower app
-whose components are :data:`fedvp_jax.flower.apps.server_app` and
-:data:`fedvp_jax.flower.apps.client_app`, its run config pointing at ``config.json`` and ``out``),
-``flwr-home/config.toml`` (the connection ``flwr run`` submits through) and, once the run
-ends, ``records.json`` and ``params.npz`` (:func:`fedvp_jax.flower.server.write_result`), or
-``error.txt`` when the server stopped on an error.
+A run folder (``out``) holds ``app/settings.json`` (the run's settings), ``app/pyproject.toml``
+(the Flower app whose components are :data:`fedvp_jax.flower.apps.server_app` and
+:data:`fedvp_jax.flower.apps.client_app`, its run config pointing at ``app/settings.json`` and
+``out``), ``flwr-home/config.toml`` (the connection ``flwr run`` submits through) and what the
+ServerApp writes there: a run directory as ``fedvp train`` leaves one (``config.json``,
+``seed<k>/metrics.jsonl`` round by round, ``summary.json`` last; see
+:func:`fedvp_jax.flower.server.run_server`), or ``error.txt`` when it stopped on an error.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import time
 from pathlib import Path
 
 from fedvp_jax.config import RunConfig, to_record
-from fedvp_jax.errors import FedVPError
+from fedvp_jax.errors import ConfigError, FedVPError
+from fedvp_jax.rundir import RunDir
 
 CONNECTION = "fedvp"
 """The name of the SuperLink connection in the run folder's ``flwr-home/config.toml``."""
@@ -93,16 +95,22 @@ def write_run_folder(
   round_timeout: float | None = None,
   connect_timeout: float = 600.0,
 ) -> Path:
-  """Writes the run folder's ``config.json``, ``app/`` and ``flwr-home/`` (see the module
-  doc) and returns the app folder."""
+  """Writes the run folder's ``app/`` and ``flwr-home/`` (see the module doc) and returns the
+  app folder.
+
+  Raises:
+    ConfigError: when ``out`` is a run directory already (it holds a ``config.json``).
+  """
   out = out.resolve()
+  if RunDir(out).exists():
+    raise ConfigError(f"run directory {out} already exists; choose another --out")
   app = out / "app"
   home = out / "flwr-home"
   app.mkdir(parents=True, exist_ok=True)
   home.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(to_record(config), indent=1))
+  (app / "settings.json").write_text(json.dumps(to_record(config), indent=1))
   run_config = {
-    "config": str(out / "config.json"),
+    "config": str(app / "settings.json"),
     "out": str(out),
     "connect-timeout": float(connect_timeout),
   }
@@ -140,8 +148,7 @@ def write_run_folder(
     "insecure = true" if tls.insecure else f"root-certificates = {json.dumps(tls.ca_certfile)}",
   ]
   (home / "config.toml").write_text("\n".join(connection) + "\n")
-  for stale in ("records.json", "params.npz", "error.txt"):
-    (out / stale).unlink(missing_ok=True)
+  (out / "error.txt").unlink(missing_ok=True)  # of an earlier attempt that failed
   return app
 
 
@@ -244,7 +251,7 @@ def _last_message(output: str) -> str:
 
 
 def wait_for_result(out: Path, timeout: float | None, server: subprocess.Popen) -> dict:
-  """The run's ``records.json`` once the ServerApp has written it.
+  """The run's ``summary.json`` once the ServerApp has written it.
 
   Raises:
     FedVPError: the server wrote ``error.txt`` (its one-line message), the SuperLink died, or
@@ -254,8 +261,9 @@ def wait_for_result(out: Path, timeout: float | None, server: subprocess.Popen) 
   while True:
     if (out / "error.txt").exists():
       raise FedVPError((out / "error.txt").read_text().strip())
-    if (out / "records.json").exists():
-      return json.loads((out / "records.json").read_text())
+    summary = RunDir(out).read_summary()
+    if summary is not None:
+      return summary
     if server.poll() is not None:
       raise FedVPError(f"the SuperLink exited with code {server.returncode} before the run ended")
     if deadline is not None and time.monotonic() > deadline:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from fedvp_jax.config import RunConfig
@@ -15,12 +16,18 @@ from fedvp_jax.flower.setup import build_setup, run_users
 
 
 def simulate(
-  config: RunConfig, *, cpus_per_client: float = 1.0, quiet: bool = True
+  config: RunConfig,
+  *,
+  cpus_per_client: float = 1.0,
+  quiet: bool = True,
+  out: Path | None = None,
 ) -> ServerResult:
   """Runs ``config`` in Flower's simulation engine and returns the server's result.
 
   Args:
     config: the run (the FedAvg or FedGen family, without DP).
+    out: a run directory to write, as ``fedvp train`` does (see
+      :func:`~fedvp_jax.flower.server.run_server`); none when ``None``.
     cpus_per_client: Ray CPUs per client actor: the machine's CPUs over this many clients
       train at once.
     quiet: keep Flower's per-message log lines out of the output.
@@ -45,7 +52,7 @@ def simulate(
   @server_app.main()
   def main(grid: Grid, context: Context) -> None:
     try:
-      outcome["result"] = run_server(grid, config)
+      outcome["result"] = run_server(grid, config, out=out)
     except FedVPError as err:  # Flower would log it and carry on: hand it to the caller
       outcome["error"] = err
 
