@@ -7,6 +7,7 @@ the state and ``apply`` runs one round; ``apply`` is what gets jitted.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -116,9 +117,11 @@ class ClientsState:
       SettingError: for another setting, or a learning rate the optimizer does not hold.
     """
     if name == "beta":
-      return self.replace(hyper=self.hyper.replace(beta=_like(self.hyper.beta, value)))
+      return dataclasses.replace(
+        self, hyper=dataclasses.replace(self.hyper, beta=_like(self.hyper.beta, value))
+      )
     if name == "send":
-      return self.replace(hyper=self.hyper.replace(sent=value))
+      return dataclasses.replace(self, hyper=dataclasses.replace(self.hyper, sent=value))
     if name == "learning_rate":
       held = getattr(self.client_opt_state, "hyperparams", {})
       if "learning_rate" not in held:
@@ -126,7 +129,9 @@ class ClientsState:
           name, None, "the clients' optimizer must hold it: build it with optax.inject_hyperparams"
         )
       rates = {**held, "learning_rate": _like(held["learning_rate"], value)}
-      return self.replace(client_opt_state=self.client_opt_state._replace(hyperparams=rates))
+      return dataclasses.replace(
+        self, client_opt_state=self.client_opt_state._replace(hyperparams=rates)
+      )
     raise SettingError(name, None, "is not one of this algorithm's settings held as values")
 
 
@@ -710,7 +715,8 @@ def clients_round(
     selected=result.selected,
     excluded=~used,
   )
-  new_state = state.replace(
+  new_state = dataclasses.replace(
+    state,
     server_params=server,
     client_params=result.client_params,
     client_opt_state=result.client_opt_state,

@@ -38,6 +38,7 @@ linearly from 0 over R rounds. P rounds are in addition to the run's ``--rounds`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -130,13 +131,15 @@ class FedGenState:
     field = {"gen_warmup": "warmup"}.get(name, name)
     if field in ("alpha", "latent_weight", "diversity_weight", "pretrain_rounds", "warmup"):
       old = getattr(self.hyper, field)
-      return self.replace(hyper=self.hyper.replace(**{field: jnp.asarray(value, old.dtype)}))
+      return dataclasses.replace(
+        self, hyper=dataclasses.replace(self.hyper, **{field: jnp.asarray(value, old.dtype)})
+      )
     if name == "gen_learning_rate":
       opt = self.generator_opt_state
       rate = jnp.asarray(value, opt.hyperparams["learning_rate"].dtype)
       hyperparams = {**opt.hyperparams, "learning_rate": rate}
-      return self.replace(generator_opt_state=opt._replace(hyperparams=hyperparams))
-    return self.replace(clients=self.clients.with_hyperparam(name, value))
+      return dataclasses.replace(self, generator_opt_state=opt._replace(hyperparams=hyperparams))
+    return dataclasses.replace(self, clients=self.clients.with_hyperparam(name, value))
 
 
 class GeneratorContext(NamedTuple):
@@ -452,8 +455,8 @@ def fedgen(
     )
     extra = {"generator_weight": alpha, "teacher_loss": teacher, "diversity_loss": diversity}
     metrics = outcome.metrics._replace(extra={**outcome.metrics.extra, **extra})
-    return state.replace(
-      clients=outcome.state, generator_params=g_params, generator_opt_state=g_opt
+    return dataclasses.replace(
+      state, clients=outcome.state, generator_params=g_params, generator_opt_state=g_opt
     ), metrics
 
   def evaluate(

@@ -230,7 +230,8 @@ def _select(
 ) -> Selected:
   """The vmapped rounds' selection on validation (``select_on_validation``) of the server's
   part: ``server`` is the model at the start of round ``r``; clients keep their own rows."""
-  state = ClientsState(server, None, None, jnp.asarray(r, jnp.int32), selected)
+  # Selection reads no settings held as values, so the state carries none.
+  state = ClientsState(server, None, None, jnp.asarray(r, jnp.int32), selected, None)  # type: ignore[arg-type]
   return select_on_validation(state, None, validation, jnp.asarray(evaluated), has)
 
 
@@ -516,7 +517,10 @@ def _final(
   )
   if new_windows is not None:
     on_new = lambda best: evaluate_server(
-      setup.model, ClientsState(server, None, None, jnp.asarray(done), chosen), new_windows, best
+      setup.model,
+      ClientsState(server, None, None, jnp.asarray(done), chosen, None),  # type: ignore[arg-type]
+      new_windows,
+      best,
     )
     summary_entry["new_viewers"] = {
       "viewers": int(new_windows.x.shape[0]),
