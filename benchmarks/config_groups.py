@@ -17,11 +17,12 @@ import collections
 import time
 
 import jax
+import jax.numpy as jnp
 
-from fedvp_jax.algorithms import over_configs
-from fedvp_jax.config import TRACED, RunConfig, get
+from fedvp_jax.algorithms import over_configs, over_seeds
+from fedvp_jax.config import RunConfig, as_hyperparams
 from fedvp_jax.experiment import prepare
-from fedvp_jax.rounds import chunk_ends, iterate_chunks
+from fedvp_jax.rounds import LONGEST_CHUNK, chunk_ends, chunked_apply, iterate_chunks, seed_keys
 
 FAMILIES = {
   # The weekly table's runs, by family (fedvp_jax/presets/weekly-table.toml).
@@ -58,6 +59,21 @@ def separately(configs: list[RunConfig], seeds: list[int], longest: int) -> floa
   return time.perf_counter() - start
 
 
+def group_bytes(leader, configs: list[RunConfig], seeds: list[int]) -> int:
+  """Device memory the group's chunk program needs (XLA's memory analysis: arguments, outputs
+  and temporaries), without running it."""
+  rounds = [c.total_rounds for c in configs]
+  group = over_seeds(over_configs(leader.algorithm, as_hyperparams(configs), rounds))
+  init_key, rounds_key = seed_keys(seeds)
+  state = jax.eval_shape(group.init, init_key, leader.data)
+  run = jax.jit(chunked_apply(group, LONGEST_CHUNK), donate_argnums=0)
+  count = jax.ShapeDtypeStruct((), jnp.int32)
+  memory = run.lower(state, leader.data, rounds_key, count).compile().memory_analysis()
+  return int(
+    memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+  )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--family", choices=FAMILIES, default="fedavg")
@@ -73,14 +89,8 @@ def main() -> None:
   separate = {longest: separately(configs, seeds, longest) for longest in (1, 10)}
   start = time.perf_counter()
   leader = prepare(next(c for c in configs if c.round.send == "full"))
-  varied = {
-    name: [get(c, name) for c in configs]
-    for name in TRACED
-    if len({get(c, name) for c in configs}) > 1
-  }
-  varied["send"] = [c.round.send for c in configs]
   rounds = [c.total_rounds for c in configs]
-  group = over_configs(leader.algorithm, varied, rounds)
+  group = over_configs(leader.algorithm, as_hyperparams(configs), rounds)
   jax.block_until_ready(last_state(group, leader.data, seeds, max(rounds), 10))
   together = time.perf_counter() - start
   print(
@@ -93,6 +103,16 @@ def main() -> None:
   print(f"| separately, chunks of 10 rounds | {len(configs)} | {separate[10]:.1f} |")
   print(f"| one vmapped group, chunks of 10 | 1 | {together:.1f} |")
   print(f"| speed-up of the group over separate chunked runs | | {separate[10] / together:.2f}x |")
+  print()
+  print("| configurations in the group | device memory, MiB | per configuration x seed, MiB |")
+  print("|---|---|---|")
+  sizes = {}
+  for count in (1, 2, len(configs)):
+    sizes[count] = group_bytes(leader, (configs * count)[:count], seeds) / 2**20
+    print(f"| {count} | {sizes[count]:.0f} | {sizes[count] / (count * len(seeds)):.1f} |")
+  step = (sizes[len(configs)] - sizes[1]) / (len(configs) - 1)
+  fits = int((24 * 1024 - sizes[1]) / step) + 1
+  print(f"each further configuration adds {step:.0f} MiB: about {fits} fit in 24 GiB")
 
 
 if __name__ == "__main__":

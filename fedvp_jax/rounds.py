@@ -74,13 +74,13 @@ once per chunk."""
 def chunk_ends(
   first: int,
   rounds: int,
-  must_end: Callable[[int], bool] = lambda done: False,
+  must_end: Callable[[int], bool] | None = None,
   longest: int = LONGEST_CHUNK,
 ) -> list[int]:
   """Where the chunks of rounds ``first .. rounds - 1`` end, as rounds done: the first chunk
   is one round (it compiles, so its time is the compile's), a chunk ends where ``must_end(done)``
-  (a checkpoint is due, or the state is needed to stop) or after ``longest`` rounds, and the
-  last at ``rounds``.
+  (a checkpoint is due, or the state is needed to stop; ``None``: nowhere in particular) or
+  after ``longest`` rounds, and the last at ``rounds``.
 
   >>> chunk_ends(0, 25, must_end=lambda done: done % 8 == 0)
   [1, 8, 16, 24, 25]
@@ -88,7 +88,8 @@ def chunk_ends(
   ends, size = [], 0
   for done in range(first + 1, rounds + 1):
     size += 1
-    if done == first + 1 or done == rounds or size == longest or must_end(done):
+    needed = must_end is not None and must_end(done)
+    if done == first + 1 or done == rounds or size == longest or needed:
       ends.append(done)
       size = 0
   return ends

@@ -12,24 +12,14 @@ import pytest
 from conftest import TINY_RUN, compiles
 
 from fedvp_jax.algorithms import clients_state, fedavg, over_configs
-from fedvp_jax.config import TRACED, RunConfig, get
+from fedvp_jax.config import RunConfig, as_hyperparams, program_groups
 from fedvp_jax.errors import SettingError
 from fedvp_jax.experiment import prepare
 from fedvp_jax.models import build_model
 from fedvp_jax.rounds import run_rounds
+from fedvp_jax.sweep import PRESETS, expand_spec
 
 BASE = TINY_RUN.replace(eval_every=2, clients_per_round=2)
-
-
-def group_of(configs: list[RunConfig]) -> tuple[dict[str, list], list[int]]:
-  """The settings in which ``configs`` differ (with the send mode), and their rounds."""
-  varied = {
-    name: [get(config, name) for config in configs]
-    for name in TRACED
-    if len({get(config, name) for config in configs}) > 1
-  }
-  varied["send"] = [config.round.send for config in configs]
-  return varied, [config.total_rounds for config in configs]
 
 
 def slice_config(tree, c: int, seeds: bool):
@@ -49,7 +39,7 @@ def slice_config(tree, c: int, seeds: bool):
 def assert_alone_equals_grouped(configs: list[RunConfig], seeds) -> None:
   """Each configuration, run alone for its rounds, ends where it ends inside the group (its
   state frozen after its last round), to float rounding."""
-  varied, rounds = group_of(configs)
+  varied, rounds = as_hyperparams(configs), [config.total_rounds for config in configs]
   # The group is built from a configuration that sends the full model, like the sweep does,
   # so that the server's model on new viewers exists for every member.
   leader = next(c for c in configs if c.round.send == "full")
@@ -117,3 +107,22 @@ def test_only_settings_held_as_values_can_vary():
   group = over_configs(plain, {"learning_rate": [0.1, 0.2]})
   with pytest.raises(SettingError, match="inject_hyperparams"):
     group.init(jax.random.key(0), experiment.data)
+
+
+def test_the_weekly_table_is_two_programs():
+  """The researcher's table (15 runs) splits into the FedAvg family and the FedGen family: all
+  else they differ in (beta, send mode, pretraining length) are values."""
+  runs = expand_spec(PRESETS["weekly-table"], "preset weekly-table")
+  configs = [run.config for run in runs]
+  groups = program_groups(configs)
+  assert [[runs[i].name for i in group] for group in groups] == [
+    [run.name for run in runs if not run.config.uses_generator],
+    [run.name for run in runs if run.config.uses_generator],
+  ]
+  for group in groups:
+    varied = as_hyperparams([configs[i] for i in group])
+    assert set(varied) <= {"beta", "send", "pretrain_rounds"}
+  with pytest.raises(SettingError, match=r"algorithm .*FedGen family.* is static"):
+    as_hyperparams(configs)
+  with pytest.raises(SettingError, match="local_steps 5: differs from 10: it is static"):
+    as_hyperparams([configs[0], configs[0].replace(local_steps=5)])
