@@ -100,6 +100,16 @@ def test_only_settings_held_as_values_can_vary():
     over_configs(experiment.algorithm, {"local_steps": [1, 2]})
   with pytest.raises(ValueError, match="one value per configuration"):
     over_configs(experiment.algorithm, {"beta": [0.5, 1.0]}, rounds=[3])
+  # A group of one (nothing varies): the configuration alone, with a configurations axis.
+  one = over_configs(experiment.algorithm, {}, rounds=[2])
+  chex.assert_trees_all_close(
+    slice_config(jax.device_get(run_rounds(one, experiment.data, 0, 3)), 0, seeds=False),
+    jax.device_get(run_rounds(experiment.algorithm, experiment.data, 0, 2)).replace(
+      round=jax.numpy.asarray(3, jax.numpy.int32)
+    ),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   # A learning rate the optimizer does not hold as a value cannot be varied.
   spec = experiment.spec
   model = build_model("lstm", spec.history, spec.horizon, latent_dim=BASE.latent_dim)

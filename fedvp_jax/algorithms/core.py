@@ -271,7 +271,10 @@ def over_configs(
     set() if rounds is None else {len(rounds)}
   )
   if len(counts) != 1:
-    raise ValueError(f"every setting needs one value per configuration; got {sorted(counts)}")
+    raise ValueError(
+      "every setting (and rounds) needs one value per configuration; got "
+      f"{sorted(counts) or 'no setting and no rounds'}"
+    )
   (num_configs,) = counts
   last = None if rounds is None else jnp.asarray(rounds, jnp.int32)
 
@@ -297,7 +300,7 @@ def over_configs(
     one = lambda values: configured(algorithm.init(key, data), values)
     first = jax.tree.map(lambda leaf: leaf[0], values)
     axes = config_axes(jax.eval_shape(one, first))
-    return jax.vmap(one, out_axes=axes)(values)
+    return jax.vmap(one, out_axes=axes, axis_size=num_configs)(values)
 
   def apply(state: State, data: ClientData, key: PRNGKey) -> tuple[State, RoundMetrics]:
     def one(state: State, active: jax.Array) -> tuple[State, RoundMetrics]:
