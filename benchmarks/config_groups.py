@@ -80,29 +80,33 @@ def main() -> None:
   parser.add_argument("--dataset", default="Synthetic-m10-h1")
   parser.add_argument("--model", default="transformer")
   parser.add_argument("--rounds", type=int, default=20)
+  parser.add_argument("--no-memory", action="store_true", help="skip the memory analysis")
   args = parser.parse_args()
   shared = RunConfig.of(
     dataset=args.dataset, model=args.model, num_clients=10, rounds=args.rounds, num_seeds=2
   )
   configs = [shared.replace(**settings) for settings in FAMILIES[args.family]]
   seeds = [0, 1]
-  separate = {longest: separately(configs, seeds, longest) for longest in (1, 10)}
+  print(
+    f"{args.family} family, {len(configs)} configurations x 2 seeds, {args.dataset}, "
+    f"{args.model}, 10 clients, {args.rounds} rounds (compile included), {jax.devices()[0]}"
+  )
+  print("| how | programs | wall s |")
+  print("|---|---|---|", flush=True)
   start = time.perf_counter()
   leader = prepare(next(c for c in configs if c.round.send == "full"))
   rounds = [c.total_rounds for c in configs]
   group = over_configs(leader.algorithm, as_hyperparams(configs), rounds)
   jax.block_until_ready(last_state(group, leader.data, seeds, max(rounds), 10))
   together = time.perf_counter() - start
-  print(
-    f"{args.family} family, {len(configs)} configurations x 2 seeds, {args.dataset}, "
-    f"{args.model}, 10 clients, {max(rounds)} rounds (compile included)"
-  )
-  print("| how | programs | wall s |")
-  print("|---|---|---|")
-  print(f"| separately, one round per call | {len(configs)} | {separate[1]:.1f} |")
-  print(f"| separately, chunks of 10 rounds | {len(configs)} | {separate[10]:.1f} |")
-  print(f"| one vmapped group, chunks of 10 | 1 | {together:.1f} |")
+  print(f"| one vmapped group, chunks of 10 | 1 | {together:.1f} |", flush=True)
+  separate = {}
+  for longest, how in ((10, "chunks of 10 rounds"), (1, "one round per call")):
+    separate[longest] = separately(configs, seeds, longest)
+    print(f"| separately, {how} | {len(configs)} | {separate[longest]:.1f} |", flush=True)
   print(f"| speed-up of the group over separate chunked runs | | {separate[10] / together:.2f}x |")
+  if args.no_memory:
+    return
   print()
   print("| configurations in the group | device memory, MiB | per configuration x seed, MiB |")
   print("|---|---|---|")
