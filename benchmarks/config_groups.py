@@ -17,12 +17,17 @@ import collections
 import time
 
 import jax
-import jax.numpy as jnp
 
-from fedvp_jax.algorithms import over_configs, over_seeds
+from fedvp_jax.algorithms import over_configs
 from fedvp_jax.config import RunConfig, as_hyperparams
-from fedvp_jax.experiment import prepare
-from fedvp_jax.rounds import LONGEST_CHUNK, chunk_ends, chunked_apply, iterate_chunks, seed_keys
+from fedvp_jax.experiment import prepare, with_config
+from fedvp_jax.rounds import (
+  chunk_ends,
+  compile_chunks,
+  group_algorithm,
+  iterate_chunks,
+  program_bytes,
+)
 
 FAMILIES = {
   # The weekly table's runs, by family (fedvp_jax/presets/weekly-table.toml).
@@ -60,18 +65,10 @@ def separately(configs: list[RunConfig], seeds: list[int], longest: int) -> floa
 
 
 def group_bytes(leader, configs: list[RunConfig], seeds: list[int]) -> int:
-  """Device memory the group's chunk program needs (XLA's memory analysis: arguments, outputs
-  and temporaries), without running it."""
-  rounds = [c.total_rounds for c in configs]
-  group = over_seeds(over_configs(leader.algorithm, as_hyperparams(configs), rounds))
-  init_key, rounds_key = seed_keys(seeds)
-  state = jax.eval_shape(group.init, init_key, leader.data)
-  run = jax.jit(chunked_apply(group, LONGEST_CHUNK), donate_argnums=0)
-  count = jax.ShapeDtypeStruct((), jnp.int32)
-  memory = run.lower(state, leader.data, rounds_key, count).compile().memory_analysis()
-  return int(
-    memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-  )
+  """Device memory the group's chunk program needs, as the sweep measures it before splitting
+  a group (``rounds.program_bytes``), without running it."""
+  experiments = [with_config(leader, config) for config in configs]
+  return program_bytes(compile_chunks(group_algorithm(experiments), leader.data, seeds))
 
 
 def main() -> None:

@@ -130,8 +130,25 @@ def prepare(config: RunConfig) -> Experiment:
     if mesh is not None:
       data = shard_data(data, mesh)
   _warn_oversized_batch(config.round.batch_size, int(window_counts(data)["train"].max()))
+  algorithm, accounting = _algorithm(config, spec, data.num_clients)
+  return Experiment(config, spec, users, data, algorithm, mesh, new_users, new_viewers, accounting)
+
+
+def with_config(experiment: Experiment, config: RunConfig) -> Experiment:
+  """``experiment`` running ``config`` on the same data, its model and algorithm built anew.
+  ``config`` must read the same data as ``experiment``'s (an equal
+  :func:`~fedvp_jax.config.program_key`, as the runs of one group of a sweep have): that is
+  what lets a group load its data once."""
+  algorithm, accounting = _algorithm(config, experiment.spec, experiment.data.num_clients)
+  return dataclasses.replace(experiment, config=config, algorithm=algorithm, privacy=accounting)
+
+
+def _algorithm(
+  config: RunConfig, spec: DatasetSpec, num_clients: int
+) -> tuple[FederatedAlgorithm, Accounting | None]:
+  """``config``'s algorithm and, with DP, its privacy accounting."""
   model = build_model(config.model, spec.history, spec.horizon, latent_dim=config.latent_dim)
-  accounting = account(config, data.num_clients)
+  accounting = account(config, num_clients)
   privacy = config.privacy
   if accounting is not None:  # the algorithm runs with the noise multiplier the budget chose
     privacy = dataclasses.replace(
@@ -140,7 +157,7 @@ def prepare(config: RunConfig) -> Experiment:
   algorithm = build_algorithm(
     config.algorithm, model, make_optimizer(config), config.round, config.fedgen, privacy
   )
-  return Experiment(config, spec, users, data, algorithm, mesh, new_users, new_viewers, accounting)
+  return algorithm, accounting
 
 
 def _process_rows(
@@ -223,4 +240,11 @@ def baseline_summaries(windows: EvalWindows, horizon: int) -> dict[str, Summary]
   return distributed.fetch(summaries)
 
 
-__all__ = ["Experiment", "baseline_summaries", "make_optimizer", "prepare", "window_counts"]
+__all__ = [
+  "Experiment",
+  "baseline_summaries",
+  "make_optimizer",
+  "prepare",
+  "window_counts",
+  "with_config",
+]

@@ -163,6 +163,8 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     row["orthodromic_deg"] = [mean_std(step) for step in per_step]
     row["gain_percent"] = summary["gain_percent"]
     row["wall_seconds"] = result.seconds
+    # A run of a sweep's group shares its rounds' time with the group's other runs.
+    row["runs_together"] = seeds[0].get("runs_together", 1)
     row["beats"] = {name: all(wins) for name, wins in summary["beats_baselines"].items()}
     row["privacy"] = summary.get("privacy")
     rows.append(row)
@@ -228,7 +230,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
       gains = row["gain_percent"]
       cells += ["—" if k >= len(gains) or gains[k] is None else f"{gains[k]:+.1f}" for k in shown]
       verdict = "yes" if row["beats"].get("best") else "NO"
-      cells += [f"{row['wall_seconds'] / 60:.1f} min", verdict]
+      together = row["runs_together"]
+      shared = f" ({together} runs together)" if together > 1 else ""
+      cells += [f"{row['wall_seconds'] / 60:.1f} min{shared}", verdict]
       if private:
         cells.append(_guarantee(row["privacy"]))
     lines.append("| " + " | ".join(cells) + " |")
@@ -254,7 +258,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
   fields += ["selected_rounds"]
   fields += [f"orthodromic_deg_step{k + 1}_{s}" for k in range(steps) for s in ("mean", "std")]
   fields += [f"gain_percent_step{k + 1}" for k in range(steps)]
-  fields += ["wall_seconds", "beats_best_trivial", *PRIVACY_COLUMNS]
+  fields += ["wall_seconds", "runs_together", "beats_best_trivial", *PRIVACY_COLUMNS]
   with path.open("w", newline="") as file:
     writer = csv.DictWriter(file, fields)
     writer.writeheader()

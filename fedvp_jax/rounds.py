@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -18,7 +19,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedvp_jax import distributed
-from fedvp_jax.algorithms.core import FederatedAlgorithm, clients_state, over_seeds
+from fedvp_jax.algorithms.core import (
+  FederatedAlgorithm,
+  clients_state,
+  config_state,
+  over_configs,
+  over_seeds,
+  stack_configs,
+)
+from fedvp_jax.config import as_hyperparams
 from fedvp_jax.data.federated import ClientData
 from fedvp_jax.errors import ConfigError
 from fedvp_jax.experiment import Experiment, baseline_summaries
@@ -150,6 +159,7 @@ def iterate_chunks(
   ends: Sequence[int],
   mesh: Mesh | None = None,
   start: tuple[int, Any] | None = None,
+  program: Any = None,
 ) -> Iterator[Chunk]:
   """Runs rounds of ``algorithm`` in chunks, one jitted call and one read of the metrics by
   the host per chunk, yielding after each.
@@ -169,6 +179,8 @@ def iterate_chunks(
       over, matching ``data`` already placed on it; ``None`` for the default device.
     start: ``(round, state)`` to continue from (a restored checkpoint) instead of ``init``;
       the remaining rounds get the same keys as in an uninterrupted run.
+    program: the chunk program already compiled (:func:`compile_chunks`, with the same
+      arguments), instead of compiling it on the first chunk.
 
   Yields:
     A :class:`Chunk` after every chunk.
@@ -189,16 +201,46 @@ def iterate_chunks(
     placement = None if mesh is None else state_shardings(shapes, mesh, seeds_axis=seeds_axis)
     first, state = 0, jax.jit(algorithm.init, out_shardings=placement)(init_key, data)
   bounds = [first, *ends]
-  longest = max((b - a for a, b in itertools.pairwise(bounds)), default=1)
-  run = jax.jit(chunked_apply(algorithm, longest), donate_argnums=0)
+  if program is None:
+    longest = max((b - a for a, b in itertools.pairwise(bounds)), default=1)
+    program = jax.jit(chunked_apply(algorithm, longest), donate_argnums=0)
   for done, end in itertools.pairwise(bounds):
     # The trip count as a replicated array: one compile for every length, and a program over
     # several processes' devices takes no host-made value.
     count = np.int32(end - done)
     if mesh is not None:
       count = jax.device_put(count, NamedSharding(mesh, PartitionSpec()))
-    state, metrics = run(state, data, rounds_key, count)
+    state, metrics = program(state, data, rounds_key, count)
     yield Chunk(done, end - done, state, distributed.fetch(metrics))
+
+
+def compile_chunks(
+  algorithm: FederatedAlgorithm, data: ClientData, seed: Seeds, longest: int = LONGEST_CHUNK
+) -> Any:
+  """The chunk program of :func:`iterate_chunks` on the default device (same arguments; chunks
+  of up to ``longest`` rounds), compiled ahead of the first chunk from the state's shapes
+  alone, so that its memory is known before any state exists:
+  ``compile_chunks(...).memory_analysis()`` gives XLA's sizes of its arguments, outputs and
+  temporaries."""
+  grouped = over_seeds(algorithm) if np.ndim(seed) > 0 else algorithm
+  init_key, rounds_key = seed_keys(seed)
+  shapes = jax.eval_shape(grouped.init, init_key, data)
+  count = jax.ShapeDtypeStruct((), jnp.int32)
+  run = jax.jit(chunked_apply(grouped, longest), donate_argnums=0)
+  return run.lower(shapes, data, rounds_key, count).compile()
+
+
+def program_bytes(program: Any) -> int:
+  """The memory a compiled program (:func:`compile_chunks`) takes, by XLA's memory analysis:
+  its arguments, outputs and temporaries, outputs that reuse a donated argument's buffer
+  counted once."""
+  memory = program.memory_analysis()
+  return int(
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes
+  )
 
 
 def iterate_rounds(
@@ -244,19 +286,23 @@ def run_rounds(
 
 @dataclasses.dataclass(frozen=True)
 class RoundOutcome:
-  """What one round of :func:`train` produced.
+  """What one round of :func:`train` (or of one run of :func:`train_group`) produced.
 
   Attributes:
     round: the round (from 0).
     records: per seed, its JSON-ready metrics record (:func:`~fedvp_jax.summaries.round_record`
-      with the round's ``seconds``).
-    state: the state after the round, with the seeds axis, at the end of a chunk of rounds
-      (:func:`iterate_chunks`), else ``None``; valid until the next chunk starts.
+      with the round's ``seconds``); empty in the outcome that ends a run.
+    state: the run's state after the round, with the seeds axis, where a chunk of rounds
+      (:func:`iterate_chunks`) ends (in a group of several runs: only where a checkpoint is
+      due), else ``None``; valid until the next chunk starts.
     diverged: when some seed diverged (see :func:`diverged_models`, or every training client
-      had a non-finite update), what happened (the loop then stops), else ``None``.
+      had a non-finite update), what happened (the run then stops), else ``None``.
     good_until: the newest round whose models are known good: the state after that many
       rounds passed the divergence check (-1: none yet, in a run continued from a checkpoint).
       Checkpoints of later rounds may hold diverged models.
+    run: which run of :func:`train_group`'s ``experiments`` this is (0 for :func:`train`).
+    summaries: in the run's last outcome, when it ended well: per seed, its summary (see
+      :func:`train`); else ``None``.
   """
 
   round: int
@@ -264,6 +310,8 @@ class RoundOutcome:
   state: Any
   diverged: str | None = None
   good_until: int = 0
+  run: int = 0
+  summaries: list[dict[str, Any]] | None = None
 
 
 RANDOM_DIRECTION_DEG = 90.0
@@ -344,89 +392,251 @@ def train(
     :class:`~fedvp_jax.algorithms.core.Selected`; the final models when they validate
     better), and with new viewers the server's model on them; timings.
   """
+  starts = None if start is None else (start[0], [start[1]])
+  before = None if earlier is None else [earlier]
+  for outcome in train_group([experiment], seeds, starts, before, checkpoint_every):
+    if outcome.summaries is not None:
+      return outcome.summaries
+    yield outcome
+  return []
+
+
+def group_algorithm(experiments: Sequence[Experiment]) -> FederatedAlgorithm:
+  """The program that runs ``experiments`` (configurations of equal
+  :func:`~fedvp_jax.config.program_key`, on the same data) together: :func:`over_configs` of
+  the :func:`leader`'s algorithm with what they differ in, each frozen after its own rounds; a
+  single experiment's own algorithm."""
+  if len(experiments) == 1:
+    return experiments[0].algorithm
+  configs = [e.config for e in experiments]
+  return over_configs(
+    leader(experiments).algorithm,
+    as_hyperparams(configs),
+    [config.total_rounds for config in configs],
+  )
+
+
+def leader(experiments: Sequence[Experiment]) -> Experiment:
+  """The experiment whose algorithm a group runs for all (the others differ from it only in
+  values its state holds): one whose server model is deployed, if any, so that the group can
+  evaluate that model on new viewers for every run that has it."""
+  return next((e for e in experiments if e.algorithm.evaluate_global is not None), experiments[0])
+
+
+def train_group(
+  experiments: Sequence[Experiment],
+  seeds: Sequence[int],
+  start: tuple[int, Sequence[Any]] | None = None,
+  earlier: Sequence[Sequence[Sequence[dict[str, Any]]]] | None = None,
+  checkpoint_every: int | None = None,
+  program: Any = None,
+) -> Iterator[RoundOutcome]:
+  """Runs several runs, which differ only in settings held as values, as one program
+  (:func:`group_algorithm`) for ``seeds``: :func:`train` for each, every run's outcomes equal
+  to those of the run alone, up to float rounding. A run that diverges stops (its outcomes
+  end) while the others go on; each run's last outcome carries its ``summaries`` (or says
+  that its final models diverged).
+
+  Args:
+    experiments: the runs, of equal :func:`~fedvp_jax.config.program_key` and on the same
+      data (:func:`~fedvp_jax.experiment.with_config`); several only on one device and without
+      ``patience``.
+    seeds: the PRNG seeds, shared by every run.
+    start: ``(round, states)`` to continue from: every run's own state after that round (the
+      seeds axis first), e.g. restored from its checkpoint.
+    earlier: per run, per seed, the records of the rounds before ``start`` (early stopping).
+    checkpoint_every: a chunk ends at every multiple of it, and the outcomes of that round
+      carry the runs' states to checkpoint.
+    program: the group's chunk program, already compiled (:func:`compile_chunks` of
+      :func:`group_algorithm`).
+
+  Yields:
+    Every run's :class:`RoundOutcome` for every round, in round order.
+
+  Raises:
+    ConfigError: for several runs with ``patience`` or split over devices.
+  """
   seeds = tuple(seeds)
-  config = experiment.config
-  rounds = config.total_rounds
-  data, algorithm = experiment.data, experiment.algorithm
+  runs = range(len(experiments))
+  grouped = len(experiments) > 1
+  leader = experiments[0]
+  configs = [e.config for e in experiments]
+  if grouped and (leader.mesh is not None or any(c.patience is not None for c in configs)):
+    raise ConfigError(
+      "runs split over devices or stopping early (patience) cannot share a program; run each alone"
+    )
+  totals = [config.total_rounds for config in configs]
+  data, algorithm = leader.data, group_algorithm(experiments)
+  pick = functools.partial(config_state, seeds_axis=True) if grouped else lambda tree, c: tree
   started = t0 = time.perf_counter()
-  patience = _Patience(len(seeds), config.patience)
-  for records in zip(*(earlier or [[] for _ in seeds]), strict=True):
+  patience = _Patience(len(seeds), leader.config.patience)
+  for records in zip(*(earlier[0] if earlier else [[] for _ in seeds]), strict=True):
     patience.update(records)
-  round_times = []
-  state = None if start is None else start[1]
-  first = done = 0 if start is None else start[0]
+  round_times: list[float] = []
+  first = 0 if start is None else start[0]
+  if start is not None:
+    start = (first, stack_configs(start[1], seeds_axis=True) if grouped else start[1][0])
   # The untrained models are straight-line extrapolation, good by construction; a restored
   # state was never checked by this attempt (it may be the diverged one a run stopped at).
-  good_until = 0 if start is None else -1
-  # Divergence is judged on validation; without a validation split, on the test windows (a
-  # stop, never a choice of model).
-  has_validation = data.val_mask.shape[1] > 0
-  checked_on = "validation" if has_validation else "test"
-  cause = _likely_cause(experiment)
-  every = config.round.eval_every
+  good_until = [0 if start is None else -1 for _ in runs]
+  live = list(runs)
+  final = _FinalModels(experiments, seeds)
+  if start is not None and first in totals:  # checkpointed after its last round, not summarised
+    live = [c for c in runs if totals[c] > first]
+    ended = [c for c in runs if totals[c] == first]
+    yield from final.outcomes(start[1], ended, first, [], 0.0, good_until)
+  every = leader.config.round.eval_every
 
   def must_end(done: int) -> bool:
-    # A checkpoint needs the state after its round; so does a stop for patience, which
-    # follows an evaluated round (round done - 1).
+    # A checkpoint needs the state after its round; so does a run's end, and a stop for
+    # patience, which follows an evaluated round (round done - 1).
     checkpoint = checkpoint_every is not None and done % checkpoint_every == 0
-    return checkpoint or (config.patience is not None and (done - 1) % every == 0)
+    stop = leader.config.patience is not None and (done - 1) % every == 0
+    return checkpoint or stop or done in totals
 
-  ends = chunk_ends(first, rounds, must_end)
-  stopped = False
-  for chunk in iterate_chunks(algorithm, data, seeds, ends, experiment.mesh, start):
-    state, seconds = chunk.state, (time.perf_counter() - t0) / chunk.count
+  ends = chunk_ends(first, max(totals), must_end) if live else []
+  for chunk in iterate_chunks(algorithm, data, seeds, ends, leader.mesh, start, program):
+    seconds = (time.perf_counter() - t0) / chunk.count
     for i in range(chunk.count):
       r, metrics = chunk.first + i, chunk.round_metrics(i)
       round_times.append(seconds)
-      per_seed = [jax.tree.map(lambda x, k=k: x[k], metrics) for k in range(len(seeds))]
-      records = [{**round_record(r, m), "seconds": seconds} for m in per_seed]
-      patience.update(records)
-      diverged = [
-        seed
-        for seed, record, m in zip(seeds, records, per_seed, strict=True)
-        if len(record["excluded_clients"]) == len(m.selected)
-      ]
-      message = None
-      if bool(per_seed[0].evaluated):
-        checks = [_check(m.validation if has_validation else m.test) for m in per_seed]
-        message = _divergence(f"round {r}", seeds, checks, checked_on, cause)
-        good_until = r if message is None else good_until
-      if diverged and message is None:
-        message = (
-          f"round {r}, seed {diverged[0]}: every training client's update was non-finite (NaN "
-          f"or inf), so there is nothing to aggregate; {cause}"
-        )
-      last = i == chunk.count - 1
-      yield RoundOutcome(r, records, state if last else None, message, good_until)
-      if message:
-        return []
-      done = r + 1
+      # Runs' own states only where needed: slicing a group's state copies it.
+      due = checkpoint_every is not None and (r + 1) % checkpoint_every == 0
+      state = chunk.state if i == chunk.count - 1 and (due or not grouped) else None
+      for c in [c for c in live if r < totals[c]]:
+        outcome = _run_round(r, c, pick(metrics, c), seeds, seconds, experiments[c], good_until[c])
+        good_until[c] = outcome.good_until
+        if c == 0:
+          patience.update(outcome.records)
+        yield dataclasses.replace(outcome, state=None if state is None else pick(state, c))
+        if outcome.diverged:
+          live.remove(c)
       # Patience runs out only after an evaluated round, which ends its chunk (must_end).
-      stopped = patience.exhausted
-      if stopped:
-        break
-    if stopped:
-      break
+      if patience.exhausted:
+        totals[0] = r + 1
+      ended = [c for c in live if totals[c] == r + 1]
+      if ended:
+        wall = time.perf_counter() - started
+        yield from final.outcomes(chunk.state, ended, r + 1, round_times, wall, good_until)
+        live = [c for c in live if c not in ended]
+      if not live:
+        return
     t0 = time.perf_counter()
-  outcome, final_checks = _final_models(experiment, state, done)
-  message = _divergence(f"after round {done - 1}", seeds, final_checks, checked_on, cause)
-  if message:  # the final models were never checked inside a round
-    yield RoundOutcome(done - 1, [], state, message, good_until)
-    return []
-  wall = time.perf_counter() - started
-  return [
-    {
-      "seed": seed,
-      "rounds": done,
-      "stopped_early": done < rounds,
-      **outcome[k],
-      "first_round_seconds": round_times[0] if round_times else None,
-      "median_round_seconds": float(np.median(round_times[1:])) if len(round_times) > 1 else None,
-      "wall_seconds": wall,
-      "seeds_together": len(seeds),
-    }
-    for k, seed in enumerate(seeds)
+
+
+def _run_round(
+  r: int,
+  run: int,
+  metrics: Any,
+  seeds: Sequence[int],
+  seconds: float,
+  experiment: Experiment,
+  good_until: int,
+) -> RoundOutcome:
+  """Round ``r``'s outcome (without a state) for one run, from its metrics (``[seeds, ...]``,
+  on the host): its records, and whether it diverged: some seed's evaluated models did, or
+  every training client of some seed had a non-finite update."""
+  per_seed = [jax.tree.map(lambda x, k=k: x[k], metrics) for k in range(len(seeds))]
+  records = [{**round_record(r, m), "seconds": seconds} for m in per_seed]
+  cause = _likely_cause(experiment)
+  message = None
+  if bool(per_seed[0].evaluated):
+    # Judged on validation; without a validation split, on the test windows (a stop, never a
+    # choice of model).
+    has_validation = experiment.data.val_mask.shape[1] > 0
+    checks = [_check(m.validation if has_validation else m.test) for m in per_seed]
+    on = "validation" if has_validation else "test"
+    message = _divergence(f"round {r}", seeds, checks, on, cause)
+    good_until = r if message is None else good_until
+  failed = [
+    seed
+    for seed, record, m in zip(seeds, records, per_seed, strict=True)
+    if len(record["excluded_clients"]) == len(m.selected)
   ]
+  if failed and message is None:
+    message = (
+      f"round {r}, seed {failed[0]}: every training client's update was non-finite (NaN "
+      f"or inf), so there is nothing to aggregate; {cause}"
+    )
+  return RoundOutcome(r, records, None, message, good_until, run)
+
+
+class _FinalModels:
+  """Judges a group's final models, run by run, as each ends. Every run is evaluated on its
+  own (the group's memory is sized for its rounds, not for evaluating all its runs at once),
+  with the :func:`leader`'s evaluation, compiled once for the group: the runs' states differ
+  only in the values they hold."""
+
+  def __init__(self, experiments: Sequence[Experiment], seeds: Sequence[int]):
+    self.experiments, self.seeds = experiments, seeds
+    self.grouped = len(experiments) > 1
+    first = leader(experiments)
+    algorithm = over_seeds(first.algorithm)
+    self.evaluate = jax.jit(algorithm.evaluate, static_argnums=(2, 3))
+    self.on_new, self.new_baselines = None, None
+    if first.new_viewers is not None and algorithm.evaluate_global is not None:
+      self.on_new = jax.jit(algorithm.evaluate_global, static_argnums=2)
+      self.new_baselines = {
+        name: summary_dict(summary)
+        for name, summary in baseline_summaries(first.new_viewers, first.spec.horizon).items()
+      }
+
+  def outcomes(
+    self,
+    state: Any,
+    ending: Sequence[int],
+    done: int,
+    round_times: Sequence[float],
+    wall: float,
+    good_until: Sequence[int],
+  ) -> Iterator[RoundOutcome]:
+    """The last outcome of every run in ``ending``, which ended after ``done`` rounds: its
+    summaries, or that its final models diverged."""
+    for c in ending:
+      experiment = self.experiments[c]
+      mine = config_state(state, c, seeds_axis=True) if self.grouped else state
+      data = experiment.data
+      both = (False, True)
+      evaluations: dict[str, Any] = {
+        "test": {b: distributed.fetch(self.evaluate(mine, data, "test", b)) for b in both},
+        "validation": distributed.fetch(self.evaluate(mine, data, "validation", False)),
+        "new": None,
+      }
+      # Only runs whose own algorithm deploys the server's model are judged on new viewers.
+      deploys = experiment.algorithm.evaluate_global is not None
+      if deploys and self.on_new is not None:
+        viewers = experiment.new_viewers
+        evaluations["new"] = {b: distributed.fetch(self.on_new(mine, viewers, b)) for b in both}
+      chosen = clients_state(mine).selected
+      selected = distributed.fetch((chosen.from_round, chosen.validation_loss))
+      new_baselines = self.new_baselines if deploys else None
+      outcome, checks = _final_models(experiment, evaluations, selected, done, new_baselines)
+      has_validation = data.val_mask.shape[1] > 0
+      checked_on = "validation" if has_validation else "test"
+      message = _divergence(
+        f"after round {done - 1}", self.seeds, checks, checked_on, _likely_cause(experiment)
+      )
+      if message:  # the final models were never checked inside a round
+        yield RoundOutcome(done - 1, [], None, message, good_until[c], c)
+        continue
+      rounds = experiment.config.total_rounds
+      summaries = [
+        {
+          "seed": seed,
+          "rounds": done,
+          "stopped_early": done < rounds,
+          **outcome[k],
+          "first_round_seconds": round_times[0] if round_times else None,
+          "median_round_seconds": (
+            float(np.median(round_times[1:])) if len(round_times) > 1 else None
+          ),
+          "wall_seconds": wall,
+          "seeds_together": len(self.seeds),
+          **({"runs_together": len(self.experiments)} if self.grouped else {}),
+        }
+        for k, seed in enumerate(self.seeds)
+      ]
+      yield RoundOutcome(done - 1, [], None, None, good_until[c], c, summaries)
 
 
 def _check(sums: Any) -> str | None:
@@ -458,32 +668,29 @@ def _likely_cause(experiment: Experiment) -> str:
 
 
 def _final_models(
-  experiment: Experiment, state: Any, done: int
+  experiment: Experiment,
+  evaluations: dict[str, Any],
+  selected: tuple[Any, Any],
+  done: int,
+  new_baselines: dict[str, Any] | None,
 ) -> tuple[list[dict[str, Any]], list[str | None]]:
   """Per seed: the final models' test errors and validation loss, and the selected ones' (the
   state's :class:`~fedvp_jax.algorithms.core.Selected`, or the final models where they
   validate at least as well), also on the new viewers; and per seed the final models'
-  divergence check (:func:`diverged_models`, on validation, else on test)."""
-  algorithm = over_seeds(experiment.algorithm)
-  data = experiment.data
-  evaluate = jax.jit(algorithm.evaluate, static_argnums=(2, 3))
-  test = {best: distributed.fetch(evaluate(state, data, "test", best)) for best in (False, True)}
-  validation = distributed.fetch(evaluate(state, data, "validation", False))
-  selected = clients_state(state).selected
-  from_round, validation_loss = distributed.fetch((selected.from_round, selected.validation_loss))
-  has_validation = data.val_mask.shape[1] > 0
-  new = None
-  if experiment.new_viewers is not None and algorithm.evaluate_global is not None:
-    on_new = jax.jit(algorithm.evaluate_global, static_argnums=2)
-    new = {
-      best: distributed.fetch(on_new(state, experiment.new_viewers, best)) for best in (False, True)
-    }
-    new_baselines = {
-      name: summary_dict(summary)
-      for name, summary in baseline_summaries(
-        experiment.new_viewers, experiment.spec.horizon
-      ).items()
-    }
+  divergence check (:func:`diverged_models`, on validation, else on test).
+
+  Args:
+    experiment: the run.
+    evaluations: its final state's error sums, every leaf ``[seeds, ...]`` on the host:
+      ``"test"`` (by ``best``), ``"validation"`` and ``"new"`` (the server's model on the new
+      viewers, by ``best``; ``None`` without them).
+    selected: ``(from_round, validation_loss)`` of the state's selected models, ``[seeds]``.
+    done: rounds run.
+    new_baselines: the trivial predictors on the new viewers.
+  """
+  test, validation, new = evaluations["test"], evaluations["validation"], evaluations["new"]
+  from_round, validation_loss = selected
+  has_validation = experiment.data.val_mask.shape[1] > 0
   outcome, checks = [], []
   for k in range(len(from_round)):
     pick = lambda tree, k=k: jax.tree.map(lambda x: x[k], tree)
@@ -521,12 +728,17 @@ __all__ = [
   "Seeds",
   "chunk_ends",
   "chunked_apply",
+  "compile_chunks",
   "diverged_models",
+  "group_algorithm",
   "iterate_chunks",
   "iterate_rounds",
   "keyed_apply",
+  "leader",
+  "program_bytes",
   "round_key",
   "run_rounds",
   "seed_keys",
   "train",
+  "train_group",
 ]

@@ -9,11 +9,13 @@ lines go to the ``fedvp_jax`` logger.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,22 @@ from fedvp_jax import distributed
 from fedvp_jax.algorithms.core import over_seeds
 from fedvp_jax.config import RunConfig, to_record
 from fedvp_jax.errors import ConfigError, DivergenceError
-from fedvp_jax.experiment import Experiment, baseline_summaries, prepare, window_counts
+from fedvp_jax.experiment import (
+  Experiment,
+  baseline_summaries,
+  prepare,
+  window_counts,
+  with_config,
+)
 from fedvp_jax.privacy import Accounting
-from fedvp_jax.rounds import RoundOutcome, seed_keys, train
+from fedvp_jax.rounds import (
+  RoundOutcome,
+  compile_chunks,
+  group_algorithm,
+  program_bytes,
+  seed_keys,
+  train_group,
+)
 from fedvp_jax.rundir import RunDir, missing_rounds, warn_log_gaps
 from fedvp_jax.sharding import per_client, place, resize_clients, state_shardings
 from fedvp_jax.summaries import run_summary, summary_dict
@@ -107,21 +122,111 @@ def run_steps(
       :func:`resume` continues the run.
   """
   target = RunDir(run_dir)
+  replace = _check_new(target, overwrite)
+  experiment = prepare(config)  # every input error surfaces before anything on disk changes
+  baselines = _baselines(experiment)
+  with _created(target, experiment, replace, checkpoint_every, baselines):
+    return (yield from _run_alone(experiment, target, checkpoint_every, tensorboard, baselines))
+
+
+def group_steps(
+  configs: Sequence[RunConfig],
+  run_dirs: Sequence[str | Path],
+  resume: Sequence[bool],
+  *,
+  overwrite: bool = False,
+  checkpoint_every: int | None = None,
+  tensorboard: bool = False,
+  memory_limit: int | None = None,
+) -> GroupSteps:
+  """Runs configurations that can share a program (equal
+  :func:`~fedvp_jax.config.program_key`; on one device, without DP or ``patience``) as one
+  program (:func:`~fedvp_jax.rounds.train_group`), each into its own run directory exactly as
+  :func:`run_steps` or :func:`resume_steps` would run it alone: its own metrics, checkpoints,
+  summary and resume. One run that diverges stops; the others go on.
+
+  Args:
+    configs: the runs.
+    run_dirs: their run directories.
+    resume: per run, whether it continues the run its directory holds (from its checkpoints)
+      rather than starting a new one there.
+    overwrite: a new run may replace the run its directory holds.
+    checkpoint_every, tensorboard: as :func:`run_steps`, for every run.
+    memory_limit: the most bytes of memory one program may take; more runs than fit run as
+      several programs (default: :func:`memory_limit_bytes`).
+
+  Returns:
+    Every run's summary, or the :class:`DivergenceError` that stopped it.
+
+  Raises:
+    ConfigError: for a run directory :func:`run_steps` or :func:`resume_steps` would refuse.
+    DataError, SettingError: for data that cannot serve the runs.
+  """
+  targets = [RunDir(path) for path in run_dirs]
+  replace = [
+    False if again else _check_new(target, overwrite)
+    for target, again in zip(targets, resume, strict=True)
+  ]
+  for target, again in zip(targets, resume, strict=True):
+    if again and not target.exists():
+      raise ConfigError(f"{target.path} is not a run directory (it has no config.json)")
+  if checkpoint_every is None:  # as resume_steps: continue at the interval the runs had
+    resumed = [target for target, again in zip(targets, resume, strict=True) if again]
+    saved = [target.read_record().get("checkpoint_every") for target in resumed]
+    checkpoint_every = next((every for every in saved if every), None)
+  leader = prepare(configs[0])  # the data is read once: every run reads the same
+  experiments = [leader, *(with_config(leader, config) for config in configs[1:])]
+  baselines = _baselines(leader)  # the same test windows for every run
+  with contextlib.ExitStack() as held:
+    runs = []
+    for experiment, target, again, old in zip(experiments, targets, resume, replace, strict=True):
+      if again:
+        held.enter_context(target.lock())
+        log.info(f"resuming {target.path}")
+        runs.append(_Run(experiment, target, target.read_baselines()))
+      else:
+        held.enter_context(_created(target, experiment, old, checkpoint_every, baselines))
+        runs.append(_Run(experiment, target, baselines))
+    return (yield from _run_group(runs, checkpoint_every, tensorboard, memory_limit))
+
+
+def _check_new(target: RunDir, overwrite: bool) -> bool:
+  """Refuses a run directory that exists, unless ``overwrite`` and it holds a run; whether
+  there is one to replace."""
   # Every process of a job looks at the folder before prepare()'s collectives, so before
   # process 0 replaces or creates it.
-  existed, was_run = target.path.exists(), target.exists()
-  if existed and not overwrite:
+  if target.path.exists() and not overwrite:
     raise ConfigError(
       f"run directory {target.path} already exists; choose another name or output folder, "
       "or overwrite it"
     )
-  if existed and not was_run:
+  if target.path.exists() and not target.exists():
     raise ConfigError(
       f"{target.path} exists but is not a run directory (it has no config.json); refusing "
       "to replace it"
     )
-  experiment = prepare(config)  # every input error surfaces before anything on disk changes
-  if existed:
+  return target.path.exists()
+
+
+def _baselines(experiment: Experiment) -> dict[str, Any]:
+  """The trivial predictors' summaries on ``experiment``'s test windows."""
+  summaries = baseline_summaries(experiment.data.test, experiment.spec.horizon)
+  return {name: summary_dict(summary) for name, summary in summaries.items()}
+
+
+@contextlib.contextmanager
+def _created(
+  target: RunDir,
+  experiment: Experiment,
+  replace: bool,
+  checkpoint_every: int | None,
+  baselines: dict[str, Any],
+) -> Iterator[None]:
+  """Makes ``target`` the new run directory of ``experiment`` (first removing the run it
+  holds, with ``replace``, as :func:`_check_new` allowed), writing ``baselines`` there, and
+  holds its lock while open. A run that fails before its directory is a run directory leaves
+  no folder behind."""
+  if replace:
     with target.lock():  # never replace a run that another process is writing
       pass
     if target.writer:
@@ -133,14 +238,10 @@ def run_steps(
     raise ConfigError(f"cannot create run directory {target.path}: {err}") from err
   try:
     with target.lock():
-      baselines = {
-        k: summary_dict(v)
-        for k, v in baseline_summaries(experiment.data.test, experiment.spec.horizon).items()
-      }
       target.write_baselines(baselines)
       target.write_config(_config_record(experiment, checkpoint_every))  # now a run directory
       _describe(experiment, baselines)
-      return (yield from _run_seeds(experiment, target, checkpoint_every, tensorboard, baselines))
+      yield
   except BaseException:
     # Failed (a full disk, Ctrl-C) before it was a run directory: leave no folder that
     # neither --resume nor --overwrite would take.
@@ -200,7 +301,7 @@ def _resume(
     f"resuming {target.path}: {experiment.spec}, {config.algorithm}, {config.total_rounds} rounds"
   )
   every = checkpoint_every or record.get("checkpoint_every")
-  return (yield from _run_seeds(experiment, target, every, tensorboard, baselines))
+  return (yield from _run_alone(experiment, target, every, tensorboard, baselines))
 
 
 def _describe(experiment: Experiment, baselines: dict[str, Any]) -> None:
@@ -224,7 +325,7 @@ def _describe(experiment: Experiment, baselines: dict[str, Any]) -> None:
     )
 
 
-def _run_seeds(
+def _run_alone(
   experiment: Experiment,
   target: RunDir,
   checkpoint_every: int | None,
@@ -232,66 +333,231 @@ def _run_seeds(
   baselines: dict[str, Any],
 ) -> RunSteps:
   """Runs (or continues, from the newest good checkpoint) every seed of a run, together, and
-  writes the run's summary."""
-  config = experiment.config
-  seeds = [config.seed + k for k in range(config.num_seeds)]
+  writes the run's summary.
+
+  Raises:
+    DivergenceError: when it diverged.
+  """
+  run = _Run(experiment, target, baselines)
+  (result,) = yield from _without_index(_run_group([run], checkpoint_every, tensorboard))
+  if isinstance(result, DivergenceError):
+    raise result
+  return result
+
+
+def _without_index(steps: GroupSteps) -> Generator[Progress, None, list[RunResult]]:
+  """``steps``' progress events without the run's index (for a group of one)."""
+  while True:
+    try:
+      _, progress = next(steps)
+    except StopIteration as stop:
+      return stop.value
+    yield progress
+
+
+RunResult = dict[str, Any] | DivergenceError
+"""A run's summary (``summary.json``), or why it diverged."""
+
+GroupSteps = Generator[tuple[int, Progress], None, list[RunResult]]
+"""Yields ``(which run, Progress)``; returns every run's :data:`RunResult`, in order."""
+
+
+@dataclasses.dataclass
+class _Run:
+  """A run of a group while it runs.
+
+  Attributes:
+    experiment: what it runs.
+    target: its run directory, which this process has locked.
+    baselines: the trivial predictors' summaries written there.
+    manager: its checkpoints' orbax manager, or ``None`` when it writes none.
+    start: ``(round, state)`` it continues from, or ``None`` to start over.
+    earlier: per seed, its records of the rounds before ``start``.
+    files: per seed, its metrics log, open for appending.
+    board: its TensorBoard log, or ``None``.
+  """
+
+  experiment: Experiment
+  target: RunDir
+  baselines: dict[str, Any]
+  manager: Any = None
+  start: tuple[int, Any] | None = None
+  earlier: list[list[dict[str, Any]]] = dataclasses.field(default_factory=list)
+  files: list[Any] = dataclasses.field(default_factory=list)
+  board: Any = None
+
+  @property
+  def seeds(self) -> list[int]:
+    config = self.experiment.config
+    return [config.seed + k for k in range(config.num_seeds)]
+
+  @property
+  def first(self) -> int:
+    return 0 if self.start is None else self.start[0]
+
+  @property
+  def label(self) -> str:
+    seeds = self.seeds
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+
+
+def _run_group(
+  runs: Sequence[_Run],
+  checkpoint_every: int | None,
+  tensorboard: bool,
+  memory_limit: int | None = None,
+) -> GroupSteps:
+  """Runs (or continues) runs that can share a program, together: those that continue from
+  the same round, as many at once as fit in ``memory_limit`` bytes (:func:`_programs`); a
+  group of one is a run alone. Finished runs are only summarised again."""
   # Every process of a job decides from the same files: the ones process 0 has written.
-  distributed.barrier(f"read {target.path}")
-  finished = [target.read_seed_summary(seed) for seed in seeds]
-  if all(s is not None for s in finished):  # finished before an interruption
-    logs = [target.read_metrics(seed) for seed in seeds]
-    warn_log_gaps(target, finished, logs)  # type: ignore[arg-type]
-    return _finish(target, baselines, finished)  # type: ignore[arg-type]
+  distributed.barrier(f"read {runs[0].target.path}")
+  results: dict[int, RunResult] = {}
+  starts: dict[int, list[int]] = {}
+  try:
+    for i, run in enumerate(runs):
+      finished = [run.target.read_seed_summary(seed) for seed in run.seeds]
+      if all(s is not None for s in finished):  # finished before an interruption
+        logs = [run.target.read_metrics(seed) for seed in run.seeds]
+        warn_log_gaps(run.target, finished, logs)  # type: ignore[arg-type]
+        results[i] = _finish(run.target, run.baselines, finished)  # type: ignore[arg-type]
+        continue
+      _open(run, checkpoint_every, tensorboard)
+      starts.setdefault(run.first, []).append(i)
+    for together in starts.values():
+      for members, program in _programs(runs, together, memory_limit):
+        results.update((yield from _train(runs, members, checkpoint_every, program)))
+  finally:
+    for run in runs:
+      for file in run.files:
+        file.close()
+      if run.board is not None:
+        run.board.close()
+  return [results[i] for i in range(len(runs))]
+
+
+def _open(run: _Run, checkpoint_every: int | None, tensorboard: bool) -> None:
+  """Finds where ``run`` continues from (its newest good checkpoint, with its metrics log
+  complete before it) and opens its logs."""
+  target, seeds = run.target, run.seeds
   target.clear_diverged()  # this attempt decides anew
   has_checkpoints = target.has_checkpoints()
-  manager = target.checkpoints() if checkpoint_every or has_checkpoints else None
-  start = _restore_newest(target, manager, experiment, seeds) if has_checkpoints else None
-  first = start[0] if start is not None else 0
-  earlier = [target.read_metrics(seed, before=first) for seed in seeds]
-  missing = {s: missing_rounds(r, first) for s, r in zip(seeds, earlier, strict=True)}
+  run.manager = target.checkpoints() if checkpoint_every or has_checkpoints else None
+  if has_checkpoints:
+    run.start = _restore_newest(target, run.manager, run.experiment, seeds)
+  run.earlier = [target.read_metrics(seed, before=run.first) for seed in seeds]
+  missing = {s: missing_rounds(r, run.first) for s, r in zip(seeds, run.earlier, strict=True)}
   if any(missing.values()):
     # The best round and the report come from these records: never summarise a partial log.
     gaps = "; ".join(f"seed {s}: rounds {m[:6]}" for s, m in missing.items() if m)
     log.info(f"  the metrics log lacks records before the checkpoint ({gaps}); starting over")
-    start, first, earlier = None, 0, [[] for _ in seeds]
-  files = [target.open_metrics(seed, records) for seed, records in zip(seeds, earlier, strict=True)]
-  board = _tensorboard(target) if tensorboard else None
-  label = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
-  total = config.total_rounds
-  try:
-    yield Progress(label, first, total, compiling=True)
-    rounds = train(experiment, seeds, start, earlier, checkpoint_every if manager else None)
-    while True:
-      try:
-        with distributed.peers_checked():
-          outcome = next(rounds)
-      except StopIteration as stop:
-        summaries = stop.value
-        break
-      _write_records(files, board, outcome.records)
-      if outcome.diverged:
-        raise _diverged(target, manager, outcome, checkpoint_every)
-      done = outcome.round + 1
-      due = manager and checkpoint_every and done % checkpoint_every == 0
-      if due:
-        with distributed.peers_checked():
-          target.save_checkpoint(manager, done, outcome.state)
-      yield Progress(label, done, total, False, *_mean_losses(outcome.records))
-  finally:
-    for file in files:
-      file.close()
-    if board is not None:
-      board.close()
+    run.start, run.earlier = None, [[] for _ in seeds]
+  run.files = [
+    target.open_metrics(seed, records) for seed, records in zip(seeds, run.earlier, strict=True)
+  ]
+  run.board = _tensorboard(target) if tensorboard else None
+
+
+def _programs(
+  runs: Sequence[_Run], members: list[int], memory_limit: int | None
+) -> Iterator[tuple[list[int], Any]]:
+  """``members`` (runs continuing from the same round) in groups that each fit in
+  ``memory_limit`` bytes (default :func:`memory_limit`), each with its compiled chunk program
+  (``None`` for a run alone, which compiles its own): a group too large is halved until it
+  fits, as XLA's memory analysis of its program says."""
+  if len(members) == 1:
+    yield members, None
+    return
+  experiments = [runs[i].experiment for i in members]
+  program = compile_chunks(
+    group_algorithm(experiments), experiments[0].data, runs[members[0]].seeds
+  )
+  needed = program_bytes(program)
+  limit = memory_limit or memory_limit_bytes()
+  if needed <= limit:
+    log.info(
+      f"{len(members)} runs as one program ({needed / 2**30:.2f} GiB of the "
+      f"{limit / 2**30:.1f} GiB allowed): {', '.join(runs[i].target.name for i in members)}"
+    )
+    yield members, program
+    return
+  half = len(members) // 2
+  log.info(
+    f"{len(members)} runs as one program would need {needed / 2**30:.2f} GiB, more than the "
+    f"{limit / 2**30:.1f} GiB allowed: split into groups of {half} and {len(members) - half}"
+  )
+  yield from _programs(runs, members[:half], memory_limit)
+  yield from _programs(runs, members[half:], memory_limit)
+
+
+MEMORY_SHARE = 0.8
+"""The share of the device's memory (the host's, on the CPU) a group's program may take."""
+
+
+def memory_limit_bytes() -> int:
+  """How much memory a group of runs may take (:data:`MEMORY_SHARE` of the default device's,
+  or of the host's physical memory where the device does not say: on the CPU)."""
+  device = getattr(jax.config, "jax_default_device", None) or jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    return int(MEMORY_SHARE * stats["bytes_limit"])
+  return int(MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _train(
+  runs: Sequence[_Run], members: list[int], checkpoint_every: int | None, program: Any
+) -> Generator[tuple[int, Progress], None, dict[int, RunResult]]:
+  """Trains ``members`` as one program (:func:`~fedvp_jax.rounds.train_group`), writing each
+  run's records, checkpoints and summary as it goes; their results by index."""
+  group = [runs[i] for i in members]
+  first = group[0].first
+  for i, run in zip(members, group, strict=True):
+    yield i, Progress(run.label, first, run.experiment.config.total_rounds, compiling=True)
+  start = None if first == 0 else (first, [run.start[1] for run in group])  # type: ignore[index]
+  every = checkpoint_every if any(run.manager for run in group) else None
+  outcomes = train_group(
+    [run.experiment for run in group],
+    group[0].seeds,
+    start,
+    [run.earlier for run in group],
+    every,
+    program,
+  )
+  results: dict[int, RunResult] = {}
+  while True:
+    try:
+      with distributed.peers_checked():
+        outcome = next(outcomes)
+    except StopIteration:
+      return results
+    i, run = members[outcome.run], group[outcome.run]
+    _write_records(run.files, run.board, outcome.records)
+    if outcome.diverged:
+      results[i] = _diverged(run.target, run.manager, outcome, checkpoint_every)
+      continue
+    if outcome.summaries is not None:
+      results[i] = _summarised(run, outcome.summaries)
+      continue
+    done = outcome.round + 1
+    if run.manager and every and done % every == 0:
+      with distributed.peers_checked():
+        run.target.save_checkpoint(run.manager, done, outcome.state)
+    total = run.experiment.config.total_rounds
+    yield i, Progress(run.label, done, total, False, *_mean_losses(outcome.records))
+
+
+def _summarised(run: _Run, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+  """Writes a run's seed summaries and its ``summary.json``; the latter."""
   for summary in summaries:
-    target.write_seed_summary(summary)
+    run.target.write_seed_summary(summary)
     final = summary["final"]
     log.info(
       f"  seed {summary['seed']}: Average Global Loss {_fmt(final['loss'])}  orthodromic "
       f"{_degrees(final['orthodromic_deg'])}"
     )
   median = summaries[0]["median_round_seconds"] or 0.0
-  log.info(f"  {median:.3f} s/round for {len(seeds)} seed(s) together")
-  return _finish(target, baselines, summaries)
+  log.info(f"  {median:.3f} s/round for {len(summaries)} seed(s) together")
+  return _finish(run.target, run.baselines, summaries)
 
 
 def _write_records(files: list[Any], board: Any, records: list[dict[str, Any]]) -> None:
@@ -482,9 +748,14 @@ def _degrees(values: list[float | None]) -> str:
 
 
 __all__ = [
+  "MEMORY_SHARE",
+  "GroupSteps",
   "Progress",
+  "RunResult",
   "RunSteps",
   "drain",
+  "group_steps",
+  "memory_limit_bytes",
   "resume",
   "resume_steps",
   "run",

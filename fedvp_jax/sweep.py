@@ -46,10 +46,17 @@ from pathlib import Path
 from typing import Any
 
 from fedvp_jax import distributed
-from fedvp_jax.config import RunConfig, differences, resolve_name, to_record, with_settings
+from fedvp_jax.config import (
+  RunConfig,
+  differences,
+  program_groups,
+  resolve_name,
+  to_record,
+  with_settings,
+)
 from fedvp_jax.errors import ConfigError, DivergenceError, FedVPError, SettingError
 from fedvp_jax.rundir import RunDir, is_process_zero, read_sweep_index, write_sweep_index
-from fedvp_jax.runner import Progress, drain, resume_steps, run_steps
+from fedvp_jax.runner import Progress, drain, group_steps, resume_steps, run_steps
 
 log = logging.getLogger("fedvp_jax")
 
@@ -215,14 +222,24 @@ def sweep_steps(
   out_dir: str | Path,
   *,
   overwrite: bool = False,
+  grouping: bool = True,
+  memory_limit: int | None = None,
   **run_options: Any,
 ) -> SweepSteps:
   """Runs every configuration into ``out_dir/<name>/``, skipping finished ones.
+
+  Configurations that can share a compiled program (equal
+  :func:`~fedvp_jax.config.program_key`, see :func:`run_groups`) run as one
+  (:func:`fedvp_jax.runner.group_steps`): the weekly table is two programs, the FedAvg family
+  and the FedGen family. Each still writes its own run directory, as if it had run alone.
 
   Args:
     runs: the configurations (from :func:`expand_spec`).
     out_dir: the sweep folder.
     overwrite: rerun configurations whose folder holds a run with other settings.
+    grouping: run configurations that can share a program as one; ``False``: each alone.
+    memory_limit: the most bytes one group's program may take (more runs than fit run as
+      several programs; default :func:`fedvp_jax.runner.memory_limit_bytes`).
     run_options: ``checkpoint_every`` (so that a killed sweep resumes each run from its
       checkpoints) and ``tensorboard``, for every run (see :func:`fedvp_jax.runner.run_steps`).
 
@@ -250,47 +267,105 @@ def sweep_steps(
     {r.name: {"name": r.name, "group": r.group, "config": to_record(r.config)} for r in runs}
   )
   write_sweep_index(out_dir, list(index.values()))
-  outcomes = {}
+  outcomes: dict[str, str] = {}
   for number, sweep_run in enumerate(runs, start=1):
-    target, plan = RunDir(out_dir / sweep_run.name), plans[sweep_run.name]
+    plan = plans[sweep_run.name]
     log.info(f"[{number}/{len(runs)}] {sweep_run.name}: {plan}")
     if sweep_run.name in problems:
       outcomes[sweep_run.name] = f"failed: {problems[sweep_run.name]}"
       log.info(f"  {sweep_run.name} failed: {problems[sweep_run.name]}")
-      continue
-    if plan in ("reuse", "diverged"):
+    elif plan in ("reuse", "diverged"):
       outcomes[sweep_run.name] = "reused" if plan == "reuse" else "diverged before"
-      continue
-    config = sweep_run.config
-    if plan == "resume":
-      steps = resume_steps(
-        target.path,
-        devices=config.devices,
-        data_dir=config.data_dir,
-        **run_options,
-      )
-    else:
-      if plan == "run" and target.path.exists() and target.writer:
-        target.path.rmdir()  # empty, as _plan checked
-      steps = run_steps(
-        config,
-        target.path,
-        overwrite=plan == "overwrite",
-        **run_options,
-      )
+  pending = [r for r in runs if r.name not in outcomes]
+  for group in run_groups(pending) if grouping else [[r] for r in pending]:
     try:
-      for progress in steps:
-        yield sweep_run.name, progress
-      outcomes[sweep_run.name] = "done"
+      results = yield from _group_steps(group, out_dir, plans, overwrite, memory_limit, run_options)
     except FedVPError as err:  # one bad configuration does not stop the others
       # ... but in a job of several processes only a divergence, which every process sees
       # alike, does; a process that failed alone stops the job (a JobError says which).
       if distributed.is_multiprocess() and not isinstance(err, DivergenceError):
         raise
-      kind = "diverged" if isinstance(err, DivergenceError) else "failed"
-      log.info(f"  {sweep_run.name} {kind}: {err}")
-      outcomes[sweep_run.name] = f"{kind}: {err}"
-  return outcomes
+      results = [err] * len(group)
+    for r, result in zip(group, results, strict=True):
+      outcomes[r.name] = _outcome(r, result)
+  return {r.name: outcomes[r.name] for r in runs}
+
+
+def _outcome(sweep_run: SweepRun, result: Any) -> str:
+  """A run's outcome (see :func:`sweep_steps`) from its summary or the error that stopped it."""
+  if not isinstance(result, FedVPError):
+    return "done"
+  kind = "diverged" if isinstance(result, DivergenceError) else "failed"
+  log.info(f"  {sweep_run.name} {kind}: {result}")
+  return f"{kind}: {result}"
+
+
+def run_groups(runs: Sequence[SweepRun]) -> list[list[SweepRun]]:
+  """``runs`` in the groups that run as one program: those of equal
+  :func:`~fedvp_jax.config.program_key` that can share one (on one device, without DP, whose
+  noise follows each run's rounds, and without ``patience``, which stops each run on its own);
+  every other run alone. In order of each group's first run."""
+  if distributed.is_multiprocess():
+    return [[r] for r in runs]
+  shareable = [
+    r.config.devices is None and r.config.patience is None and not r.config.privacy.enabled
+    for r in runs
+  ]
+  alone = [[r] for r, ok in zip(runs, shareable, strict=True) if not ok]
+  candidates = [r for r, ok in zip(runs, shareable, strict=True) if ok]
+  together = [
+    [candidates[i] for i in group] for group in program_groups([r.config for r in candidates])
+  ]
+  order = {r.name: i for i, r in enumerate(runs)}
+  return sorted(together + alone, key=lambda group: order[group[0].name])
+
+
+def _group_steps(
+  group: Sequence[SweepRun],
+  out_dir: Path,
+  plans: Mapping[str, str],
+  overwrite: bool,
+  memory_limit: int | None,
+  run_options: Mapping[str, Any],
+) -> Generator[tuple[str, Progress], None, list[Any]]:
+  """Runs ``group`` (one run, or runs that share a program), yielding each run's progress by
+  name; every run's summary or the :class:`DivergenceError` that stopped it."""
+  for r in group:
+    target = RunDir(out_dir / r.name)
+    if plans[r.name] == "run" and target.path.exists() and target.writer:
+      target.path.rmdir()  # empty, as _plan checked
+  if len(group) == 1:
+    (sweep_run,) = group
+    target, config = RunDir(out_dir / sweep_run.name), sweep_run.config
+    if plans[sweep_run.name] == "resume":
+      steps = resume_steps(
+        target.path, devices=config.devices, data_dir=config.data_dir, **run_options
+      )
+    else:
+      steps = run_steps(
+        config, target.path, overwrite=plans[sweep_run.name] == "overwrite", **run_options
+      )
+    try:
+      while True:
+        yield sweep_run.name, next(steps)
+    except StopIteration as stop:
+      return [stop.value]
+    except DivergenceError as err:
+      return [err]
+  together = group_steps(
+    [r.config for r in group],
+    [out_dir / r.name for r in group],
+    [plans[r.name] == "resume" for r in group],
+    overwrite=overwrite,
+    memory_limit=memory_limit,
+    **run_options,
+  )
+  try:
+    while True:
+      i, progress = next(together)
+      yield group[i].name, progress
+  except StopIteration as stop:
+    return stop.value
 
 
 def _check_data(runs: Sequence[SweepRun]) -> dict[str, str]:
@@ -339,6 +414,7 @@ __all__ = [
   "SweepRun",
   "expand_spec",
   "read_spec",
+  "run_groups",
   "run_sweep",
   "sweep_steps",
 ]

@@ -11,7 +11,13 @@ import optax
 import pytest
 from conftest import TINY_RUN, compiles
 
-from fedvp_jax.algorithms import clients_state, fedavg, over_configs
+from fedvp_jax.algorithms import (
+  clients_state,
+  config_state,
+  fedavg,
+  over_configs,
+  stack_configs,
+)
 from fedvp_jax.config import RunConfig, as_hyperparams, program_groups
 from fedvp_jax.errors import SettingError
 from fedvp_jax.experiment import prepare
@@ -20,20 +26,6 @@ from fedvp_jax.rounds import run_rounds
 from fedvp_jax.sweep import PRESETS, expand_spec
 
 BASE = TINY_RUN.replace(eval_every=2, clients_per_round=2)
-
-
-def slice_config(tree, c: int, seeds: bool):
-  """Configuration c of a group's state (after the seeds axis when there is one), leaving
-  the shared round counter as it is."""
-
-  def pick(path, leaf):
-    names = [getattr(entry, "name", None) for entry in path]
-    if names[-1] == "round":
-      return leaf
-    # Seeds share their settings: those leaves have no seeds axis.
-    return leaf[:, c] if seeds and "hyper" not in names else leaf[c]
-
-  return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def assert_alone_equals_grouped(configs: list[RunConfig], seeds) -> None:
@@ -48,13 +40,17 @@ def assert_alone_equals_grouped(configs: list[RunConfig], seeds) -> None:
   with compiles("run") as compiled:
     together = jax.device_get(run_rounds(group, experiment.data, seeds, max(rounds)))
   assert len(compiled) == 1, compiled
+  # config_state and stack_configs are inverses.
+  axis = not np.isscalar(seeds)
+  runs = [config_state(together, c, seeds_axis=axis) for c in range(len(configs))]
+  chex.assert_trees_all_equal(stack_configs(runs, seeds_axis=axis), together)
   for c, config in enumerate(configs):
     alone_experiment = prepare(config)
     chex.assert_trees_all_equal(alone_experiment.data, experiment.data)
     alone = jax.device_get(
       run_rounds(alone_experiment.algorithm, experiment.data, seeds, config.total_rounds)
     )
-    mine = slice_config(together, c, seeds=not np.isscalar(seeds))
+    mine = config_state(together, c, seeds_axis=not np.isscalar(seeds))
     # The round counter is the group's; everything else is this configuration's.
     chex.assert_trees_all_close(
       clients_state(mine).replace(round=clients_state(alone).round),
@@ -103,7 +99,7 @@ def test_only_settings_held_as_values_can_vary():
   # A group of one (nothing varies): the configuration alone, with a configurations axis.
   one = over_configs(experiment.algorithm, {}, rounds=[2])
   chex.assert_trees_all_close(
-    slice_config(jax.device_get(run_rounds(one, experiment.data, 0, 3)), 0, seeds=False),
+    config_state(jax.device_get(run_rounds(one, experiment.data, 0, 3)), 0),
     jax.device_get(run_rounds(experiment.algorithm, experiment.data, 0, 2)).replace(
       round=jax.numpy.asarray(3, jax.numpy.int32)
     ),

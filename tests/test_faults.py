@@ -92,7 +92,7 @@ def test_a_diverged_run_stops_and_keeps_the_checkpoint_of_models_known_good(tmp_
   experiment = dataclasses.replace(experiment, algorithm=blown_up_from(experiment.algorithm, 3))
   target = RunDir(tmp_path)
   with pytest.raises(DivergenceError) as caught:
-    runner.drain(runner._run_seeds(experiment, target, 2, False, {}))
+    runner.drain(runner._run_alone(experiment, target, 2, False, {}))
   message = str(caught.value)
   # Round 3's update blew the models up; round 4 evaluates them. The checkpoint of round 4
   # holds them, so the one of round 2 is the good one.
@@ -105,7 +105,7 @@ def test_a_diverged_run_stops_and_keeps_the_checkpoint_of_models_known_good(tmp_
   # Resumed, it restores the newest checkpoint (round 4's, the blown-up models), which this
   # attempt never saw pass a check: no checkpoint is called good.
   with pytest.raises(DivergenceError) as again:
-    runner.drain(runner._run_seeds(experiment, target, 2, False, {}))
+    runner.drain(runner._run_alone(experiment, target, 2, False, {}))
   assert str(again.value).startswith("round 4, seed 0: the models diverged")
   assert "no checkpoint of models known good is kept" in str(again.value)
 

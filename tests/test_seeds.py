@@ -23,7 +23,7 @@ from fedvp_jax.runner import run
 
 def run_seeds(experiment, run_dir, checkpoint_every):
   """The runner's loop over an experiment's seeds, into an existing folder, drained."""
-  return runner.drain(runner._run_seeds(experiment, RunDir(run_dir), checkpoint_every, False, {}))
+  return runner.drain(runner._run_alone(experiment, RunDir(run_dir), checkpoint_every, False, {}))
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "partial-fedgen"])

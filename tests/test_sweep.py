@@ -288,9 +288,20 @@ def test_sweep_script_prints_the_preset_and_rejects_unknown_specs(capsys, tmp_pa
   printed = capsys.readouterr().out
   (tmp_path / "copy.toml").write_text(printed)
   assert sweep.main([str(tmp_path / "copy.toml"), "--dry-run", "--rounds", "9"]) == 0
-  listing = capsys.readouterr().out.splitlines()
-  assert len(listing) == 15
+  listing, programs = (lines := capsys.readouterr().out.splitlines())[:15], lines[15:]
+  # The FedAvg family and the FedGen family: two compiled programs.
+  assert [line.split(":")[0:2] for line in programs] == [
+    ["program 1", " 5 run(s)"],
+    ["program 2", " 10 run(s)"],
+  ]
   assert sum(line.endswith(" 9 rounds x2") for line in listing) == 10
   assert sum(line.endswith(" 59 rounds x2") for line in listing) == 5  # 50 pretraining rounds
+  for memory in ("0", "lots"):
+    with pytest.raises(SystemExit) as exit_code:
+      sweep.main(["weekly-table", "--dry-run", "--group-memory", memory])
+    assert exit_code.value.code == 2
+    assert "--group-memory: " in capsys.readouterr().err
+  assert sweep.main(["weekly-table", "--dry-run", "--no-grouping"]) == 0
+  assert len(capsys.readouterr().out.splitlines()) == 15
   assert sweep.main(["weekly-tabel"]) == 2
   assert "not a preset (presets: weekly-table)" in capsys.readouterr().err

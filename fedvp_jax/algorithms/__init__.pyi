@@ -28,6 +28,7 @@ from .core import (
   clients_round,
   clients_state,
   config_axes,
+  config_state,
   deployed_params,
   evaluate_clients,
   evaluate_deployed,
@@ -45,6 +46,7 @@ from .core import (
   seed_axes,
   select_clients,
   select_on_validation,
+  stack_configs,
   train_clients,
 )
 from .dp import (
@@ -112,6 +114,7 @@ __all__ = [
   "clients_state",
   "clip_by_norm",
   "config_axes",
+  "config_state",
   "deployed_params",
   "diversity_loss",
   "evaluate_clients",
@@ -151,6 +154,7 @@ __all__ = [
   "select_on_validation",
   "send_mask",
   "stack",
+  "stack_configs",
   "teacher_loss",
   "train_clients",
   "uploaded_heatmaps",

@@ -334,6 +334,44 @@ def over_configs(
   return FederatedAlgorithm(init, apply, evaluate, evaluate_global)
 
 
+def _config_axis(path: Any, seeds_axis: bool) -> int | None:
+  """Where the configurations axis of an :func:`over_configs` state's leaf is: none for the
+  shared round counter, after the seeds axis for every leaf but the settings (which seeds
+  share, :func:`seed_axes`)."""
+  if _is_round(path):
+    return None
+  return 1 if seeds_axis and not _is_hyper(path) else 0
+
+
+def config_state(state: State, c: int, *, seeds_axis: bool = False) -> State:
+  """Configuration ``c`` of an :func:`over_configs` state (or of its round's metrics or
+  evaluation), as that configuration run alone would hold it; the shared round counter is
+  kept. With ``seeds_axis`` (:func:`over_seeds` on top), leaves are ``[seeds, C, ...]``."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: (
+      leaf
+      if (axis := _config_axis(path, seeds_axis)) is None
+      # Plain indexing: metrics on the host stay numpy, no device op.
+      else leaf[(slice(None),) * axis + (c,)]
+    ),
+    state,
+  )
+
+
+def stack_configs(states: Sequence[State], *, seeds_axis: bool = False) -> State:
+  """The :func:`over_configs` state holding ``states``, each a configuration's own state (as
+  :func:`config_state` gives it) at the same round: the inverse of :func:`config_state`."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, *leaves: (
+      leaves[0]
+      if (axis := _config_axis(path, seeds_axis)) is None
+      else jnp.stack(leaves, axis=axis)
+    ),
+    states[0],
+    *states[1:],
+  )
+
+
 def over_seeds(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
   """``algorithm`` run for several seeds at once, as one vmapped program.
 

@@ -15,6 +15,10 @@ every run; --rounds counts the rounds after FedGen's pretraining, so a run with
 pretrain_rounds = 50 and --rounds 20 has 70 (the table's "rounds" column shows the total).
 Runs already finished in --out are reused; interrupted ones resume from their checkpoints. The
 table (results.md, results.csv) and plots go into --out; fedvp report redraws them.
+Configurations that differ only in settings held as values (beta, what is sent, learning
+rates, FedGen's weights, pretraining and warm-up lengths) compile and run as one program, each
+still written to its own folder (the weekly table is two programs); --no-grouping runs each
+alone, and --group-memory caps one program's memory.
 """
 
 from __future__ import annotations
@@ -36,6 +40,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     "--overwrite",
     action="store_true",
     help="rerun configurations whose folder holds a run with other settings",
+  )
+  p.add_argument(
+    "--no-grouping",
+    action="store_true",
+    help="compile and run every configuration on its own (by default, configurations that "
+    "differ only in settings held as values, such as beta, the send mode, learning rates and "
+    "pretraining length, run together as one program)",
+  )
+  p.add_argument(
+    "--group-memory",
+    type=_gibibytes,
+    metavar="GIB",
+    help="the most memory one group's program may take, in GiB; larger groups are split "
+    "(default: 80%% of the device's memory, or of the host's on the CPU)",
   )
   add_run_options(p)
   add_settings(p)  # given ones override the spec's value in every run
@@ -65,11 +83,27 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
           f"{r.name:32s} {c.algorithm:15s} beta {c.round.beta:<4} {c.total_rounds} rounds "
           f"x{c.num_seeds}"
         )
+      if not args.no_grouping:
+        from fedvp_jax.sweep import run_groups
+
+        for k, group in enumerate(run_groups(runs), start=1):
+          print(f"program {k}: {len(group)} run(s): {', '.join(r.name for r in group)}")
       return 0
     out = args.out or f"sweeps/{args.spec.removesuffix('.toml').rsplit('/', 1)[-1]}"
     return _run(runs, out, args)
 
   return command(body)
+
+
+def _gibibytes(text: str) -> int:
+  """A positive size in GiB, as bytes."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = 0.0
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of GiB, e.g. 8")
+  return int(value * 2**30)
 
 
 def _run(runs, out: str, args: argparse.Namespace) -> int:
@@ -84,6 +118,8 @@ def _run(runs, out: str, args: argparse.Namespace) -> int:
       runs,
       out,
       overwrite=args.overwrite,
+      grouping=not args.no_grouping,
+      memory_limit=args.group_memory,
       checkpoint_every=args.checkpoint_every,
       tensorboard=args.tensorboard,
     )
