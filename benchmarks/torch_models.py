@@ -534,8 +534,7 @@ def select_clients(gen: torch.Generator, num_clients: int, per_round: int | None
   return torch.sort(torch.randperm(num_clients, generator=gen)[:per_round]).values
 
 
-SCHEDULE_DECAY = 0.98
-SCHEDULE_FLOOR = 1e-4
+SCHEDULE_DECAY = 0.98  # the generator's learning rate's, as fedvp_jax's
 
 
 def generator_weights(fedgen: Any, round_index: int) -> tuple[float, float]:
@@ -550,8 +549,8 @@ def generator_weights(fedgen: Any, round_index: int) -> tuple[float, float]:
     if initial == 0:
       return 0.0
     # float32 like the jax schedule, so that both see the same weights.
-    decay = float(np.float32(SCHEDULE_DECAY) ** np.float32(t))
-    return max(SCHEDULE_FLOOR, initial * decay) * ramp
+    decay = float(np.float32(fedgen.alpha_decay) ** np.float32(t))
+    return max(fedgen.alpha_floor, initial * decay) * ramp
 
   return weight(fedgen.alpha), weight(fedgen.latent_weight)
 

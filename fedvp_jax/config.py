@@ -386,6 +386,10 @@ class FedGenConfig:
     pretrain_rounds: rounds of stage one, before clients use the generator; they come before
       the run's ``rounds``.
     gen_warmup: rounds over which alpha_t ramps up from 0 after stage one.
+    alpha_decay: per-round decay of alpha_t and the latent weight after stage one (FedGen's
+      0.98; the generator's learning rate decays by 0.98 whatever it is).
+    alpha_floor: the least alpha_t and the latent weight decay to (FedGen's 1e-4); a weight
+      of 0 stays off.
     noise_dim: size of G's noise input.
     generator_hidden: G's hidden width.
   """
@@ -439,6 +443,18 @@ class FedGenConfig:
   )
   gen_warmup: int = _setting(
     0, "rounds over which alpha ramps up from 0 after stage one", check=_at_least(0), traced=True
+  )
+  alpha_decay: float = _setting(
+    0.98,
+    "per-round decay of alpha and the latent weight after stage one (FedGen's: 0.98)",
+    check=_in_unit_interval,
+    traced=True,
+  )
+  alpha_floor: float = _setting(
+    1e-4,
+    "the least alpha and the latent weight decay to (FedGen's: 1e-4)",
+    check=_non_negative_finite,
+    traced=True,
   )
   noise_dim: int = _setting(32, "size of the generator's noise input", check=_at_least(1))
   generator_hidden: int = _setting(

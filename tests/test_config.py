@@ -60,6 +60,8 @@ VALID = {
   "diversity_weight": 0.25,
   "pretrain_rounds": 50,
   "gen_warmup": 5,
+  "alpha_decay": 0.9,
+  "alpha_floor": 0.01,
   "noise_dim": 8,
   "generator_hidden": 64,
   "label_upload": "heatmap",
@@ -107,6 +109,8 @@ INVALID = {
   "diversity_weight": [-1.0, math.inf],
   "pretrain_rounds": [-1],
   "gen_warmup": [-1],
+  "alpha_decay": [-0.1, 1.5],
+  "alpha_floor": [-1.0, math.inf],
   "noise_dim": [0],
   "generator_hidden": [0],
   "label_upload": ["x", "dp-heatmap"],  # dp-heatmap: only with DP on

@@ -84,7 +84,8 @@ def test_the_fedgen_family_with_pretraining_and_warmup_runs_as_one_program():
   configs = [
     fedgen.replace(algorithm="fedgen"),
     fedgen.replace(algorithm="fedgen", beta=0.5, pretrain_rounds=2, gen_warmup=2),
-    fedgen.replace(algorithm="local-fedgen", alpha=0.5, gen_learning_rate=3e-3),
+    fedgen.replace(algorithm="local-fedgen", alpha=0.5, gen_learning_rate=3e-3, alpha_decay=0.5),
+    fedgen.replace(algorithm="fedgen", alpha_floor=0.6, alpha_decay=0.1),
     fedgen.replace(algorithm="partial-fedgen", pretrain_rounds=1, diversity_weight=0.0),
   ]
   assert_alone_equals_grouped(configs, seeds=0)

@@ -53,6 +53,10 @@ def test_generator_weights_schedule_by_hand():
   assert float(generator_weights(plain, jnp.array(0))[0]) == 0.0
   assert float(generator_weights(plain, jnp.array(1))[0]) == 1.0
   np.testing.assert_allclose(generator_weights(plain, jnp.array(2000))[0], 1e-4)
+  # Another decay and floor.
+  slow = FedGenConfig(alpha=2.0, alpha_decay=0.5, alpha_floor=0.3)
+  weights = [float(generator_weights(slow, jnp.array(1 + t))[0]) for t in range(4)]
+  np.testing.assert_allclose(weights, [2.0, 1.0, 0.5, 0.3], rtol=1e-6)
 
 
 def test_diversity_loss_matches_loop():

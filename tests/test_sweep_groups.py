@@ -10,6 +10,7 @@ import pytest
 from conftest import TINY_RUN, compiles
 
 from fedvp_jax.config import SCHEMA, RunConfig, get
+from fedvp_jax.report import write_report
 from fedvp_jax.runner import run
 from fedvp_jax.sweep import PRESETS, expand_spec, run_sweep, sweep_steps
 
@@ -93,6 +94,10 @@ def test_the_weekly_table_sweeps_as_two_programs_each_run_as_if_alone(tmp_path):
   assert len(compiled) == 2, compiled
   summary = json.loads((tmp_path / "table" / "FedGen-b1" / "summary.json").read_text())
   assert summary["seeds"][0]["runs_together"] == 10
+  # The table says whose time a grouped run's wall time is.
+  rows = {row["run"]: row for row in write_report(tmp_path / "table")}
+  assert {rows[r.name]["runs_together"] for r in runs} == {5, 10}
+  assert "min (10 runs together) |" in (tmp_path / "table" / "results.md").read_text()
   by_name = {r.name: r for r in runs}
   # A FedAvg-family run, and a FedGen one frozen while the pretraining runs went on.
   for name in ("partialFedAvg-b0.5", "FedGen-b1"):

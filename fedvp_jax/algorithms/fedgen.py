@@ -28,12 +28,13 @@ writing y into those coordinates. That makes the y -> z inversion easy to learn 
 researcher suspected FedGen's simple generator could not learn it), but it also limits how
 much the generator has to learn about the clients' heads beyond that.
 
-Schedules, as in FedGen's code: ``alpha_t = max(1e-4, alpha * 0.98^t)`` and likewise
-``beta_t``, with t counting rounds since the generator was switched on; G's learning rate
-decays by 0.98 per round. The generator is off in the first round (it is untrained) and, with
-``pretrain_rounds = P``, during the first P rounds, while the server already trains it from
-the clients' heads (two-stage training); ``gen_warmup = R`` then ramps alpha_t and beta_t
-linearly from 0 over R rounds. P rounds are in addition to the run's ``--rounds``.
+Schedules, as in FedGen's code: ``alpha_t = max(alpha_floor, alpha * alpha_decay^t)`` (FedGen's
+floor 1e-4 and decay 0.98 by default) and likewise ``beta_t``, with t counting rounds since
+the generator was switched on; G's learning rate decays by 0.98 per round. The generator is
+off in the first round (it is untrained) and, with ``pretrain_rounds = P``, during the first
+P rounds, while the server already trains it from the clients' heads (two-stage training);
+``gen_warmup = R`` then ramps alpha_t and beta_t linearly from 0 over R rounds. P rounds are
+in addition to the run's ``--rounds``.
 """
 
 from __future__ import annotations
@@ -69,10 +70,8 @@ from fedvp_jax.models.generator import Generator, build_generator
 from fedvp_jax.types import OptState, Params, PRNGKey, StackedParams
 
 SCHEDULE_DECAY = 0.98
-"""Per-round decay of alpha_t, beta_t and the generator's learning rate (FedGen's)."""
-
-SCHEDULE_FLOOR = 1e-4
-"""Floor of alpha_t and beta_t (FedGen's ``exp_lr_decay``)."""
+"""Per-round decay of the generator's learning rate (FedGen's). alpha_t and beta_t decay by the
+``alpha_decay`` setting (FedGen's: the same 0.98) to its ``alpha_floor``."""
 
 
 @struct.dataclass
@@ -87,6 +86,8 @@ class GeneratorHyperparams:
     diversity_weight: ``f32[]`` weight of the diversity loss in G's objective.
     pretrain_rounds: ``i32[]`` stage-one rounds.
     warmup: ``i32[]`` rounds over which alpha_t ramps up after stage one.
+    alpha_decay: ``f32[]`` per-round decay of alpha_t and beta_t.
+    alpha_floor: ``f32[]`` the least alpha_t and beta_t decay to.
   """
 
   alpha: jax.Array
@@ -94,6 +95,8 @@ class GeneratorHyperparams:
   diversity_weight: jax.Array
   pretrain_rounds: jax.Array
   warmup: jax.Array
+  alpha_decay: jax.Array
+  alpha_floor: jax.Array
 
 
 def generator_hyperparams(cfg: FedGenConfig) -> GeneratorHyperparams:
@@ -105,6 +108,8 @@ def generator_hyperparams(cfg: FedGenConfig) -> GeneratorHyperparams:
     diversity_weight=f32(cfg.diversity_weight),
     pretrain_rounds=jnp.asarray(cfg.pretrain_rounds, jnp.int32),
     warmup=jnp.asarray(cfg.gen_warmup, jnp.int32),
+    alpha_decay=f32(cfg.alpha_decay),
+    alpha_floor=f32(cfg.alpha_floor),
   )
 
 
@@ -126,10 +131,11 @@ class FedGenState:
 
   def with_hyperparam(self, name: str, value: Any) -> FedGenState:
     """This state with setting ``name`` (FedGen's ``alpha``, ``latent_weight``,
-    ``diversity_weight``, ``pretrain_rounds``, ``gen_warmup``, ``gen_learning_rate``, or one
-    of :meth:`ClientsState.with_hyperparam`'s) set to ``value``."""
+    ``diversity_weight``, ``pretrain_rounds``, ``gen_warmup``, ``alpha_decay``,
+    ``alpha_floor``, ``gen_learning_rate``, or one of :meth:`ClientsState.with_hyperparam`'s)
+    set to ``value``."""
     field = {"gen_warmup": "warmup"}.get(name, name)
-    if field in ("alpha", "latent_weight", "diversity_weight", "pretrain_rounds", "warmup"):
+    if field in {f.name for f in dataclasses.fields(GeneratorHyperparams)}:
       old = getattr(self.hyper, field)
       return dataclasses.replace(
         self, hyper=dataclasses.replace(self.hyper, **{field: jnp.asarray(value, old.dtype)})
@@ -163,7 +169,7 @@ def generator_weights(
   hyper = generator_hyperparams(config) if isinstance(config, FedGenConfig) else config
   start = jnp.maximum(hyper.pretrain_rounds, 1)
   t = (round_index - start).astype(jnp.float32)
-  decay = SCHEDULE_DECAY**t
+  decay = hyper.alpha_decay**t
   ramp = jnp.where(
     hyper.warmup > 0, jnp.clip((t + 1) / jnp.maximum(hyper.warmup, 1), 0.0, 1.0), 1.0
   )
@@ -171,7 +177,7 @@ def generator_weights(
 
   def weight(initial: jax.Array) -> jax.Array:
     # A weight of 0 is off: the floor would otherwise switch it on.
-    scheduled = jnp.maximum(SCHEDULE_FLOOR, initial * decay) * ramp
+    scheduled = jnp.maximum(hyper.alpha_floor, initial * decay) * ramp
     return jnp.where(on & (initial > 0), scheduled, 0.0)
 
   return weight(hyper.alpha), weight(hyper.latent_weight)
