@@ -430,6 +430,7 @@ def train_group(
   earlier: Sequence[Sequence[Sequence[dict[str, Any]]]] | None = None,
   checkpoint_every: int | None = None,
   program: Any = None,
+  compile_seconds: float = 0.0,
 ) -> Iterator[RoundOutcome]:
   """Runs several runs, which differ only in settings held as values, as one program
   (:func:`group_algorithm`) for ``seeds``: :func:`train` for each, every run's outcomes equal
@@ -449,6 +450,8 @@ def train_group(
       carry the runs' states to checkpoint.
     program: the group's chunk program, already compiled (:func:`compile_chunks` of
       :func:`group_algorithm`).
+    compile_seconds: how long compiling ``program`` took: counted in the first round's time,
+      as a run that compiles in its first round counts it.
 
   Yields:
     Every run's :class:`RoundOutcome` for every round, in round order.
@@ -459,17 +462,17 @@ def train_group(
   seeds = tuple(seeds)
   runs = range(len(experiments))
   grouped = len(experiments) > 1
-  leader = experiments[0]
+  head = experiments[0]
   configs = [e.config for e in experiments]
-  if grouped and (leader.mesh is not None or any(c.patience is not None for c in configs)):
+  if grouped and (head.mesh is not None or any(c.patience is not None for c in configs)):
     raise ConfigError(
       "runs split over devices or stopping early (patience) cannot share a program; run each alone"
     )
   totals = [config.total_rounds for config in configs]
-  data, algorithm = leader.data, group_algorithm(experiments)
+  data, algorithm = head.data, group_algorithm(experiments)
   pick = functools.partial(config_state, seeds_axis=True) if grouped else lambda tree, c: tree
-  started = t0 = time.perf_counter()
-  patience = _Patience(len(seeds), leader.config.patience)
+  started = t0 = time.perf_counter() - compile_seconds
+  patience = _Patience(len(seeds), head.config.patience)
   for records in zip(*(earlier[0] if earlier else [[] for _ in seeds]), strict=True):
     patience.update(records)
   round_times: list[float] = []
@@ -485,17 +488,17 @@ def train_group(
     live = [c for c in runs if totals[c] > first]
     ended = [c for c in runs if totals[c] == first]
     yield from final.outcomes(start[1], ended, first, [], 0.0, good_until)
-  every = leader.config.round.eval_every
+  every = head.config.round.eval_every
 
   def must_end(done: int) -> bool:
     # A checkpoint needs the state after its round; so does a run's end, and a stop for
     # patience, which follows an evaluated round (round done - 1).
     checkpoint = checkpoint_every is not None and done % checkpoint_every == 0
-    stop = leader.config.patience is not None and (done - 1) % every == 0
+    stop = head.config.patience is not None and (done - 1) % every == 0
     return checkpoint or stop or done in totals
 
   ends = chunk_ends(first, max(totals), must_end) if live else []
-  for chunk in iterate_chunks(algorithm, data, seeds, ends, leader.mesh, start, program):
+  for chunk in iterate_chunks(algorithm, data, seeds, ends, head.mesh, start, program):
     seconds = (time.perf_counter() - t0) / chunk.count
     for i in range(chunk.count):
       r, metrics = chunk.first + i, chunk.round_metrics(i)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,11 @@ def group_steps(
     ConfigError: for a run directory :func:`run_steps` or :func:`resume_steps` would refuse.
     DataError, SettingError: for data that cannot serve the runs.
   """
+  if len(configs) > 1 and not all(can_share(config) for config in configs):
+    raise ConfigError(
+      "runs split over devices (devices), with DP or stopping early (patience) cannot share a "
+      "program: run each alone"
+    )
   targets = [RunDir(path) for path in run_dirs]
   replace = [
     False if again else _check_new(target, overwrite)
@@ -170,6 +176,7 @@ def group_steps(
   for target, again in zip(targets, resume, strict=True):
     if again and not target.exists():
       raise ConfigError(f"{target.path} is not a run directory (it has no config.json)")
+  asked = checkpoint_every  # what new runs record
   if checkpoint_every is None:  # as resume_steps: continue at the interval the runs had
     resumed = [target for target, again in zip(targets, resume, strict=True) if again]
     saved = [target.read_record().get("checkpoint_every") for target in resumed]
@@ -185,9 +192,16 @@ def group_steps(
         log.info(f"resuming {target.path}")
         runs.append(_Run(experiment, target, target.read_baselines()))
       else:
-        held.enter_context(_created(target, experiment, old, checkpoint_every, baselines))
+        held.enter_context(_created(target, experiment, old, asked, baselines))
         runs.append(_Run(experiment, target, baselines))
     return (yield from _run_group(runs, checkpoint_every, tensorboard, memory_limit))
+
+
+def can_share(config: RunConfig) -> bool:
+  """Whether ``config`` can run in a group (:func:`group_steps`): on one device (the clients'
+  sharding knows no configurations axis), without DP (its noise follows each run's own
+  number of rounds) and without ``patience`` (which stops each run on its own)."""
+  return config.devices is None and config.patience is None and not config.privacy.enabled
 
 
 def _check_new(target: RunDir, overwrite: bool) -> bool:
@@ -347,12 +361,13 @@ def _run_alone(
 
 def _without_index(steps: GroupSteps) -> Generator[Progress, None, list[RunResult]]:
   """``steps``' progress events without the run's index (for a group of one)."""
-  while True:
-    try:
-      _, progress = next(steps)
-    except StopIteration as stop:
-      return stop.value
-    yield progress
+  with contextlib.closing(steps):  # a close() of this generator reaches the runs' files
+    while True:
+      try:
+        _, progress = next(steps)
+      except StopIteration as stop:
+        return stop.value
+      yield progress
 
 
 RunResult = dict[str, Any] | DivergenceError
@@ -425,8 +440,11 @@ def _run_group(
       _open(run, checkpoint_every, tensorboard)
       starts.setdefault(run.first, []).append(i)
     for together in starts.values():
-      for members, program in _programs(runs, together, memory_limit):
-        results.update((yield from _train(runs, members, checkpoint_every, program)))
+      for i in together:
+        total = runs[i].experiment.config.total_rounds
+        yield i, Progress(runs[i].label, runs[i].first, total, compiling=True)
+      for members, program, seconds in _programs(runs, together, memory_limit):
+        results.update((yield from _train(runs, members, checkpoint_every, program, seconds)))
   finally:
     for run in runs:
       for file in run.files:
@@ -460,18 +478,21 @@ def _open(run: _Run, checkpoint_every: int | None, tensorboard: bool) -> None:
 
 def _programs(
   runs: Sequence[_Run], members: list[int], memory_limit: int | None
-) -> Iterator[tuple[list[int], Any]]:
+) -> Iterator[tuple[list[int], Any, float]]:
   """``members`` (runs continuing from the same round) in groups that each fit in
-  ``memory_limit`` bytes (default :func:`memory_limit`), each with its compiled chunk program
-  (``None`` for a run alone, which compiles its own): a group too large is halved until it
-  fits, as XLA's memory analysis of its program says."""
-  if len(members) == 1:
-    yield members, None
+  ``memory_limit`` bytes (default :func:`memory_limit_bytes`), each with its compiled chunk
+  program and the seconds its compile took (``None`` and 0 for a run alone, or runs with no
+  round left, which need none): a group too large is halved until it fits, as XLA's memory
+  analysis of its program says."""
+  done = all(runs[i].first >= runs[i].experiment.config.total_rounds for i in members)
+  if len(members) == 1 or done:
+    yield members, None, 0.0
     return
   experiments = [runs[i].experiment for i in members]
-  program = compile_chunks(
-    group_algorithm(experiments), experiments[0].data, runs[members[0]].seeds
-  )
+  started = time.perf_counter()
+  seeds = runs[members[0]].seeds
+  program = compile_chunks(group_algorithm(experiments), experiments[0].data, seeds)
+  seconds = time.perf_counter() - started
   needed = program_bytes(program)
   limit = memory_limit or memory_limit_bytes()
   if needed <= limit:
@@ -479,7 +500,7 @@ def _programs(
       f"{len(members)} runs as one program ({needed / 2**30:.2f} GiB of the "
       f"{limit / 2**30:.1f} GiB allowed): {', '.join(runs[i].target.name for i in members)}"
     )
-    yield members, program
+    yield members, program, seconds
     return
   half = len(members) // 2
   log.info(
@@ -505,24 +526,30 @@ def memory_limit_bytes() -> int:
 
 
 def _train(
-  runs: Sequence[_Run], members: list[int], checkpoint_every: int | None, program: Any
+  runs: Sequence[_Run],
+  members: list[int],
+  checkpoint_every: int | None,
+  program: Any,
+  compile_seconds: float,
 ) -> Generator[tuple[int, Progress], None, dict[int, RunResult]]:
   """Trains ``members`` as one program (:func:`~fedvp_jax.rounds.train_group`), writing each
   run's records, checkpoints and summary as it goes; their results by index."""
   group = [runs[i] for i in members]
   first = group[0].first
-  for i, run in zip(members, group, strict=True):
-    yield i, Progress(run.label, first, run.experiment.config.total_rounds, compiling=True)
-  start = None if first == 0 else (first, [run.start[1] for run in group])  # type: ignore[index]
+  states = None if first == 0 else [run.start[1] for run in group]  # type: ignore[index]
+  for run in group:  # the group stacks the states: keep no second copy on the device
+    run.start = None if first == 0 else (first, None)
   every = checkpoint_every if any(run.manager for run in group) else None
   outcomes = train_group(
     [run.experiment for run in group],
     group[0].seeds,
-    start,
+    None if states is None else (first, states),
     [run.earlier for run in group],
     every,
     program,
+    compile_seconds,
   )
+  del states
   results: dict[int, RunResult] = {}
   while True:
     try:
@@ -753,6 +780,7 @@ __all__ = [
   "Progress",
   "RunResult",
   "RunSteps",
+  "can_share",
   "drain",
   "group_steps",
   "memory_limit_bytes",

@@ -36,6 +36,7 @@ trains; a run that fails (bad data, divergence) is recorded and the sweep goes o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import itertools
@@ -56,7 +57,14 @@ from fedvp_jax.config import (
 )
 from fedvp_jax.errors import ConfigError, DivergenceError, FedVPError, SettingError
 from fedvp_jax.rundir import RunDir, is_process_zero, read_sweep_index, write_sweep_index
-from fedvp_jax.runner import Progress, drain, group_steps, resume_steps, run_steps
+from fedvp_jax.runner import (
+  Progress,
+  can_share,
+  drain,
+  group_steps,
+  resume_steps,
+  run_steps,
+)
 
 log = logging.getLogger("fedvp_jax")
 
@@ -285,7 +293,9 @@ def sweep_steps(
       # alike, does; a process that failed alone stops the job (a JobError says which).
       if distributed.is_multiprocess() and not isinstance(err, DivergenceError):
         raise
-      results = [err] * len(group)
+      # Runs of the group that had finished before the error keep their results.
+      finished = [RunDir(out_dir / r.name).is_finished() for r in group]
+      results = [{} if done else err for done in finished]
     for r, result in zip(group, results, strict=True):
       outcomes[r.name] = _outcome(r, result)
   return {r.name: outcomes[r.name] for r in runs}
@@ -307,14 +317,15 @@ def run_groups(runs: Sequence[SweepRun]) -> list[list[SweepRun]]:
   every other run alone. In order of each group's first run."""
   if distributed.is_multiprocess():
     return [[r] for r in runs]
-  shareable = [
-    r.config.devices is None and r.config.patience is None and not r.config.privacy.enabled
-    for r in runs
-  ]
+  shareable = [can_share(r.config) for r in runs]
   alone = [[r] for r, ok in zip(runs, shareable, strict=True) if not ok]
   candidates = [r for r, ok in zip(runs, shareable, strict=True) if ok]
+  groups = program_groups([r.config for r in candidates])
+  # Placement is not in the program key, but a group reads its data from one folder.
   together = [
-    [candidates[i] for i in group] for group in program_groups([r.config for r in candidates])
+    [candidates[i] for i in group if candidates[i].config.data_dir == data_dir]
+    for group in groups
+    for data_dir in dict.fromkeys(candidates[i].config.data_dir for i in group)
   ]
   order = {r.name: i for i, r in enumerate(runs)}
   return sorted(together + alone, key=lambda group: order[group[0].name])
@@ -345,13 +356,14 @@ def _group_steps(
       steps = run_steps(
         config, target.path, overwrite=plans[sweep_run.name] == "overwrite", **run_options
       )
-    try:
-      while True:
-        yield sweep_run.name, next(steps)
-    except StopIteration as stop:
-      return [stop.value]
-    except DivergenceError as err:
-      return [err]
+    with contextlib.closing(steps):  # a close() of the sweep reaches the run's files
+      try:
+        while True:
+          yield sweep_run.name, next(steps)
+      except StopIteration as stop:
+        return [stop.value]
+      except DivergenceError as err:
+        return [err]
   together = group_steps(
     [r.config for r in group],
     [out_dir / r.name for r in group],
@@ -360,12 +372,13 @@ def _group_steps(
     memory_limit=memory_limit,
     **run_options,
   )
-  try:
-    while True:
-      i, progress = next(together)
-      yield group[i].name, progress
-  except StopIteration as stop:
-    return stop.value
+  with contextlib.closing(together):
+    try:
+      while True:
+        i, progress = next(together)
+        yield group[i].name, progress
+    except StopIteration as stop:
+      return stop.value
 
 
 def _check_data(runs: Sequence[SweepRun]) -> dict[str, str]:

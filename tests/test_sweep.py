@@ -296,7 +296,7 @@ def test_sweep_script_prints_the_preset_and_rejects_unknown_specs(capsys, tmp_pa
   ]
   assert sum(line.endswith(" 9 rounds x2") for line in listing) == 10
   assert sum(line.endswith(" 59 rounds x2") for line in listing) == 5  # 50 pretraining rounds
-  for memory in ("0", "lots"):
+  for memory in ("0", "lots", "inf"):
     with pytest.raises(SystemExit) as exit_code:
       sweep.main(["weekly-table", "--dry-run", "--group-memory", memory])
     assert exit_code.value.code == 2

@@ -24,6 +24,7 @@ alone, and --group-memory caps one program's memory.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from fedvp_jax.cli.common import add_run_options, command, command_parser, join_job, on_device
@@ -101,7 +102,7 @@ def _gibibytes(text: str) -> int:
     value = float(text)
   except ValueError:
     value = 0.0
-  if not value > 0:
+  if not (value > 0 and math.isfinite(value)):
     raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of GiB, e.g. 8")
   return int(value * 2**30)
 
